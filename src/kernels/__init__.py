@@ -1,0 +1,72 @@
+"""Kernels of the structure-aware SSM (scan -> state fusion -> observation) and the backend switch.
+
+Backends compute the same function (tests prove it against `reference.py`):
+    torch   plain PyTorch reference, runs everywhere (CPU, any dtype, any d_state)
+    triton  Triton scan kernel + PyTorch fusion
+    fused   one Triton op: scan -> fusion -> observation
+    auto    `fused` on CUDA, `torch` elsewhere
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .reference import SCANS, structure_aware_ssm_ref
+
+BACKENDS = ("torch", "triton", "fused", "auto")
+
+__all__ = ["BACKENDS", "SCANS", "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on `device`: `auto` becomes `fused` on CUDA and `torch` elsewhere; a Triton
+    backend on a CPU tensor is an error unless TRITON_INTERPRET=1 (the Triton interpreter)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "fused" if device.type == "cuda" else "torch"
+    if backend in ("triton", "fused") and device.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(
+            f"backend {backend!r} needs a CUDA GPU (tensors are on {device}); use backend 'torch' or 'auto', "
+            "or set TRITON_INTERPRET=1 to run the Triton kernels on the CPU (slow, for tests)"
+        )
+    return backend
+
+
+def structure_aware_ssm(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    dilations: Sequence[int],
+    H: int,
+    W: int,
+    scan: str = "row",
+    backend: str = "torch",
+) -> torch.Tensor:
+    """y = fusion(scan(x, Δ=softplus(dt + dt_bias), A, B))·C + D·x, (B, D, L) -> (B, D, L).
+    Shapes as in `reference.py`."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "torch":
+        return structure_aware_ssm_ref(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
+    if A.shape[-1] != 1:
+        raise ValueError(f"backend {backend!r} supports d_state=1 only (got {A.shape[-1]}); use backend 'torch'")
+    if backend == "triton":
+        from .triton_scan import structure_aware_ssm_triton
+
+        return structure_aware_ssm_triton(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
+    from .fused import structure_aware_ssm_fused
+
+    return structure_aware_ssm_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)

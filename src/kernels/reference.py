@@ -1,0 +1,143 @@
+"""Plain-PyTorch reference of the structure-aware SSM: the specification every kernel is tested against.
+
+Readable, float64-capable and differentiable by autograd. Shapes (L = H·W, tokens in raster order):
+
+    x      (B, D, L)      input of the scan (after the depthwise conv and SiLU)
+    dt     (B, D, L)      Δ before its bias: Δ = softplus(dt + dt_bias)
+    A      (D, N)         negative decay rates, A = -exp(A_log)
+    B, C   (B, N, L)      input and output projections, shared by all channels
+    D      (D,)           skip connection
+    weight (K, D, k, k)   one depthwise k×k fusion kernel per dilation
+    alpha  (K,)           mixing weight per dilation
+
+The scan returns the states h (B, D, N, L) of every token, always at its raster position, whatever
+order the scan visits the tokens in. The fusion mixes each state with its spatial neighbours:
+h' = Σ_i alpha_i · dwconv_k(replicate_pad(h), dilation d_i). The output is y = Σ_n h'_n · C_n + D · x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SCAN_DIRECTIONS = ("row", "row_reversed", "column", "column_reversed")
+SCANS = {
+    "row": ("row",),
+    "row_reversed": ("row_reversed",),
+    "column": ("column",),
+    "column_reversed": ("column_reversed",),
+    "bidirectional": ("row", "row_reversed"),
+    "cross": ("row", "row_reversed", "column", "column_reversed"),
+}
+
+
+def scan_order(direction: str, H: int, W: int, device: torch.device | None = None) -> torch.Tensor:
+    """Raster positions in the order the scan visits them: step t reads and writes token order[t]."""
+    if direction not in SCAN_DIRECTIONS:
+        raise ValueError(f"unknown scan direction {direction!r}; expected one of {SCAN_DIRECTIONS}")
+    grid = torch.arange(H * W, device=device).view(H, W)
+    if direction.startswith("column"):
+        grid = grid.t()  # visit (0,0), (1,0), ... down each column
+    order = grid.reshape(-1)
+    return order.flip(0) if direction.endswith("reversed") else order
+
+
+def softplus(v: torch.Tensor) -> torch.Tensor:
+    """softplus with PyTorch's default threshold (linear above 20); every backend uses this one."""
+    return F.softplus(v)
+
+
+def _scan_inputs(x, dt, A, B, dt_bias):
+    """Decay log-factors and inputs of h_t = exp(dA_t)·h_{t-1} + u_t, each (B, D, N, L)."""
+    delta = softplus(dt + dt_bias[:, None])  # (B, D, L)
+    dA = delta[:, :, None, :] * A[None, :, :, None]
+    u = (delta * x)[:, :, None, :] * B[:, None, :, :]
+    return dA, u
+
+
+def selective_scan_loop(x, dt, A, B, dt_bias, H: int, W: int, direction: str = "row") -> torch.Tensor:
+    """The recurrence exactly as written, one token at a time. Slow; the definition the tests use."""
+    dA, u = _scan_inputs(x, dt, A, B, dt_bias)
+    order = scan_order(direction, H, W, x.device).tolist()
+    h = torch.zeros_like(u[..., 0])
+    states = [None] * len(order)
+    for pos in order:
+        h = torch.exp(dA[..., pos]) * h + u[..., pos]
+        states[pos] = h
+    return torch.stack(states, dim=-1)
+
+
+def selective_scan_ref(
+    x, dt, A, B, dt_bias, H: int, W: int, direction: str = "row", chunk: int = 32
+) -> torch.Tensor:
+    """Same function as `selective_scan_loop`, computed chunk-parallel in log space.
+
+    Inside a chunk of T tokens, with S_t the running sum of dA, h_t = Σ_{s≤t} exp(S_t − S_s)·u_s
+    (a masked T×T product, every exponent ≤ 0 so nothing overflows); a short loop over chunks
+    carries the last state of each chunk into the next. Cost O(L·T) per channel instead of L steps.
+    """
+    dA, u = _scan_inputs(x, dt, A, B, dt_bias)
+    L = dA.shape[-1]
+    order = scan_order(direction, H, W, x.device)
+    if direction != "row":
+        dA, u = dA[..., order], u[..., order]  # raster -> scan order
+    T = max(1, min(chunk, L))
+    n_chunks = -(-L // T)
+    pad = n_chunks * T - L
+    if pad:  # zero padding at the end never reaches earlier states
+        dA, u = F.pad(dA, (0, pad)), F.pad(u, (0, pad))
+    dA = dA.unflatten(-1, (n_chunks, T))  # (B, D, N, n_chunks, T)
+    u = u.unflatten(-1, (n_chunks, T))
+    S = dA.cumsum(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    gap = (S[..., :, None] - S[..., None, :]).masked_fill(~causal, float("-inf"))
+    # within-chunk states from a zero initial state; an elementwise product and sum rather than a matmul,
+    # so that FlopCounterMode counts the model's convolutions and projections, not this reference's maths
+    h = (gap.exp() * u[..., None, :]).sum(-1)
+    decay = S.exp()  # carry factor from the chunk's start to each token
+    carried = [h[..., 0, :]]
+    for c in range(1, n_chunks):
+        carried.append(h[..., c, :] + decay[..., c, :] * carried[-1][..., -1:])
+    h = torch.stack(carried, dim=-2).flatten(-2)[..., :L]
+    if direction != "row":
+        h = torch.empty_like(h).index_copy_(-1, order, h)  # scan order -> raster
+    return h
+
+
+def scan_states(x, dt, A, B, dt_bias, H: int, W: int, scan: str = "row") -> torch.Tensor:
+    """States of a scan pattern: multi-direction patterns sum the states of their directions."""
+    if scan not in SCANS:
+        raise ValueError(f"unknown scan {scan!r}; expected one of {tuple(SCANS)}")
+    return sum(selective_scan_ref(x, dt, A, B, dt_bias, H, W, d) for d in SCANS[scan])
+
+
+def state_fusion_ref(h: torch.Tensor, weight, alpha, dilations: Sequence[int], H: int, W: int) -> torch.Tensor:
+    """Structure-aware state fusion of (B, D, N, L) states; an empty dilation list returns h as is."""
+    if len(dilations) == 0:
+        return h
+    Bsz, D, N, L = h.shape
+    k = weight.shape[-1]
+    hm = h.reshape(Bsz, D * N, H, W)  # (B, D, N, L) -> (B, D·N, H, W)
+    fused = 0
+    for i, d in enumerate(dilations):
+        w = weight[i].repeat_interleave(N, dim=0)[:, None]  # (D·N, 1, k, k): one kernel per channel
+        r = d * (k // 2)
+        padded = F.pad(hm, (r, r, r, r), mode="replicate")
+        fused = fused + alpha[i] * F.conv2d(padded, w, dilation=d, groups=D * N)
+    return fused.reshape(Bsz, D, N, L)
+
+
+def observe(h: torch.Tensor, C: torch.Tensor, D: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y_t = Σ_n h_{t,n}·C_{t,n} + D·x_t, (B, D, N, L) states -> (B, D, L) outputs."""
+    return (h * C[:, None]).sum(2) + D[None, :, None] * x
+
+
+def structure_aware_ssm_ref(
+    x, dt, A, B, C, D, dt_bias, weight, alpha, dilations: Sequence[int], H: int, W: int, scan: str = "row"
+) -> torch.Tensor:
+    """The whole op: scan -> structure-aware state fusion -> observation. Returns y (B, D, L)."""
+    h = scan_states(x, dt, A, B, dt_bias, H, W, scan)
+    h = state_fusion_ref(h, weight, alpha, dilations, H, W)
+    return observe(h, C, D, x)

@@ -1,0 +1,437 @@
+"""Spatial-Mamba backbone (arXiv 2410.15091): stem -> 4 stages of blocks -> head.
+
+Read top to bottom: state fusion -> structure-aware SSM -> block -> stage -> model -> variants and
+factories -> converter for the authors' checkpoints. Inside stages tensors are channels-last (B, H, W, C).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from src.kernels import BACKENDS, SCANS, structure_aware_ssm
+
+TOTAL_STRIDE = 32
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class StateFusion(nn.Module):
+    """Learnable parameters of structure-aware state fusion: a depthwise k×k kernel per dilation and
+    one mixing weight per dilation. The maths lives in `src.kernels` (every backend computes it)."""
+
+    def __init__(self, dim: int, dilations: Sequence[int] = (1, 3, 5), kernel_size: int = 3):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"fusion kernel_size must be a positive odd number, got {kernel_size}")
+        if any(int(d) < 1 for d in dilations):
+            raise ValueError(f"fusion dilations must be positive integers, got {list(dilations)}")
+        self.dilations = tuple(int(d) for d in dilations)
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.ones(len(self.dilations), dim, kernel_size, kernel_size))
+        self.alpha = nn.Parameter(torch.ones(len(self.dilations)))
+
+    def extra_repr(self) -> str:
+        return f"dilations={list(self.dilations)}, kernel_size={self.kernel_size}"
+
+
+class StructureAwareSSM(nn.Module):
+    """Selective SSM along one raster scan whose states are fused with their spatial neighbours."""
+
+    def __init__(
+        self,
+        dim: int,
+        expand: int = 2,
+        d_state: int = 1,
+        dilations: Sequence[int] = (1, 3, 5),
+        fusion_kernel_size: int = 3,
+        scan: str = "row",
+        backend: str = "torch",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        if scan not in SCANS:
+            raise ValueError(f"unknown scan {scan!r}; expected one of {tuple(SCANS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if d_state < 1:
+            raise ValueError(f"d_state must be >= 1, got {d_state}")
+        self.d_inner = d_inner = expand * dim
+        self.d_state = d_state
+        self.dt_rank = dt_rank = math.ceil(dim / 16)
+        self.scan = scan
+        self.backend = backend
+
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.conv = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=False)
+        self.x_proj.keep_default_init = True  # not trunc-normal like the other linears
+        self.dt_proj.keep_default_init = True
+        self.dt_bias = nn.Parameter(torch.empty(d_inner))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.state_fusion = StateFusion(d_inner, dilations, fusion_kernel_size)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+        # Δ starts log-uniform in [dt_min, dt_max]: dt_bias = softplus⁻¹(Δ₀)
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank**-0.5, dt_rank**-0.5)
+        with torch.no_grad():
+            dt0 = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt0 = dt0.clamp(min=dt_init_floor)
+            self.dt_bias.copy_(dt0 + torch.log(-torch.expm1(-dt0)))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        Bsz, H, W, _ = u.shape
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each
+        x = F.silu(self.conv(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
+        x = x.flatten(2)  # (B, D, H, W) -> (B, D, L)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt).transpose(1, 2)  # (B, L, R) -> (B, D, L)
+        y = structure_aware_ssm(
+            x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), self.D, self.dt_bias,
+            self.state_fusion.weight, self.state_fusion.alpha, self.state_fusion.dilations, H, W,
+            scan=self.scan, backend=self.backend,
+        )  # (B, D, L)
+        y = self.out_norm(y.transpose(1, 2).reshape(Bsz, H, W, self.d_inner))
+        return self.out_proj(y * F.silu(z))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """cpe -> SSM -> cpe -> MLP, each with a residual; channels-last (B, H, W, C) in and out."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, **ssm_kwargs):
+        super().__init__()
+        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ssm = StructureAwareSSM(dim, **ssm_kwargs)
+        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.drop_path = drop_path
+
+    @staticmethod
+    def _cpe(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._cpe(self.cpe1, x)
+        x = x + drop_path(self.ssm(self.norm1(x)), self.drop_path, self.training)
+        x = x + self._cpe(self.cpe2, x)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+
+class ConvNorm(nn.Sequential):
+    """Conv (no bias) + BatchNorm, optionally + ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+        if act:
+            self.act = nn.ReLU()
+
+
+class Stem(nn.Module):
+    """/4 convolutional stem: conv s2 -> residual pair of convs -> conv s2 -> 1×1 projection."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.conv1 = ConvNorm(in_chans, half, 3, 2)
+        self.residual = nn.Sequential(ConvNorm(half, half, 3), ConvNorm(half, half, 3, act=False))
+        self.conv2 = ConvNorm(half, 4 * dim, 3, 2)
+        self.proj = ConvNorm(4 * dim, dim, 1, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = x + self.residual(x)
+        return self.proj(self.conv2(x))
+
+
+class Downsample(nn.Module):
+    """C -> C_out at half resolution: 1×1 expand (4·C_out) -> depthwise 3×3 s2 -> 1×1 reduce + BN."""
+
+    def __init__(self, dim: int, out_dim: int, ratio: int = 4):
+        super().__init__()
+        hidden = ratio * out_dim
+        self.expand = nn.Conv2d(dim, hidden, 1)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 2, 1, groups=hidden)
+        self.reduce = nn.Conv2d(hidden, out_dim, 1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.dwconv(F.relu(self.expand(x))))
+        return self.norm(self.reduce(x))
+
+
+class SpatialMamba(nn.Module):
+    """Spatial-Mamba image backbone.
+
+    Args:
+        num_classes: classes of the linear head (0: no head, `forward` returns pooled features).
+        in_chans: input image channels.
+        dims: channels of the four stages.
+        depths: blocks per stage.
+        mlp_ratio: MLP hidden width / channels.
+        drop_path_rate: stochastic depth, increased linearly from 0 to this over all blocks.
+        d_state: SSM state size N (the paper: 1; N > 1 runs on the `torch` backend only).
+        dilations: dilations of structure-aware state fusion; [] is plain Mamba observation y = h·C + D·x.
+        fusion_kernel_size: size k of the depthwise k×k fusion kernels (odd).
+        scan: token order of the SSM: row (paper), row_reversed, column, column_reversed,
+            bidirectional (row + reversed, states summed) or cross (all four).
+        backend: kernels computing scan + fusion + observation: torch, triton, fused or auto.
+        features_only: no head; `forward` returns the four LayerNorm-ed stage maps for dense heads.
+        pretrained: path of a checkpoint (this project's or the authors') to load after building.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        dims: Sequence[int] = (64, 128, 256, 512),
+        depths: Sequence[int] = (2, 4, 8, 4),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.2,
+        d_state: int = 1,
+        dilations: Sequence[int] = (1, 3, 5),
+        fusion_kernel_size: int = 3,
+        scan: str = "row",
+        backend: str = "torch",
+        features_only: bool = False,
+        pretrained: str | None = None,
+    ):
+        super().__init__()
+        dims, depths = list(dims), list(depths)
+        if len(dims) != 4 or len(depths) != 4:
+            raise ValueError(f"dims and depths need 4 entries (one per stage), got dims={dims} depths={depths}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.dims = dims
+        self.features_only = features_only
+        self.stem = Stem(in_chans, dims[0])
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        ssm_kwargs = dict(
+            d_state=d_state, dilations=dilations, fusion_kernel_size=fusion_kernel_size, scan=scan, backend=backend
+        )
+        self.stages = nn.ModuleList()
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            first = sum(depths[:i])
+            blocks = [Block(dim, mlp_ratio, rates[first + j], **ssm_kwargs) for j in range(depth)]
+            self.stages.append(nn.Sequential(*blocks))
+        self.downsamples = nn.ModuleList(Downsample(dims[i], dims[i + 1]) for i in range(3))
+        if features_only:
+            self.feature_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        else:
+            self.norm = nn.LayerNorm(dims[-1])
+            self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        if pretrained:
+            load_pretrained(self, pretrained)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the kernel backend of every block (the parameters stay as they are)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        for m in self.modules():
+            if isinstance(m, StructureAwareSSM):
+                m.backend = backend
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay: norms, biases, A_log, D and fusion mixing weights."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith("A_log")}
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        H, W = x.shape[-2:]
+        if H % TOTAL_STRIDE or W % TOTAL_STRIDE:
+            raise ValueError(
+                f"image size {H}×{W} is not a multiple of {TOTAL_STRIDE} (the backbone's total stride); "
+                f"resize or pad it, e.g. to {math.ceil(H / TOTAL_STRIDE) * TOTAL_STRIDE}×"
+                f"{math.ceil(W / TOTAL_STRIDE) * TOTAL_STRIDE}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage maps (B, C_i, H/2^(i+2), W/2^(i+2)), strides 4, 8, 16, 32."""
+        self.check_input(x)
+        x = self.stem(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        features = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if self.features_only:
+                features.append(self.feature_norms[i](x).permute(0, 3, 1, 2))
+            else:
+                features.append(x.permute(0, 3, 1, 2))
+            if i < 3:
+                x = self.downsamples[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return features
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x.permute(0, 2, 3, 1)).mean(dim=(1, 2))  # LN, then global average pool
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        features = self.forward_features(x)
+        return features if self.features_only else self.forward_head(features[-1])
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear) and not getattr(m, "keep_default_init", False):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variants and factories
+
+VARIANTS = {
+    "tiny": dict(dims=(64, 128, 256, 512), depths=(2, 4, 8, 4), drop_path_rate=0.2),
+    "small": dict(dims=(64, 128, 256, 512), depths=(2, 4, 21, 5), drop_path_rate=0.3),
+    "base": dict(dims=(96, 192, 384, 768), depths=(2, 4, 21, 5), drop_path_rate=0.5),
+    # the embedded default run (digits, 32×32): same architecture, narrow and shallow
+    "digits": dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), drop_path_rate=0.0),
+}
+
+
+def spatial_mamba_t(**kwargs) -> SpatialMamba:
+    return SpatialMamba(**{**VARIANTS["tiny"], **kwargs})
+
+
+def spatial_mamba_s(**kwargs) -> SpatialMamba:
+    return SpatialMamba(**{**VARIANTS["small"], **kwargs})
+
+
+def spatial_mamba_b(**kwargs) -> SpatialMamba:
+    return SpatialMamba(**{**VARIANTS["base"], **kwargs})
+
+
+def spatial_mamba_digits(**kwargs) -> SpatialMamba:
+    return SpatialMamba(**{**VARIANTS["digits"], "num_classes": 10, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: the authors' key names -> ours
+
+_OFFICIAL_RENAMES = [
+    (r"^patch_embed\.conv1\.", "stem.conv1."),
+    (r"^patch_embed\.conv2\.", "stem.residual."),
+    (r"^patch_embed\.conv3\.0\.", "stem.conv2."),
+    (r"^patch_embed\.conv3\.1\.", "stem.proj."),
+    (r"^layers\.(\d+)\.downsample\.conv\.0\.conv\.", r"downsamples.\1.expand."),
+    (r"^layers\.(\d+)\.downsample\.conv\.1\.conv\.", r"downsamples.\1.dwconv."),
+    (r"^layers\.(\d+)\.downsample\.conv\.2\.conv\.", r"downsamples.\1.reduce."),
+    (r"^layers\.(\d+)\.downsample\.conv\.2\.norm\.", r"downsamples.\1.norm."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"\.ln_1\.", ".norm1."),
+    (r"\.ln_2\.", ".norm2."),
+    (r"\.self_attention\.", ".ssm."),
+    (r"\.ssm\.conv2d\.", ".ssm.conv."),
+    (r"\.ssm\.x_proj_weight$", ".ssm.x_proj.weight"),
+    (r"\.ssm\.dt_projs_weight$", ".ssm.dt_proj.weight"),
+    (r"\.ssm\.dt_projs_bias$", ".ssm.dt_bias"),
+    (r"\.ssm\.A_logs$", ".ssm.A_log"),
+    (r"\.ssm\.Ds$", ".ssm.D"),
+]
+# the authors keep one parameter per dilation (1, 3, 5); we stack them into one (K, D, k, k) tensor
+_OFFICIAL_FUSION_KERNELS = ("kernel_3", "kernel_3_1", "kernel_3_2")
+
+
+def is_official_state_dict(state_dict: dict) -> bool:
+    return any(k.startswith(("patch_embed.", "layers.")) for k in state_dict)
+
+
+def convert_official_state_dict(state_dict: dict) -> dict:
+    """Map a state dict with the authors' key names onto this project's modules."""
+    out, kernels = {}, {}
+    for key, value in state_dict.items():
+        for pattern, repl in _OFFICIAL_RENAMES:
+            key = re.sub(pattern, repl, key)
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _OFFICIAL_FUSION_KERNELS and prefix.endswith("state_fusion"):
+            kernels.setdefault(prefix, {})[leaf] = value
+            continue
+        out[key] = value
+    for prefix, parts in kernels.items():
+        missing = [name for name in _OFFICIAL_FUSION_KERNELS if name not in parts]
+        if missing:
+            raise KeyError(f"checkpoint has state fusion kernels of {prefix} but lacks {missing}")
+        out[f"{prefix}.weight"] = torch.stack([parts[name][:, 0] for name in _OFFICIAL_FUSION_KERNELS])
+    return out
+
+
+def extract_state_dict(checkpoint: dict) -> dict:
+    """The backbone's weights from a raw state dict, an authors' file ("model") or a Lightning checkpoint."""
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):  # Lightning
+        sd = checkpoint["state_dict"]
+        return {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")} or sd
+    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        return checkpoint["model"]
+    return checkpoint
+
+
+def load_pretrained(model: SpatialMamba, path: str | os.PathLike, strict: bool = True) -> None:
+    """Load a checkpoint into `model`; the authors' key names are converted. A head of another
+    number of classes is left at its initialisation (fine-tuning); any other mismatch is an error."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path!r}")
+    state_dict = extract_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    if is_official_state_dict(state_dict):
+        state_dict = convert_official_state_dict(state_dict)
+    own = model.state_dict()
+    skipped = [k for k, v in state_dict.items() if k.startswith("head.") and k in own and v.shape != own[k].shape]
+    for k in skipped:
+        del state_dict[k]
+    if model.features_only:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "norm."))}
+    missing = sorted(set(own) - set(state_dict) - set(skipped))
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise KeyError(
+            f"checkpoint {path!r} does not fit this model: missing keys {_abbrev(missing)}, "
+            f"unexpected keys {_abbrev(unexpected)} (check dims/depths/dilations/d_state against the checkpoint)"
+        )
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"checkpoint {path!r} has tensors of the wrong shape: {_abbrev(wrong)}")
+    model.load_state_dict(state_dict, strict=False)
+
+
+def _abbrev(names: list[str], n: int = 8) -> str:
+    return "[]" if not names else str(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

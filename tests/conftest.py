@@ -1,0 +1,20 @@
+"""Test set-up: without a CUDA GPU the Triton kernels run in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before Triton compiles anything, so it is set here, first."""
+
+import os
+import shutil
+
+if not shutil.which("nvidia-smi") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
