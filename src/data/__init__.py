@@ -1,0 +1,3 @@
+from .digits import DigitsDataModule
+
+__all__ = ["DigitsDataModule"]

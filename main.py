@@ -1,0 +1,58 @@
+"""Command line of the project: `python main.py {fit,validate,test,predict} [--config FILE] [--key value ...]`.
+
+LightningCLI in subclass mode: any LightningModule and LightningDataModule can be chosen from YAML by
+`class_path`. With no --config, configs/default.yaml is used (Spatial-Mamba on the embedded digits).
+`python main.py flops --config FILE [--image_size N]` prints parameters and MACs of a config's model.
+"""
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.yaml")
+
+
+def cli(args=None, run: bool = True) -> LightningCLI:
+    uses_config = any(a == "--config" or a.startswith("--config=") for a in (sys.argv[1:] if args is None else args))
+    parser_kwargs = {"default_config_files": [] if uses_config else [DEFAULT_CONFIG]}
+    return LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=parser_kwargs if not run else {cmd: parser_kwargs for cmd in LightningCLI.subcommands()},
+        args=args,
+        run=run,
+    )
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first exception of a chain: jsonargparse wraps errors raised while building classes."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def main() -> None:
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] == "flops":
+            from src.models.flops import flops_main
+
+            flops_main(sys.argv[2:], cli)
+        else:
+            cli()
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        # bad input (config value, image size, checkpoint, data path): one line, not a stack trace
+        if os.environ.get("SPATIAL_MAMBA_TRACEBACK") == "1":
+            raise
+        root = _root_cause(e)
+        message = root.args[0] if isinstance(root, KeyError) and root.args else str(root)
+        print(f"error: {message} [{type(root).__name__}; SPATIAL_MAMBA_TRACEBACK=1 shows where]", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The embedded default dataset: scikit-learn's bundled handwritten digits (1,797 real 8×8 scans).
+
+No download: the images ship inside scikit-learn. They are upscaled to `image_size` (bilinear), split
+once into a fixed stratified train/val split, and lightly augmented (small affine jitter) for training.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+DIGITS_CLASSES = [str(i) for i in range(10)]
+
+
+class _Augmented(Dataset):
+    """Random affine jitter (rotation, shift, scale) of each image, drawn anew each time it is read."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, degrees: float, translate: float, scale: float):
+        self.images, self.labels = images, labels
+        self.degrees, self.translate, self.scale = degrees, translate, scale
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        angle = torch.empty(()).uniform_(-self.degrees, self.degrees).deg2rad()
+        s = torch.empty(()).uniform_(1 - self.scale, 1 + self.scale)
+        shift = torch.empty(2).uniform_(-self.translate, self.translate) * 2  # in [-1, 1] grid units
+        cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+        theta = torch.stack([torch.stack([cos, -sin, shift[0]]), torch.stack([sin, cos, shift[1]])])
+        img = self.images[i][None]
+        grid = F.affine_grid(theta[None], list(img.shape), align_corners=False)
+        img = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return img[0], self.labels[i]
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """scikit-learn's digits as a small image-classification task (10 classes).
+
+    Args:
+        batch_size: images per training step.
+        image_size: side of the square images after bilinear upscaling from 8×8 (a multiple of 32).
+        channels: image channels (the grey image repeated), 3 to match ImageNet-shaped backbones.
+        val_fraction: share of each class held out for validation (fixed stratified split).
+        split_seed: seed of that split; keep it fixed to compare runs.
+        augment: small random rotation/shift/scale of training images.
+        num_workers: DataLoader worker processes (0 is fastest for this in-memory set on a laptop).
+    """
+
+    mean, std = 0.3, 0.4  # of the upscaled digits scaled to [0, 1]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        image_size: int = 32,
+        channels: int = 3,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        augment: bool = True,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if image_size < 8 or image_size % 32:
+            raise ValueError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.num_classes = 10
+        self.classes = DIGITS_CLASSES
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        hp = self.hparams
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        images = F.interpolate(images, size=(hp.image_size,) * 2, mode="bilinear", align_corners=False)
+        images = ((images - self.mean) / self.std).repeat(1, hp.channels, 1, 1)
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        train_idx, val_idx = train_test_split(
+            range(len(labels)), test_size=hp.val_fraction, stratify=digits.target, random_state=hp.split_seed
+        )
+        train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx)
+        if hp.augment:
+            self.train_set = _Augmented(images[train_idx], labels[train_idx], degrees=10, translate=0.08, scale=0.1)
+        else:
+            self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

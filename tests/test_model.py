@@ -1,0 +1,192 @@
+"""The backbone: exact sizes of the published variants, parity with the authors' model, fusion identical
+in train and eval, every ablation knob, checkpoints, and clear errors on bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.models.flops import count_macs, count_params
+from src.models.spatial_mamba import (
+    SpatialMamba,
+    StructureAwareSSM,
+    convert_official_state_dict,
+    load_pretrained,
+    spatial_mamba_b,
+    spatial_mamba_s,
+    spatial_mamba_t,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+def tiny(**kwargs):
+    kw = dict(num_classes=10, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), drop_path_rate=0.0)
+    return SpatialMamba(**{**kw, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "factory,params,gmacs",
+    [(spatial_mamba_t, 26_748_862, 4.411), (spatial_mamba_s, 43_074_280, 7.038), (spatial_mamba_b, 95_745_592, 15.681)],
+)
+def test_published_sizes(factory, params, gmacs):
+    model = factory()
+    assert count_params(model) == params
+    assert count_macs(model, 224) / 1e9 == pytest.approx(gmacs, rel=5e-3)
+
+
+def test_official_key_names_are_all_mapped():
+    names = [line.split()[0] for line in (DATA / "official_tiny_state_dict.txt").read_text().splitlines()]
+    shapes = [tuple(int(s) for s in line.split("(")[1].rstrip(")").split(",") if s.strip())
+              for line in (DATA / "official_tiny_state_dict.txt").read_text().splitlines()]
+    official = {n: torch.zeros(s) for n, s in zip(names, shapes)}
+    converted = convert_official_state_dict(official)
+    own = spatial_mamba_t().state_dict()
+    assert set(converted) == set(own)
+    assert all(converted[k].shape == own[k].shape for k in own)
+
+
+def test_parity_with_official_logits_float64():
+    ref = torch.load(DATA / "official_parity_dims8.pt", weights_only=False)
+    cfg = ref["config"]
+    model = SpatialMamba(num_classes=cfg["num_classes"], dims=[cfg["dims"] * 2**i for i in range(4)],
+                         depths=cfg["depths"]).double().eval()
+    model.load_state_dict(convert_official_state_dict(ref["state_dict"]))
+    with torch.no_grad():
+        logits = model(ref["input"])
+    assert (logits - ref["logits"]).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_pretrained_loads_official_checkpoint(tmp_path, wrapped):
+    ref = torch.load(DATA / "official_parity_dims8.pt", weights_only=False)
+    path = tmp_path / "official.pth"
+    torch.save({"model": ref["state_dict"]} if wrapped else ref["state_dict"], path)
+    torch.set_default_dtype(torch.float64)  # parameters created in float64 keep the file's precision
+    try:
+        model = SpatialMamba(num_classes=10, dims=[8, 16, 32, 64], depths=ref["config"]["depths"],
+                             pretrained=str(path)).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        assert (model(ref["input"]) - ref["logits"]).abs().max().item() <= 1e-10
+
+
+def test_fusion_is_the_same_in_train_and_eval():
+    ssm = StructureAwareSSM(8, dilations=(1, 3, 5)).double()
+    with torch.no_grad():
+        ssm.state_fusion.weight.normal_()
+    u = torch.randn(2, 6, 10, 8, dtype=torch.float64)
+    ssm.train()
+    y_train = ssm(u)
+    ssm.eval()
+    with torch.no_grad():
+        y_eval = ssm(u)
+        ssm.state_fusion.weight.mul_(2)  # parameters change (training goes on): eval must follow
+        y_changed = ssm(u)
+    torch.testing.assert_close(y_train.detach(), y_eval, rtol=0, atol=0)
+    assert not torch.allclose(y_eval, y_changed)
+
+
+@pytest.mark.parametrize("dilations", [[], [1], [1, 3], [1, 3, 5, 7], [1, 2, 3]])
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_any_dilation_list_and_kernel_size(dilations, kernel_size):
+    model = tiny(dilations=dilations, fusion_kernel_size=kernel_size)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("scan", ["row", "row_reversed", "column", "column_reversed", "bidirectional", "cross"])
+def test_every_scan_direction(scan):
+    out = tiny(scan=scan)(torch.randn(1, 3, 32, 64))
+    assert out.shape == (1, 10)
+
+
+def test_scan_direction_changes_the_function():
+    torch.manual_seed(0)
+    a = tiny(scan="row").eval()
+    b = tiny(scan="column").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(a(x), b(x))
+
+
+def test_d_state_above_one_on_reference_backend():
+    out = tiny(d_state=4)(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+
+
+def test_features_for_dense_heads():
+    model = tiny(features_only=True)
+    feats = model(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(2, 8, 16, 24), (2, 16, 8, 12), (2, 32, 4, 6), (2, 64, 2, 3)]
+
+
+def test_no_weight_decay_names():
+    names = tiny().no_weight_decay()
+    assert "stages.0.0.ssm.A_log" in names and "stages.0.0.ssm.D" in names
+    assert "stages.0.0.ssm.state_fusion.alpha" in names and "stages.0.0.norm1.weight" in names
+    assert "stages.0.0.ssm.state_fusion.weight" not in names and "stages.0.0.ssm.in_proj.weight" not in names
+
+
+def test_save_load_same_logits(tmp_path):
+    model = tiny().eval()
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    other = tiny(pretrained=str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+
+
+def test_pretrained_head_of_other_size_is_left_initialised(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(tiny(num_classes=10).state_dict(), path)
+    model = tiny(num_classes=3, pretrained=str(path))
+    assert model.head.weight.shape == (3, 64)
+
+
+# --- bad input: one clear error naming what was wrong ------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(backend="cudnn"), "unknown backend 'cudnn'"),
+        (dict(scan="diagonal"), "unknown scan 'diagonal'"),
+        (dict(fusion_kernel_size=4), "odd"),
+        (dict(fusion_kernel_size=-3), "odd"),
+        (dict(dilations=[1, 0]), "dilations must be positive"),
+        (dict(d_state=0), "d_state"),
+        (dict(dims=[8, 16, 32]), "4 entries"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+def test_bad_images():
+    model = tiny()
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        model(torch.randn(1, 3, 225, 224))
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="expected images of shape"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tiny(pretrained=str(tmp_path / "missing.pth"))
+    sd = tiny().state_dict()
+    sd["stages.0.0.extra.weight"] = torch.zeros(1)
+    del sd["stages.1.0.ssm.D"]
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(KeyError, match=r"missing keys \['stages.1.0.ssm.D'\].*unexpected keys \['stages.0.0.extra.weight'\]"):
+        tiny(pretrained=str(path))
+    torch.save(tiny(dims=(8, 16, 32, 48)).state_dict(), path)
+    with pytest.raises(ValueError, match="wrong shape"):
+        tiny(pretrained=str(path))
