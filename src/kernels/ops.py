@@ -1,0 +1,246 @@
+"""torch.library registration of the Triton kernels: ops `spatial_mamba::selective_scan` and
+`spatial_mamba::structure_aware_ssm_fused`, each with a fake (meta) implementation, autograd through a
+backward op of its own (so compiled backward graphs trace it too) and a FLOP formula.
+
+Conventions of both ops:
+- Activations x, dt (B, D, L) and B, C (B, 1, L) share one dtype (fp32, fp16 or bf16) and may have any
+  strides: the kernels index through them, nothing is copied. Parameters A (D, 1), D, dt_bias (D,),
+  weight (K, D, k, k), alpha (K,) may be fp32/fp16/bf16 independently (the model keeps them fp32);
+  small as they are, non-contiguous ones are made contiguous.
+- All arithmetic is fp32. The scan op returns fp32 states; the fused op returns y in x's dtype.
+- Autocast: no autocast kernel is registered, so under autocast the ops take their inputs as given
+  (activations in the autocast dtype, parameters in fp32) and compute in fp32 as above; nothing is
+  downcast that autocast would not have produced anyway.
+- The Python wrappers (`check_inputs`) raise ValueError/TypeError/RuntimeError for a wrong shape, dtype
+  or device before any kernel runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from .reference import SCANS
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, fused: bool = False) -> None:
+    """Raise a clear error for anything the Triton kernels cannot take; say what was expected and given."""
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, weight=weight, alpha=alpha)
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-D (B, D, L), got shape {_shape(x)}")
+    Bsz, Dm, L = x.shape
+    if Bsz == 0 or Dm == 0:
+        raise ValueError(f"x must have at least one batch element and one channel, got shape {_shape(x)}")
+    if A.ndim == 2 and A.shape[0] == Dm and A.shape[1] != 1:
+        raise ValueError(f"the Triton kernels support d_state=1 only: A has shape {_shape(A)} (d_state "
+                         f"{A.shape[1]}); use backend 'torch'")
+    if B.ndim == 3 and B.shape[1] != 1 and B.shape[0] == Bsz and B.shape[2] == L:
+        raise ValueError(f"the Triton kernels support d_state=1 only: B has shape {_shape(B)}; use backend 'torch'")
+    expected = {
+        "dt": (Bsz, Dm, L), "A": (Dm, 1), "B": (Bsz, 1, L), "C": (Bsz, 1, L), "D": (Dm,), "dt_bias": (Dm,),
+    }
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (x is {_shape(x)}), got {_shape(named[name])}")
+    K = len(dilations)
+    if weight.ndim != 4 or weight.shape[0] != K or weight.shape[1] != Dm or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must have shape (K={K} dilations, D={Dm}, k, k), got {_shape(weight)}")
+    k = weight.shape[-1]
+    if K and k % 2 == 0:
+        raise ValueError(f"fusion kernel size must be odd, got {k} (weight shape {_shape(weight)})")
+    if tuple(alpha.shape) != (K,):
+        raise ValueError(f"alpha must have shape ({K},) (one per dilation), got {_shape(alpha)}")
+    if any(int(d) != d or d < 1 for d in dilations):
+        raise ValueError(f"dilations must be positive integers, got {list(dilations)}")
+    if fused:
+        from .fused import MAX_DILATION, MAX_DILATIONS
+
+        if K > MAX_DILATIONS or any(d > MAX_DILATION for d in dilations):
+            raise ValueError(f"the fused kernel takes at most {MAX_DILATIONS} dilations of at most "
+                             f"{MAX_DILATION}, got {list(dilations)}; use backend 'triton' or 'torch'")
+    if not (isinstance(H, int) and isinstance(W, int)) or H < 1 or W < 1 or H * W != L:
+        raise ValueError(f"H·W must equal L={L} with H, W >= 1, got H={H}, W={W}")
+    if scan not in SCANS:
+        raise ValueError(f"unknown scan {scan!r}; expected one of {tuple(SCANS)}")
+    for name in ("x", "dt", "B", "C"):
+        if named[name].dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {named[name].dtype} "
+                            "(use backend 'torch' for float64)")
+    for name in ("dt", "B", "C"):
+        if named[name].dtype != x.dtype:
+            raise TypeError(f"x, dt, B and C must share one dtype: x is {x.dtype}, {name} is {named[name].dtype}")
+    for name in ("A", "D", "dt_bias", "weight", "alpha"):
+        if named[name].dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {named[name].dtype}")
+    for name, t in named.items():
+        if t.device != x.device:
+            raise RuntimeError(f"all tensors must be on one device: x is on {x.device}, {name} is on {t.device}")
+    if x.device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"the Triton kernels need CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                               "to run them in Triton's CPU interpreter")
+
+
+# ----------------------------------------------------------------------------------------------------
+# spatial_mamba::selective_scan — fp32 states (B, D, L) of a scan pattern, directions summed
+
+
+@torch.library.custom_op("spatial_mamba::selective_scan", mutates_args=())
+def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor, H: int, W: int, scan: str) -> Tensor:
+    from .triton_scan import scan_forward
+
+    return scan_forward(x, dt, A.contiguous(), B, dt_bias.contiguous(), H, W, SCANS[scan])
+
+
+@selective_scan.register_fake
+def _(x, dt, A, B, dt_bias, H, W, scan):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("spatial_mamba::selective_scan_backward", mutates_args=())
+def selective_scan_backward(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor, h: Tensor, dh: Tensor, H: int, W: int, scan: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .triton_scan import scan_backward
+
+    return scan_backward(x, dt, A.contiguous(), B, dt_bias.contiguous(), h, dh.float(), H, W, SCANS[scan])
+
+
+@selective_scan_backward.register_fake
+def _(x, dt, A, B, dt_bias, h, dh, H, W, scan):
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(dt_bias))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    x, dt, A, B, dt_bias, H, W, scan = inputs
+    ctx.save_for_backward(x, dt, A, B, dt_bias, output)
+    ctx.H, ctx.W, ctx.scan = H, W, scan
+
+
+def _scan_backward(ctx, dh):
+    x, dt, A, B, dt_bias, h = ctx.saved_tensors
+    dx, ddt, dA, dB, dbias = selective_scan_backward(x, dt, A, B, dt_bias, h, dh, ctx.H, ctx.W, ctx.scan)
+    return dx, ddt, dA, dB, dbias, None, None, None
+
+
+selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# spatial_mamba::structure_aware_ssm_fused — (y, h): y in x's dtype, h the fp32 states kept for backward
+
+
+@torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused", mutates_args=())
+def structure_aware_ssm_fused_op(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
+    alpha: Tensor, dilations: list[int], H: int, W: int, scan: str,
+) -> tuple[Tensor, Tensor]:
+    from .fused import fused_forward
+
+    return fused_forward(x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(), weight.contiguous(),
+                         alpha.contiguous(), dilations, H, W, SCANS[scan])
+
+
+@structure_aware_ssm_fused_op.register_fake
+def _(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
+    return torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused_backward", mutates_args=())
+def structure_aware_ssm_fused_backward(
+    dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
+    weight: Tensor, alpha: Tensor, h: Tensor, dilations: list[int], H: int, W: int, scan: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .fused import fused_backward
+
+    return fused_backward(dy, x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(),
+                          weight.contiguous(), alpha.contiguous(), h, dilations, H, W, SCANS[scan])
+
+
+@structure_aware_ssm_fused_backward.register_fake
+def _(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, scan):
+    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan = inputs
+    y, h = output
+    ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, weight, alpha, h)
+    ctx.dilations, ctx.H, ctx.W, ctx.scan = list(dilations), H, W, scan
+
+
+def _fused_backward(ctx, dy, _dh):
+    x, dt, A, B, C, D, dt_bias, weight, alpha, h = ctx.saved_tensors
+    grads = structure_aware_ssm_fused_backward(
+        dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, ctx.dilations, ctx.H, ctx.W, ctx.scan
+    )
+    return (*grads, None, None, None, None)
+
+
+structure_aware_ssm_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP formulas (FlopCounterMode): counted per element of (B, D, L)
+#   scan direction: softplus ~ 3, decay exp + mul 2, input Δ·B·x 2, recurrence 2 -> 7 (as in the paper's 7·B·L·D·N)
+#   fusion: 2 per tap and dilation (multiply-add); observation h'·C + D·x: 3
+#   backward: about twice the forward
+
+
+def _scan_flops(x_shape, scan: str) -> int:
+    Bsz, D, L = x_shape
+    return 7 * Bsz * D * L * len(SCANS[scan])
+
+
+def _fused_flops(x_shape, weight_shape, dilations: Sequence[int], scan: str) -> int:
+    Bsz, D, L = x_shape
+    taps = len(dilations) * weight_shape[-1] * weight_shape[-2]
+    return _scan_flops(x_shape, scan) + (2 * taps + 3) * Bsz * D * L
+
+
+@register_flop_formula(torch.ops.spatial_mamba.selective_scan)
+def _(x_shape, dt_shape, A_shape, B_shape, bias_shape, H, W, scan, *args, out_shape=None, **kwargs) -> int:
+    return _scan_flops(x_shape, scan)
+
+
+@register_flop_formula(torch.ops.spatial_mamba.selective_scan_backward)
+def _(x_shape, dt_shape, A_shape, B_shape, bias_shape, h_shape, dh_shape, H, W, scan, *args, out_shape=None,
+      **kwargs) -> int:
+    return 2 * _scan_flops(x_shape, scan)
+
+
+@register_flop_formula(torch.ops.spatial_mamba.structure_aware_ssm_fused)
+def _(x_shape, dt_shape, A_shape, B_shape, C_shape, D_shape, bias_shape, weight_shape, alpha_shape, dilations, H,
+      W, scan, *args, out_shape=None, **kwargs) -> int:
+    return _fused_flops(x_shape, weight_shape, dilations, scan)
+
+
+@register_flop_formula(torch.ops.spatial_mamba.structure_aware_ssm_fused_backward)
+def _(dy_shape, x_shape, dt_shape, A_shape, B_shape, C_shape, D_shape, bias_shape, weight_shape, alpha_shape,
+      h_shape, dilations, H, W, scan, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _fused_flops(x_shape, weight_shape, dilations, scan)
+
+
+__all__ = [
+    "check_inputs",
+    "selective_scan",
+    "selective_scan_backward",
+    "structure_aware_ssm_fused_backward",
+    "structure_aware_ssm_fused_op",
+]
