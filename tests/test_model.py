@@ -190,3 +190,15 @@ def test_bad_checkpoints(tmp_path):
     torch.save(tiny(dims=(8, 16, 32, 48)).state_dict(), path)
     with pytest.raises(ValueError, match="wrong shape"):
         tiny(pretrained=str(path))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = tiny(drop_path_rate=0.0)
+    b = tiny(drop_path_rate=0.0, grad_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    a(x).square().sum().backward()
+    b(x).square().sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from src.kernels import BACKENDS, SCANS, structure_aware_ssm
 
@@ -210,6 +211,8 @@ class SpatialMamba(nn.Module):
             bidirectional (row + reversed, states summed) or cross (all four).
         backend: kernels computing scan + fusion + observation: torch, triton, fused or auto.
         features_only: no head; `forward` returns the four LayerNorm-ed stage maps for dense heads.
+        grad_checkpointing: recompute each block in the backward pass instead of storing its
+            activations (less memory for huge batches or images, about a third more compute).
         pretrained: path of a checkpoint (this project's or the authors') to load after building.
     """
 
@@ -227,6 +230,7 @@ class SpatialMamba(nn.Module):
         scan: str = "row",
         backend: str = "torch",
         features_only: bool = False,
+        grad_checkpointing: bool = False,
         pretrained: str | None = None,
     ):
         super().__init__()
@@ -237,6 +241,7 @@ class SpatialMamba(nn.Module):
         self.in_chans = in_chans
         self.dims = dims
         self.features_only = features_only
+        self.grad_checkpointing = grad_checkpointing
         self.stem = Stem(in_chans, dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         ssm_kwargs = dict(
@@ -288,7 +293,11 @@ class SpatialMamba(nn.Module):
         x = self.stem(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
         features = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                for block in stage:
+                    x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = stage(x)
             if self.features_only:
                 features.append(self.feature_norms[i](x).permute(0, 3, 1, 2))
             else:

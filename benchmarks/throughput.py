@@ -1,0 +1,207 @@
+"""Whole-model throughput: training img/s (forward + backward + AdamW step), inference img/s and peak
+training memory, per model × backend × precision × eager/compiled, with ConvNeXt-T and Swin-T (timm)
+measured in the same run as baselines.
+
+    python benchmarks/throughput.py                                  # T, auto backend, bf16, compiled
+    python benchmarks/throughput.py --models t,s,b --backends fused,triton --precisions bf16,fp16 --modes eager,compiled
+    python benchmarks/throughput.py --config configs/spatial_mamba_t.yaml
+    python benchmarks/throughput.py --cpu                            # quick look on a CPU (tiny batch)
+
+Protocol (ARCHITECTURE §4): batch 128, 224², 10 warm-up + 30 timed steps, AMP. Prints a table and,
+with --record, appends it to benchmarks/RESULTS.md with date, device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
+
+FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def build(name: str, backend: str) -> nn.Module:
+    if name in FACTORIES:
+        return FACTORIES[name](backend=backend)
+    if name.endswith((".yaml", ".yml")):
+        import main
+
+        model = main.cli(["--config", name], run=False).model
+        model = getattr(model, "backbone", model)
+        model.set_backend(backend)
+        return model
+    import timm  # baselines
+
+    return timm.create_model(name, pretrained=False)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool, warmup: int, steps: int,
+            train: bool) -> tuple[float, float]:
+    """(img/s, peak GB) of training steps or inference passes."""
+    model = model.to(device).train(train)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    fn = torch.compile(model) if compiled else model
+    x = torch.randn(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if train else None
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16 and train)
+    crit = nn.CrossEntropyLoss()
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if not train:
+                with torch.inference_mode():
+                    return fn(x)
+            loss = crit(fn(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return batch * steps / seconds, peak
+
+
+def run_one(name, backend, prec, mode, args, device) -> dict:
+    row = dict(model=name, backend=backend if name in FACTORIES or name.endswith(".yaml") else "-",
+               precision=prec, mode=mode)
+    for train in (True, False):
+        key = "train" if train else "infer"
+        try:
+            torch.manual_seed(0)
+            model = build(name, backend)
+            ips, peak = measure(model, device, args.batch, args.size, DTYPES[prec], mode == "compiled",
+                                args.warmup, args.steps, train)
+            row[f"{key}_ips"] = ips
+            if train:
+                row["peak_gb"] = peak
+        except torch.OutOfMemoryError:
+            row[f"{key}_ips"] = float("nan")
+            row["note"] = "out of memory"
+        except Exception as e:  # a failed row must not end the run: report it
+            row[f"{key}_ips"] = float("nan")
+            row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        finally:
+            model = None
+            gc.collect()
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"  {name:>16} {row['backend']:>7} {prec} {mode:>8} {key}: {row.get(f'{key}_ips', float('nan')):8.1f} img/s"
+              + (f"  {row['note']}" if "note" in row else ""), flush=True)
+    return row
+
+
+def table(rows: list[dict], baselines: dict) -> str:
+    head = "| model | backend | precision | mode | train img/s | infer img/s | peak train GB | train ÷ ConvNeXt-T | train ÷ Swin-T | note |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        ratios = []
+        for base in ("convnext_tiny", "swin_tiny_patch4_window7_224"):
+            b = baselines.get((base, r["precision"], r["mode"]))
+            ratios.append(f"{r['train_ips'] / b:.2f}" if b else "-")
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['precision']} | {r['mode']} | {r.get('train_ips', float('nan')):.0f} | "
+            f"{r.get('infer_ips', float('nan')):.0f} | {r.get('peak_gb', float('nan')):.1f} | {ratios[0]} | {ratios[1]} | "
+            f"{r.get('note', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="t", help="comma list of t,s,b")
+    p.add_argument("--config", action="append", default=[], help="a config file whose backbone to measure")
+    p.add_argument("--backends", default="auto")
+    p.add_argument("--precisions", default="bf16")
+    p.add_argument("--modes", default="compiled", help="eager,compiled")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--no-baselines", action="store_true", help="skip ConvNeXt-T / Swin-T")
+    p.add_argument("--cpu", action="store_true", help="quick look on the CPU: batch 4, 2 + 3 steps, eager fp32")
+    p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = p.parse_args()
+    if args.cpu:
+        device = torch.device("cpu")
+        args.batch, args.warmup, args.steps = min(args.batch, 4), 2, 3
+        args.precisions, args.modes, args.backends = "fp32", "eager", "torch"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("error: no CUDA GPU; use --cpu for a quick look on the CPU")
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    models = [m for m in args.models.split(",") if m] + args.config
+    precisions, modes = args.precisions.split(","), args.modes.split(",")
+
+    baselines, rows = {}, []
+    have_timm = False
+    try:
+        import timm  # noqa: F401
+
+        have_timm = not args.no_baselines
+    except ImportError:
+        print("timm is not installed: no baselines")
+    for prec in precisions:
+        for mode in modes:
+            if have_timm:
+                for base in ("convnext_tiny", "swin_tiny_patch4_window7_224"):
+                    r = run_one(base, "-", prec, mode, args, device)
+                    baselines[(base, prec, mode)] = r.get("train_ips")
+                    rows.append(r)
+            for name in models:
+                for backend in args.backends.split(","):
+                    rows.append(run_one(name, backend, prec, mode, args, device))
+
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    import triton
+
+    header = (f"{datetime.date.today()} · {dev} · torch {torch.__version__} · triton {triton.__version__} · commit "
+              f"{commit or '?'} · batch {args.batch}, {args.size}², {args.warmup} warm-up + {args.steps} timed steps")
+    text = f"{header}\n\n{table(rows, baselines)}\n"
+    print("\n" + text)
+    if args.record:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+        with open(path, "a") as f:
+            f.write(f"\n### Throughput ({' '.join(sys.argv[1:])})\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
