@@ -184,10 +184,12 @@ def _fusion_border_kernel(
     C_ptr, dy_ptr, w_ptr, alpha_ptr, dh_ptr,
     sC_b, sC_l, sdy_b, sdy_d, sdy_l,
     D, L, H, W, dil_packed, count,
-    KIND: tl.constexpr, NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    KIND: tl.constexpr, NDIL: tl.constexpr, KS: tl.constexpr, NBOX: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dh at border positions: KIND 0 corners, 1 top/bottom rows, 2 left/right columns (corners excluded).
-    Each tap contributes w·Σ g over the box of positions that clamp onto the border position."""
+    Each tap contributes w·Σ g over the box of positions that clamp onto the border position; the box
+    (at most NBOX rows, or columns, or NBOX×NBOX for corners) is a third tile axis, summed at once."""
     pid_d = tl.program_id(0)
     pid_e = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -199,50 +201,38 @@ def _fusion_border_kernel(
     if KIND == 0:
         q_r = tl.where(e >= 2, H - 1, 0)
         q_c = tl.where((e % 2) == 1, W - 1, 0)
+        box = tl.arange(0, NBOX * NBOX)
+        er = box // NBOX
+        ec = box % NBOX
     elif KIND == 1:
         q_r = tl.where(e >= W - 2, H - 1, 0)
         q_c = 1 + e % tl.maximum(W - 2, 1)
+        er = tl.arange(0, NBOX)
+        ec = tl.zeros([NBOX], dtype=tl.int32)
     else:
         q_r = 1 + e % tl.maximum(H - 2, 1)
         q_c = tl.where(e >= H - 2, W - 1, 0)
-    dy_base = dy_ptr + b * sdy_b + offs_d64[:, None] * sdy_d
+        er = tl.zeros([NBOX], dtype=tl.int32)
+        ec = tl.arange(0, NBOX)
+    dy_base = dy_ptr + b * sdy_b + offs_d64[:, None, None] * sdy_d
     C_base = C_ptr + b * sC_b
     dh = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
     for k in tl.static_range(NDIL):
         d = (dil_packed >> (8 * k)) & 255
         alpha = tl.load(alpha_ptr + k).to(tl.float32)
         for a in tl.static_range(KS):
-            dr = (a - KS // 2) * d
-            lo_r, hi_r = _box_range(q_r, dr, H)
-            if KIND == 2:  # a left/right border position (not a corner) has a single source row
-                n_r = 1
-            elif a >= KS // 2:
-                n_r = (a - KS // 2) * d + 1
-            else:
-                n_r = (KS // 2 - a) * d + 1
+            lo_r, hi_r = _box_range(q_r, (a - KS // 2) * d, H)
+            rr = lo_r[:, None] + er[None, :]  # (BLOCK_E, box)
             for c in tl.static_range(KS):
-                dc = (c - KS // 2) * d
-                lo_c, hi_c = _box_range(q_c, dc, W)
-                if KIND == 1:  # a top/bottom border position (not a corner) has a single source column
-                    n_c = 1
-                elif c >= KS // 2:
-                    n_c = (c - KS // 2) * d + 1
-                else:
-                    n_c = (KS // 2 - c) * d + 1
+                lo_c, hi_c = _box_range(q_c, (c - KS // 2) * d, W)
+                cc = lo_c[:, None] + ec[None, :]
+                ok = mask_e[:, None] & (rr <= hi_r[:, None]) & (cc <= hi_c[:, None])
+                src = rr * W + cc
+                Cv = tl.load(C_base + src * sC_l, mask=ok, other=0.0).to(tl.float32)
+                dyv = tl.load(dy_base + src[None, :, :] * sdy_l, mask=mask_d[:, None, None] & ok[None, :, :],
+                              other=0.0).to(tl.float32)
                 w = tl.load(w_ptr + ((k * D + offs_d) * KS + a) * KS + c, mask=mask_d, other=0.0)
-                w = w.to(tl.float32) * alpha
-                box = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
-                for er in range(0, n_r):
-                    rr = lo_r + er
-                    for ec in range(0, n_c):
-                        cc = lo_c + ec
-                        ok = mask_e & (rr <= hi_r) & (cc <= hi_c)
-                        src = rr * W + cc
-                        Cv = tl.load(C_base + src * sC_l, mask=ok, other=0.0).to(tl.float32)
-                        dyv = tl.load(dy_base + src[None, :] * sdy_l, mask=mask_d[:, None] & ok[None, :],
-                                      other=0.0).to(tl.float32)
-                        box += dyv * Cv[None, :]
-                dh += w[:, None] * box
+                dh += (w.to(tl.float32) * alpha)[:, None] * tl.sum(dyv * Cv[None, :, :], axis=2)
     pos = q_r * W + q_c
     tl.store(dh_ptr + (b * D + offs_d64)[:, None] * L + pos[None, :], dh, mask=mask_d[:, None] & mask_e[None, :])
 
@@ -297,16 +287,18 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
         NDIL=K, KS=KS, NTAP_PAD=NTAP_PAD, P_ITERS=P_ITERS, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, num_warps=4,
     )
     if K:
-        BLOCK_E = 32
+        # a box is at most (k//2)·max(d) + 1 positions along a clamped axis, and never more than the map
+        NBOX = triton.next_power_of_2(min(max(H, W), (KS // 2) * max(dilations) + 1))
         counts = (4, 2 * max(W - 2, 0), 2 * max(H - 2, 0))  # corners, top/bottom rows, left/right columns
         for kind, count in enumerate(counts):
             if count == 0:
                 continue
+            BLOCK_E = 4 if kind == 0 else 32
             _fusion_border_kernel[(n_dblk, triton.cdiv(count, BLOCK_E), Bsz)](
                 C, dy, weight, alpha, dh,
                 C.stride(0), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
                 Dm, L, H, W, packed, count,
-                KIND=kind, NDIL=K, KS=KS, BLOCK_D=BLOCK_D, BLOCK_E=BLOCK_E, num_warps=4,
+                KIND=kind, NDIL=K, KS=KS, NBOX=NBOX, BLOCK_D=BLOCK_D, BLOCK_E=BLOCK_E, num_warps=4,
             )
     dx, ddt, dA, dB, dbias = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
     dC = dC_part.sum(0)[:, None, :].to(C.dtype)  # (n_dblk, B, L) -> (B, 1, L)
