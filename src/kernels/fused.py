@@ -241,8 +241,11 @@ def _fusion_border_kernel(
 # launchers (no checks: ops.py checks shapes, dtypes and devices first)
 
 
+MAX_BLOCK_P = 256  # positions per fusion tile (tests lower it to exercise several tiles on small maps)
+
+
 def _fusion_blocks(D: int, L: int) -> tuple[int, int]:
-    BLOCK_P = min(256, max(16, triton.next_power_of_2(L)))
+    BLOCK_P = min(MAX_BLOCK_P, max(16, triton.next_power_of_2(L)))
     BLOCK_D = min(8, max(2, triton.next_power_of_2(D)))
     return BLOCK_D, BLOCK_P
 

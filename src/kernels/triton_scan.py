@@ -189,8 +189,11 @@ def _scan_bwd_kernel(
 # launchers (no checks: the public functions in ops.py check shapes, dtypes and devices first)
 
 
+MAX_BLOCK_L = 512  # steps per tile (tests lower it to exercise the carry between tiles on small maps)
+
+
 def _blocks(D: int, L: int) -> tuple[int, int]:
-    BLOCK_L = min(512, max(16, triton.next_power_of_2(L)))
+    BLOCK_L = min(MAX_BLOCK_L, max(16, triton.next_power_of_2(L)))
     BLOCK_D = min(8 if BLOCK_L >= 256 else 16, max(2, triton.next_power_of_2(D)))
     return BLOCK_D, BLOCK_L
 
