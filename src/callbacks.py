@@ -1,0 +1,211 @@
+"""Callbacks that any run can attach from the command line (`--trainer.callbacks+=src.callbacks.<Name>`).
+
+`ExperimentMetrics` makes a run comparable with others in TensorBoard: its knobs as hyper-parameters
+(HParams tab), parameters and MACs, measured training and inference throughput, and best / final
+validation metrics, all written to the run's event file (tags `summary/*`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from src.kernels import resolve_backend
+from src.models.flops import count_macs, count_params
+
+# metric columns of the HParams tab; TensorBoard shows the last value of each tag in the run
+SUMMARY_METRICS = (
+    "val/acc1",
+    "summary/val_acc1_best",
+    "summary/val_acc1_final",
+    "summary/train_img_s",
+    "summary/infer_img_s",
+    "summary/params",
+    "summary/macs",
+    "summary/fit_s",
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resolved_backend(backend: str, device: torch.device) -> str:
+    """`auto` as the backend it runs on this device."""
+    try:
+        return resolve_backend(backend, device)
+    except (ValueError, RuntimeError):
+        return backend
+
+
+def _hparam_value(v):
+    """HParams accept numbers, strings and booleans; lists and None become their text."""
+    return v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+
+
+class ExperimentMetrics(Callback):
+    """Logs a run's hyper-parameters, size, speed and results to TensorBoard's HParams tab.
+
+    Hyper-parameters: `axis`, `variant`, the seed, the backbone's fusion / scan / backend knobs, image size,
+    batch size, epochs, learning rate, parameters and MACs (one image, conv + matmul, `src.models.flops`).
+    Metrics (scalars at the last step): best and final val/acc1, training throughput (images per second
+    of the training steps — forward, backward, optimiser — after `warmup_steps`), inference throughput
+    (eval-mode forward without gradients on validation batches, after warm-up), fit wall time.
+
+    Args:
+        axis: name of the ablation axis (free text; logged as a hyper-parameter).
+        variant: name of the variant on that axis.
+        warmup_steps: first training steps left out of the throughput (compilation, allocator warm-up).
+        infer_batches: timed validation batches for the inference throughput (after 2 warm-up batches).
+        image_size: side of the images for the MAC count; default: the DataModule's `image_size`, else 224.
+    """
+
+    def __init__(
+        self,
+        axis: str = "",
+        variant: str = "",
+        warmup_steps: int = 5,
+        infer_batches: int = 10,
+        image_size: int | None = None,
+    ):
+        self.axis, self.variant = axis, variant
+        self.warmup_steps, self.infer_batches, self.image_size = warmup_steps, infer_batches, image_size
+        self.params = self.macs = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.train_images, self.train_seconds, self.steps_seen = 0, 0.0, 0
+        self.best, self.final = None, None
+        self._batch_start = None
+        self._warmup = self.warmup_steps
+        self._fit_start = time.perf_counter()
+
+    # -- size, before the LightningModule's setup (which may compile the backbone)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.params is not None:
+            return
+        backbone = getattr(pl_module, "backbone", pl_module)
+        data = getattr(trainer.datamodule, "hparams", {})
+        self.image_size = int(self.image_size or data.get("image_size") or 224)
+        self.params = count_params(backbone)
+        self.macs = count_macs(backbone, self.image_size, getattr(backbone, "in_chans", 3))
+
+    def hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        backbone = getattr(pl_module, "backbone", pl_module)
+        ssm = next((m for m in backbone.modules() if hasattr(m, "state_fusion")), None)
+        data = getattr(trainer.datamodule, "hparams", {})
+        hp = {
+            "axis": self.axis,
+            "variant": self.variant,
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
+            "image_size": self.image_size,
+            "batch_size": data.get("batch_size", -1),
+            "max_epochs": trainer.max_epochs if trainer.max_epochs is not None else -1,
+            "lr": float(getattr(pl_module.hparams, "lr", 0.0) or 0.0),
+            "params": self.params,
+            "macs": self.macs,
+        }
+        if ssm is not None:
+            hp.update(
+                dilations=list(ssm.state_fusion.dilations),
+                fusion_kernel_size=ssm.state_fusion.kernel_size,
+                scan=ssm.scan,
+                backend=_resolved_backend(ssm.backend, pl_module.device),
+            )
+        return {k: _hparam_value(v) for k, v in hp.items()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs before the LightningModule's own on_fit_start: TensorBoard keeps the FIRST hparams record
+        # of a run, so this one (with every knob) is what the HParams tab shows.
+        self._reset()
+        # short runs (tests, smoke runs) still time at least one step
+        self._warmup = min(self.warmup_steps, max(0, int(trainer.estimated_stepping_batches) - 1))
+        hp = self.hparams(trainer, pl_module)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                from torch.utils.tensorboard.summary import hparams
+
+                # written directly (not logger.log_hyperparams) so no placeholder metric values are logged
+                writer = logger.experiment._get_file_writer()
+                for record in hparams(hp, {name: 0.0 for name in SUMMARY_METRICS}):
+                    writer.add_summary(record)
+            else:
+                logger.log_hyperparams(hp)
+
+    # -- training throughput: time of each training step (forward, backward, optimiser step)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        _sync(pl_module.device)
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        _sync(pl_module.device)
+        self.steps_seen += 1
+        if self._batch_start is None or self.steps_seen <= self._warmup:
+            return
+        self.train_seconds += time.perf_counter() - self._batch_start
+        self.train_images += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        acc = trainer.callback_metrics.get("val/acc1")
+        if acc is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.final = float(acc)
+        self.best = self.final if self.best is None else max(self.best, self.final)
+
+    # -- inference throughput, then every summary metric, at the end of fit
+    @torch.no_grad()
+    def inference_throughput(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            return None
+        batches, size = [], None
+        for batch in loader:
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if size is not None and len(images) != size:
+                break  # only full batches: one shape, no recompilation
+            size = len(images)
+            batches.append(images.to(pl_module.device))
+            if len(batches) >= self.infer_batches:
+                break
+        if not batches:
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for images in batches[:2]:  # warm-up
+                pl_module(images)
+            _sync(pl_module.device)
+            start, n = time.perf_counter(), 0
+            for i in range(max(self.infer_batches, 1)):
+                pl_module(batches[i % len(batches)])
+                n += size
+            _sync(pl_module.device)
+            return n / (time.perf_counter() - start)
+        finally:
+            pl_module.train(was_training)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {
+            "summary/params": float(self.params or 0),
+            "summary/macs": float(self.macs or 0),
+            "summary/fit_s": time.perf_counter() - self._fit_start,
+        }
+        if self.best is not None:
+            metrics["summary/val_acc1_best"] = self.best
+            metrics["summary/val_acc1_final"] = self.final
+        if self.train_images:
+            metrics["summary/train_img_s"] = self.train_images / self.train_seconds
+        infer = self.inference_throughput(trainer, pl_module)
+        if infer is not None:
+            metrics["summary/infer_img_s"] = infer
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
