@@ -1,3 +1,4 @@
 from .digits import DigitsDataModule
+from .imagefolder import ImageFolderDataModule, PredictionCSVWriter
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["DigitsDataModule", "ImageFolderDataModule", "PredictionCSVWriter"]

@@ -1,0 +1,449 @@
+"""ImageNet-style class folders: `root/train/<class>/*.JPEG` and `root/val/<class>/*.JPEG`.
+
+The published augmentation comes from timm (`create_transform`: RandomResizedCrop, flip, RandAugment,
+random erasing; test: resize → center crop). What this module adds around it:
+
+- exact resume: the shuffle order of epoch e depends only on (seed, e), every sample's augmentation is
+  seeded by (seed, epoch, index), and the train loader can start part-way through an epoch, so a run
+  resumed from a mid-epoch checkpoint sees the same images, augmented the same way, as one that never
+  stopped; the number of samples to skip comes from the trainer's own (restored) batch progress;
+- distributed sampling without padding for evaluation, so a metric over N GPUs is the metric over the
+  whole validation set, not over a set padded with repeats;
+- bad data: missing folders, empty classes and train/val class mismatches are one-line errors;
+  unreadable images (corrupt, truncated) are logged and replaced by the next readable one (or raise,
+  `on_bad_image: error`); grayscale, CMYK, palette and RGBA images are converted to RGB;
+- the class names are saved in every checkpoint (`state_dict`) and restored with it, so `predict` names
+  classes without the training folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections.abc import Callable
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_class_folders(folder: str) -> tuple[list[str], list[list[str]]]:
+    """Sorted class names under `folder` and, per class, the sorted image paths inside it (recursively)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"image folder not found: {folder!r} (expected <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG)"
+        )
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {folder!r} (expected {folder}/<class>/*.JPEG)")
+    files = []
+    for name in classes:
+        paths = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, names in os.walk(os.path.join(folder, name), followlinks=True)
+            for f in names if _is_image(f)
+        )
+        if not paths:
+            raise ValueError(
+                f"class folder {os.path.join(folder, name)!r} has no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                "remove it or add images"
+            )
+        files.append(paths)
+    return classes, files
+
+
+def scan_images(folder: str) -> list[str]:
+    """Sorted image paths anywhere under `folder` (for predict)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data.predict_root not found: {folder!r}")
+    paths = sorted(os.path.join(d, f) for d, _, names in os.walk(folder, followlinks=True) for f in names if _is_image(f))
+    if not paths:
+        raise ValueError(f"data.predict_root {folder!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+class _SeededRNG:
+    """Seeds Python's, NumPy's and torch's CPU generators for one sample and restores them afterwards, so
+    a sample's augmentation depends only on its seed (not on the worker, the worker count, or what ran
+    before) and loading in the main process (num_workers=0) leaves the training RNG stream untouched."""
+
+    def __init__(self, *key: int):
+        self.seeds = np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(3)
+
+    def __enter__(self):
+        self.saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(int(self.seeds[0]))
+        np.random.seed(int(self.seeds[1]))
+        torch.default_generator.manual_seed(int(self.seeds[2]))  # CPU only: CUDA generators stay as they are
+
+    def __exit__(self, *exc):
+        random.setstate(self.saved[0])
+        np.random.set_state(self.saved[1])
+        torch.set_rng_state(self.saved[2])
+
+
+class ImageFolderDataset(Dataset):
+    """Images and labels from lists of paths; `dataset[(index, epoch)]` seeds the transform by
+    (seed, epoch, index) (what `ResumableSampler` yields); `dataset[index]` does not seed.
+
+    Paths are held in one NumPy byte array (not a list of str) so that forked workers do not copy
+    them page by page through reference counting (1.28 M paths for ImageNet)."""
+
+    def __init__(self, paths: list[str], labels: list[int], transform: Callable | None = None, seed: int = 0,
+                 on_bad_image: str = "skip", max_bad_in_a_row: int = 50):
+        self.paths = np.array([p.encode() for p in paths])
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform, self.seed, self.on_bad_image, self.max_bad = transform, seed, on_bad_image, max_bad_in_a_row
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """The RGB image at `index`, or (on_bad_image=skip) the next readable one after it."""
+        for attempt in range(self.max_bad):
+            i = (index + attempt) % len(self)
+            path = self.paths[i].decode()
+            try:
+                with Image.open(path) as img:
+                    return img.convert("RGB"), i  # decodes fully: truncated files fail here
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                if self.on_bad_image == "error":
+                    raise RuntimeError(f"unreadable image {path!r}: {e}") from None
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+        raise RuntimeError(f"{self.max_bad} unreadable images in a row from {self.paths[index].decode()!r}; is the data corrupt?")
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        img, i = self.load(index)
+        if self.transform is not None:
+            if epoch is None:
+                img = self.transform(img)
+            else:
+                with _SeededRNG(self.seed, epoch, index):
+                    img = self.transform(img)
+        return img, int(self.labels[i])
+
+
+class PredictDataset(Dataset):
+    """Images of a folder (any depth) for `predict`: (image, path)."""
+
+    def __init__(self, paths: list[str], transform: Callable):
+        self.images = ImageFolderDataset(paths, [0] * len(paths), transform, on_bad_image="error")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index][0], self.images.paths[index].decode()
+
+
+class ResumableSampler(DistributedSampler):
+    """Training sampler: this rank's shard of a permutation that depends only on (seed, epoch), as
+    (index, epoch) keys so each sample's augmentation is seeded too; `start` skips that many of this
+    rank's samples at the next `__iter__` (resuming mid-epoch). A DistributedSampler, so Lightning keeps
+    it as it is under DDP and calls `set_epoch` every epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        self.start = 0
+        return iter([(i, self.epoch) for i in indices])
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Evaluation sampler: rank r of R reads samples r, r+R, r+2R, ... — every sample exactly once over all
+    ranks (DistributedSampler would pad with repeats), so synced metrics equal the single-process ones."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ResumableLoader(DataLoader):
+    """Training DataLoader that resumes mid-epoch.
+
+    Iteration starts lazily, at the first batch, so it uses the epoch that Lightning sets on the sampler
+    after making the iterator, and it skips (in the sampler, without loading them) the batches that the
+    trainer's batch progress counts as already trained in this epoch (`batches_done()`): none at an epoch
+    start, k after resuming from a checkpoint written after batch k. That progress is restored by
+    Lightning itself; `load_state_dict` is not relied on (Lightning 2.6 skips it when
+    `configure_optimizers` reads `estimated_stepping_batches`, which builds the loader before the
+    checkpoint's loop state is loaded). `state_dict` marks the loader as resumable for Lightning."""
+
+    batches_done: Callable[[], int] = staticmethod(lambda: 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # where to start comes from the trainer's restored batch progress
+
+    def __iter__(self):
+        self.sampler.start = self.batches_done() * self.batch_size
+        yield from super().__iter__()
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """ImageNet-style class folders with the published augmentation (timm), for one or many GPUs.
+
+    Args:
+        root: folder holding `train/` and `val/` (each with one sub-folder of images per class); needed by
+            fit, validate and test (predict takes class names from the checkpoint).
+        batch_size: images per GPU per step (global batch = batch_size × devices × nodes × accumulation).
+        val_batch_size: images per GPU per validation step (None: 2 × batch_size).
+        image_size: training crop and test crop side (a multiple of 32).
+        num_workers: DataLoader worker processes per GPU (decoding + augmentation run there).
+        pin_memory: page-locked host batches (faster copies to the GPU).
+        persistent_workers: keep workers alive between epochs.
+        prefetch_factor: batches loaded ahead by each worker (None: PyTorch's default, 2).
+        train_dir: sub-folder of root with training classes.
+        val_dir: sub-folder of root with validation classes (the same class names).
+        scale: RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect-ratio range.
+        hflip: horizontal flip probability.
+        auto_augment: timm auto-augment policy string ("rand-m9-mstd0.5-inc1" = RandAugment m9; None: off).
+        color_jitter: colour-jitter strength (timm turns it off while RandAugment is on, as in the
+            published recipe; it applies with auto_augment None).
+        re_prob: random-erasing probability.
+        re_mode: random-erasing fill: "pixel" (per-pixel normal noise), "rand" (per channel) or "const".
+        re_count: random-erasing boxes per image.
+        interpolation: resize interpolation of train and test ("bicubic", "bilinear", ...).
+        crop_pct: test: resize the short side to image_size / crop_pct, then center-crop image_size.
+        mean: normalisation mean (RGB, 0..1).
+        std: normalisation std (RGB, 0..1).
+        seed: seed of the shuffle order and of every sample's augmentation (None: the run's seed_everything).
+        on_bad_image: "skip" (log the path and use the next readable image) or "error".
+        predict_root: folder of images (any depth) for `predict`.
+        predict_output: CSV file written by `predict`: path, class index, class name, probability.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        image_size: int = 224,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        color_jitter: float = 0.4,
+        re_prob: float = 0.25,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        interpolation: str = "bicubic",
+        crop_pct: float = 0.875,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        seed: int | None = None,
+        on_bad_image: str = "skip",
+        predict_root: str | None = None,
+        predict_output: str = "predictions.csv",
+    ):
+        super().__init__()
+        if image_size < 32 or image_size % 32:
+            raise ValueError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"data.crop_pct must be in (0, 1], got {crop_pct}")
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        if re_mode not in ("pixel", "rand", "const"):
+            raise ValueError(f"data.re_mode must be 'pixel', 'rand' or 'const', got {re_mode!r}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.classes: list[str] = []
+        self.train_set = self.val_set = self.predict_set = None
+
+    # ---- transforms (timm) ----
+    def train_transform(self):
+        from timm.data import create_transform
+
+        hp = self.hparams
+        return create_transform(
+            hp.image_size, is_training=True, scale=tuple(hp.scale), ratio=tuple(hp.ratio), hflip=hp.hflip,
+            color_jitter=hp.color_jitter, auto_augment=hp.auto_augment, interpolation=hp.interpolation,
+            re_prob=hp.re_prob, re_mode=hp.re_mode, re_count=hp.re_count, mean=tuple(hp.mean), std=tuple(hp.std),
+        )
+
+    def test_transform(self):
+        from timm.data import create_transform
+
+        hp = self.hparams
+        return create_transform(hp.image_size, is_training=False, interpolation=hp.interpolation,
+                                crop_pct=hp.crop_pct, mean=tuple(hp.mean), std=tuple(hp.std))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _seed(self) -> int:
+        return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # ---- datasets ----
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage == "predict":
+            if hp.predict_root is None:
+                raise ValueError("predict needs data.init_args.predict_root (a folder of images)")
+            train = os.path.join(hp.root or "", hp.train_dir)
+            if not self.classes and hp.root and os.path.isdir(train):  # names from the folder; a checkpoint overrides them
+                self.classes = sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
+            self.predict_set = PredictDataset(scan_images(hp.predict_root), self.test_transform())
+            return
+        if self.val_set is not None:
+            return
+        if hp.root is None:
+            raise ValueError("data.init_args.root is not set: give the folder holding train/ and val/ "
+                             "(--data.init_args.root /path/to/imagenet)")
+        if not os.path.isdir(hp.root):
+            raise FileNotFoundError(f"data.root not found: {hp.root!r} (expected {hp.root}/train/<class>/*.JPEG)")
+        if stage in (None, "fit"):
+            classes, files = scan_class_folders(os.path.join(hp.root, hp.train_dir))
+            self.classes = classes
+            paths = [p for f in files for p in f]
+            labels = [c for c, f in enumerate(files) for _ in f]
+            self.train_set = ImageFolderDataset(paths, labels, self.train_transform(), self._seed(), hp.on_bad_image)
+        val_classes, val_files = scan_class_folders(os.path.join(hp.root, hp.val_dir))
+        if not self.classes:
+            train = os.path.join(hp.root, hp.train_dir)
+            self.classes = (sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
+                            if os.path.isdir(train) else val_classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        extra = [c for c in val_classes if c not in index]
+        if extra:
+            raise ValueError(
+                f"{len(extra)} class folders of {os.path.join(hp.root, hp.val_dir)!r} are not training classes: "
+                f"{extra[:5]}{' ...' if len(extra) > 5 else ''} (train and val need the same class folder names)"
+            )
+        missing = [c for c in self.classes if c not in set(val_classes)]
+        if missing:
+            log.warning("%d training classes have no validation folder, e.g. %s", len(missing), missing[:5])
+        paths = [p for f in val_files for p in f]
+        labels = [index[c] for c, f in zip(val_classes, val_files) for _ in f]
+        self.val_set = ImageFolderDataset(paths, labels, self.test_transform(), on_bad_image=hp.on_bad_image)
+
+    # ---- loaders ----
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader_kwargs(self) -> dict:
+        hp = self.hparams
+        workers = hp.num_workers
+        return dict(
+            num_workers=workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and workers > 0,
+            prefetch_factor=hp.prefetch_factor if workers > 0 else None,
+            # its own generator: making an iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self._seed()),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        if len(self.train_set) < self.batch_size * world:
+            raise ValueError(
+                f"{len(self.train_set)} training images are fewer than one global batch "
+                f"({self.batch_size} × {world} devices); lower data.batch_size"
+            )
+        sampler = ResumableSampler(self.train_set, world, rank, seed=self._seed(), drop_last=True)
+        loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                 **self._loader_kwargs())
+        trainer = self.trainer
+        if trainer is not None:
+            loader.batches_done = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return loader
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        world, rank = self._world()
+        return DataLoader(dataset, batch_size=self.hparams.val_batch_size or 2 * self.batch_size,
+                          sampler=ShardedEvalSampler(dataset, world, rank), **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_set)
+
+    # ---- checkpoint ----
+    def state_dict(self) -> dict:
+        return {"classes": list(self.classes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = list(state.get("classes", []))
+        if self.classes and saved and saved != self.classes and (self.train_set is not None or self.val_set is not None):
+            diff = sorted(set(saved) ^ set(self.classes))
+            raise ValueError(
+                f"the checkpoint was trained on {len(saved)} classes, {self.hparams.root!r} has {len(self.classes)}; "
+                f"differing names: {diff[:5]}{' ...' if len(diff) > 5 else ''}"
+            )
+        if saved:
+            self.classes = saved
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """Writes `predict` results to the datamodule's `predict_output` CSV: path, class index, class name,
+    probability; rows of all ranks are gathered and written once, in path order."""
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+        self.rows: list[tuple] = []
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self.rows = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not isinstance(prediction, dict) or "path" not in prediction:
+            return
+        names = getattr(trainer.datamodule, "classes", None) or []
+        for path, label, prob in zip(prediction["path"], prediction["label"].tolist(), prediction["probability"].tolist()):
+            self.rows.append((path, label, names[label] if label < len(names) else str(label), f"{prob:.6f}"))
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        output = getattr(trainer.datamodule, "hparams", {}).get("predict_output")
+        if output is None:
+            return
+        rows = self.rows
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if trainer.is_global_zero:
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+            with open(output, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "class_index", "class_name", "probability"])
+                writer.writerows(sorted(rows))
+            print(f"wrote {len(rows)} predictions to {output}")
