@@ -1,36 +1,75 @@
-"""LightningModule for image classification with any backbone (Spatial-Mamba by default)."""
+"""LightningModule for image classification with any backbone (Spatial-Mamba by default).
+
+Beyond cross-entropy + AdamW + warm-up/cosine it carries the published ImageNet recipe as knobs: mixup /
+cutmix with soft-target cross-entropy (timm), an EMA of the weights (timm `ModelEmaV3`, a submodule, so
+its weights are in every checkpoint and validated separately as `val_ema/*`), MESA self-distillation
+from the EMA model, linear scaling of the learning rate by the global batch, and the RNG states of
+every rank in each checkpoint so that a resumed run continues the random stream it was interrupted in.
+Gradient clipping and mixed precision are the trainer's (`gradient_clip_val`, `precision`).
+
+Lightning's `WeightAveraging` callback is not used for the EMA: it swaps the averaged weights in for
+validation (no separate EMA metrics), copies them over the trained weights at the end of fit, and keeps
+the average out of reach of `training_step`, where MESA needs its predictions.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import random
 import time
+import warnings
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, distribute_bn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from src.data.imagefolder import PredictionCSVWriter
 
 
 class ImageClassifier(L.LightningModule):
-    """Cross-entropy classifier: AdamW, per-step linear warm-up then cosine decay, top-1/top-5 metrics.
+    """Classifier: AdamW, per-step linear warm-up then cosine decay, top-1/top-5 metrics, and optionally
+    mixup/cutmix, EMA of the weights, MESA and linear learning-rate scaling.
 
     Args:
         backbone: the network mapping images (B, 3, H, W) to logits (B, num_classes).
-        num_classes: number of classes (must match the backbone's head).
-        lr: peak learning rate (after warm-up).
+        num_classes: number of classes (must match the backbone's head and the data).
+        lr: peak learning rate (after warm-up); per `lr_base_batch` images when that is set.
         weight_decay: AdamW weight decay, not applied to the backbone's `no_weight_decay()` parameters
             (norms, biases, A_log, D, fusion mixing weights).
         betas: AdamW betas.
         eps: AdamW epsilon.
         warmup_epochs: linear warm-up length in epochs (may be fractional); stepped per iteration.
-        warmup_lr: learning rate at the first step.
-        min_lr: learning rate reached at the end of the cosine decay.
-        label_smoothing: label smoothing of the cross-entropy.
-        compile: `torch.compile` the backbone (in place, checkpoint keys unchanged); None = on when
-            training on a CUDA GPU, off elsewhere.
+        warmup_lr: learning rate at the first step (scaled like lr).
+        min_lr: learning rate reached at the end of the cosine decay (scaled like lr).
+        label_smoothing: label smoothing of the cross-entropy (of the mixed targets with mixup).
+        compile: `torch.compile` the backbone (in place, checkpoint keys unchanged) and its EMA; None = on
+            when training on a CUDA GPU, off elsewhere.
+        lr_base_batch: linear scaling: lr, warmup_lr and min_lr are multiplied by global batch /
+            lr_base_batch, global batch = data batch_size × devices × nodes × accumulate_grad_batches
+            (the published recipe: 5e-4 per 512). None: no scaling.
+        mixup: mixup alpha (0: off).
+        cutmix: cutmix alpha (0: off).
+        mixup_prob: probability of mixing a batch at all.
+        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
+        mixup_mode: "batch" (one λ per batch), "pair" or "elem" (timm Mixup modes).
+        ema_decay: decay of the exponential moving average of the weights, updated after every optimizer
+            step (the published recipe: 0.9999); None: no EMA.
+        mesa: weight of MESA self-distillation, loss += mesa × CE(logits, softmax(EMA logits)) on the same
+            (mixed) images (published: 1.0 / 1.5 / 2.0 for T / S / B); 0: off. Needs ema_decay.
+        mesa_start: fraction of training after which MESA is on (epoch ≥ int(mesa_start × max_epochs)).
+        dist_bn: with several processes, make BatchNorm running statistics equal on all ranks before each
+            validation: "reduce" (average them), "broadcast" (rank 0's) or "" (leave them).
+        predict_ema: `predict` with the EMA weights (when there is an EMA).
     """
 
     def __init__(
@@ -46,6 +85,17 @@ class ImageClassifier(L.LightningModule):
         min_lr: float = 1e-5,
         label_smoothing: float = 0.1,
         compile: bool | None = None,
+        lr_base_batch: int | None = None,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = "batch",
+        ema_decay: float | None = None,
+        mesa: float = 0.0,
+        mesa_start: float = 0.25,
+        dist_bn: str = "reduce",
+        predict_ema: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -56,40 +106,123 @@ class ImageClassifier(L.LightningModule):
                 f"model.init_args.num_classes={num_classes} but the backbone's head has {head} classes; "
                 "set both to the number of classes of the data"
             )
+        if mesa > 0 and not ema_decay:
+            raise ValueError(f"model.init_args.mesa={mesa} distils from the EMA model; set model.init_args.ema_decay too")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"model.init_args.ema_decay must be in (0, 1) or null, got {ema_decay}")
+        if dist_bn not in ("reduce", "broadcast", ""):
+            raise ValueError(f"model.init_args.dist_bn must be 'reduce', 'broadcast' or '', got {dist_bn!r}")
+        if lr_base_batch is not None and lr_base_batch < 1:
+            raise ValueError(f"model.init_args.lr_base_batch must be a positive number of images, got {lr_base_batch}")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.soft_target_ce = SoftTargetCrossEntropy()
+        self.mixup_fn = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                                  mode=mixup_mode, label_smoothing=label_smoothing, num_classes=num_classes)
+            self.criterion = self.soft_target_ce
+        self.ema = None
+        if ema_decay:
+            self.ema = ModelEmaV3(backbone, decay=ema_decay)
+            self.ema.requires_grad_(False)
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        self.val_loss = MeanMetric()
+        if self.ema is not None:
+            # the EMA teacher stays in eval mode while the rest trains; Lightning warns about that at fit start
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            self.ema_acc1 = MulticlassAccuracy(num_classes, top_k=1)
+            self.ema_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+            self.ema_loss = MeanMetric()
+        self.lr_scale = 1.0
+        self._rng_to_restore = None
 
+    # ---- set-up ----
     def setup(self, stage: str) -> None:
+        data_classes = getattr(self.trainer.datamodule, "num_classes", 0) if self._trainer is not None else 0
+        if data_classes and data_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes but model.init_args.num_classes={self.hparams.num_classes}; "
+                "set model.init_args.num_classes and the backbone's num_classes to the number of class folders"
+            )
+        if stage == "fit" and self.mixup_fn is not None:
+            batch = self._batch_size()
+            if batch is not None and batch % 2:
+                raise ValueError(f"mixup/cutmix mixes each batch with its flip and needs an even data.batch_size, got {batch}")
         use = self.hparams.compile
         if use is None:
-            use = self.device.type == "cuda" or (self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+            use = self.device.type == "cuda" or (self._trainer is not None and self.trainer.strategy.root_device.type == "cuda")
         if use and not getattr(self, "_compiled", False):
             self.backbone.compile()
+            if self.ema is not None:
+                self.ema.module.compile()
             self._compiled = True
+
+    def _batch_size(self) -> int | None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ema is not None:
+            self.ema.eval()  # the teacher runs without drop path and with BatchNorm running statistics
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
+    # ---- training ----
+    def mesa_active(self) -> bool:
+        if self.hparams.mesa <= 0 or self.ema is None:
+            return False
+        epochs = self.trainer.max_epochs
+        if epochs is not None and epochs > 0:
+            return self.current_epoch >= int(self.hparams.mesa_start * epochs)
+        return self.global_step >= int(self.hparams.mesa_start * self.trainer.estimated_stepping_batches)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        if self.mixup_fn is not None:
+            images, soft_targets = self.mixup_fn(images, targets)  # (B, num_classes) mixed, smoothed targets
         logits = self(images)
-        loss = self.criterion(logits, targets)
-        self.train_acc(logits, targets)
+        loss = self.criterion(logits, soft_targets if self.mixup_fn is not None else targets)
+        if self.mesa_active():
+            with torch.no_grad():
+                teacher = self.ema.module(images).float().softmax(-1)
+            mesa_loss = self.soft_target_ce(logits.float(), teacher)
+            self.log("train/mesa_loss", mesa_loss)
+            loss = loss + self.hparams.mesa * mesa_loss
+        if self.mixup_fn is None:
+            self.train_acc(logits, targets)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, not in on_train_batch_end: checkpoints saved then must include it
+            self.ema.update(self.backbone)
+
+    # ---- evaluation ----
     def _evaluate(self, batch, prefix: str) -> None:
         images, targets = batch
         logits = self(images)
         self.val_acc1(logits, targets)
         self.val_acc5(logits, targets)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, targets), sync_dist=True)
+        self.val_loss(F.cross_entropy(logits.float(), targets), len(targets))
+        self.log(f"{prefix}/loss", self.val_loss)
         self.log(f"{prefix}/acc1", self.val_acc1, prog_bar=True)
         self.log(f"{prefix}/acc5", self.val_acc5)
+        if self.ema is not None:
+            logits = self.ema.module(images)
+            self.ema_acc1(logits, targets)
+            self.ema_acc5(logits, targets)
+            self.ema_loss(F.cross_entropy(logits.float(), targets), len(targets))
+            self.log(f"{prefix}_ema/loss", self.ema_loss)
+            self.log(f"{prefix}_ema/acc1", self.ema_acc1, prog_bar=True)
+            self.log(f"{prefix}_ema/acc5", self.ema_acc5)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -97,17 +230,33 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        world = self.trainer.world_size
+        if world > 1 and self.hparams.dist_bn and torch.distributed.is_initialized():
+            for module in (self.backbone, self.ema):
+                if module is not None:
+                    distribute_bn(module, world, reduce=self.hparams.dist_bn == "reduce")
+
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = self(images).softmax(-1)
+        model = self.ema.module if self.hparams.predict_ema and self.ema is not None else self.backbone
+        probs = model(images).float().softmax(-1)
         confidence, label = probs.max(-1)
-        return {"label": label, "probability": confidence}
+        out = {"label": label, "probability": confidence}
+        if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], (list, tuple)):
+            out["path"] = list(batch[1])  # ImageFolderDataModule's predict set: (images, paths)
+        return out
 
+    # ---- fit start, optimiser, schedule ----
     def on_fit_start(self) -> None:
         params = sum(p.numel() for p in self.backbone.parameters())
         if self.logger is not None:
             self.logger.log_hyperparams({"params": params}, {"val/acc1": 0.0, "val/loss": 0.0})
         rank_zero_info(f"{type(self.backbone).__name__}: {params:,} parameters")
+        rank = self.trainer.global_rank
+        if rank > 0:  # each rank its own drop-path masks and mixup draws (resume restores each rank's stream)
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + rank
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -116,9 +265,23 @@ class ImageClassifier(L.LightningModule):
         for name, p in self.backbone.named_parameters():
             if p.requires_grad:
                 (keep if name in no_decay or p.ndim <= 1 else decay).append(p)
+        self.lr_scale = 1.0
+        if hp.lr_base_batch is not None:
+            batch = self._batch_size()
+            if batch is None:
+                raise ValueError("model.init_args.lr_base_batch needs a datamodule with a batch_size to scale the lr by")
+            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+            global_batch = batch * world * accumulate
+            self.lr_scale = global_batch / hp.lr_base_batch
+            rank_zero_info(
+                f"global batch {global_batch} = {batch} per device × {world} devices × {accumulate} accumulation; "
+                f"lr {hp.lr * self.lr_scale:.3g} (= {hp.lr:g} × {global_batch}/{hp.lr_base_batch}), "
+                f"warm-up from {hp.warmup_lr * self.lr_scale:.3g}, cosine to {hp.min_lr * self.lr_scale:.3g}"
+            )
+        lr, warmup_lr, min_lr = (v * self.lr_scale for v in (hp.lr, hp.warmup_lr, hp.min_lr))
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": keep, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+            lr=lr, betas=tuple(hp.betas), eps=hp.eps,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
@@ -126,19 +289,65 @@ class ImageClassifier(L.LightningModule):
 
         def factor(step: int) -> float:  # multiplier of lr at optimizer step `step`
             if step < warmup:
-                return (hp.warmup_lr + (hp.lr - hp.warmup_lr) * step / warmup) / hp.lr
+                return (warmup_lr + (lr - warmup_lr) * step / warmup) / lr
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return (hp.min_lr + 0.5 * (hp.lr - hp.min_lr) * (1 + math.cos(math.pi * progress))) / hp.lr
+            return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        return [FitSummary()]
+        return [FitSummary(), PredictionCSVWriter()]
+
+    # ---- checkpoints: EMA weights are in state_dict (ema.module.*); add RNG streams and MESA ----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # plain types and tensors only: LightningCLI reads checkpoints with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                 "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        states = [state]
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)  # every rank's stream, written once by rank 0
+        checkpoint["rng_states"] = states
+        if self.hparams.mesa > 0 and self._trainer is not None:
+            epochs = self.trainer.max_epochs or 0
+            checkpoint["mesa"] = {"weight": self.hparams.mesa, "start_epoch": int(self.hparams.mesa_start * epochs),
+                                  "active": self.mesa_active()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint.get("state_dict", {})
+        has_ema = any(k.startswith("ema.") for k in sd)
+        if self.ema is not None and not has_ema:
+            rank_zero_warn("the checkpoint has no EMA weights; the EMA starts from its model weights")
+            sd.update({"ema.module." + k.removeprefix("backbone."): v for k, v in list(sd.items()) if k.startswith("backbone.")})
+        elif self.ema is None and has_ema:
+            for k in [k for k in sd if k.startswith("ema.")]:
+                del sd[k]
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if not states:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if len(states) != world:
+            rank_zero_warn(f"the checkpoint holds RNG streams of {len(states)} ranks, this run has {world}; not restored")
+            return
+        state = states[rank]
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class FitSummary(Callback):
-    """Prints one line at the end of `fit`: best and final validation top-1, wall time, best checkpoint."""
+    """Prints one line at the end of `fit`: best and final validation top-1 (and EMA top-1), wall time,
+    best checkpoint."""
 
     def __init__(self):
         self.start, self.best, self.best_epoch = time.time(), None, None
@@ -159,6 +368,7 @@ class FitSummary(Callback):
             return
         seconds = time.time() - self.start
         final = trainer.callback_metrics.get("val/acc1")
+        ema = trainer.callback_metrics.get("val_ema/acc1")
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if self.best is None:
             print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps); no validation was run.")
@@ -166,5 +376,6 @@ class FitSummary(Callback):
         print(
             f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps): best val/acc1 {100 * self.best:.2f} % "
             f"(epoch {self.best_epoch}), final {100 * float(final):.2f} %"
+            + (f", EMA {100 * float(ema):.2f} %" if ema is not None else "")
             + (f"; best checkpoint {ckpt}" if ckpt else "")
         )
