@@ -1,0 +1,86 @@
+"""Exact resume: a run SIGKILLed mid-epoch and resumed with `--ckpt_path last` reproduces an uninterrupted run
+bit for bit (every step's loss, the final weights and the EMA), with the full recipe and DataLoader workers."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import main
+from tests.test_imagenet import ROOT, make_digits_folder, tiny_recipe_config
+
+
+class LossRecorder(Callback):
+    """Appends `global_step loss` (loss as float.hex, exact) to a file after every training step."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {float(outputs['loss']).hex()}\n")
+
+
+class KillAtStep(Callback):
+    """SIGKILLs its own process after optimizer step `step` (no clean-up, like a lost node)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_losses(path: Path) -> dict[int, str]:
+    losses = {}
+    for line in path.read_text().splitlines():
+        step, loss = line.split()
+        assert losses.setdefault(int(step), loss) == loss, f"step {step} gave two losses"
+    return losses
+
+
+def recipe(tmp_path, data, name, losses, workers, kill_at=None):
+    callbacks = [{"class_path": "tests.test_resume.LossRecorder", "init_args": {"path": str(losses)}}]
+    if kill_at is not None:
+        callbacks.append({"class_path": "tests.test_resume.KillAtStep", "init_args": {"step": kill_at}})
+    config = tiny_recipe_config(tmp_path / name, data, epochs=2, every_n_steps=2, extra_callbacks=callbacks, name=name)
+    text = config.read_text().replace("num_workers: 0", f"num_workers: {workers}").replace("mesa_start: 0.25", "mesa_start: 0.5")
+    config.write_text(text)
+    return config
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, monkeypatch):
+    data = make_digits_folder(tmp_path / "data")  # 48 training images: 6 steps of 8 per epoch
+    monkeypatch.chdir(tmp_path)
+
+    # uninterrupted run, loading in the main process
+    (tmp_path / "a").mkdir()
+    ref = main.cli(["fit", "--config", str(recipe(tmp_path, data, "a", tmp_path / "a.txt", workers=0))])
+    assert ref.trainer.global_step == 12
+
+    # the same run with 2 loader workers, killed after step 9 (epoch 1, batch 3); last.ckpt is from step 8
+    (tmp_path / "b").mkdir()
+    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, kill_at=9)
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    last = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 8 and last["epoch"] == 1
+
+    # resumed from last.ckpt: the same config without the kill
+    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2)
+    resumed = main.cli(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 12
+
+    expected, got = read_losses(tmp_path / "a.txt"), read_losses(tmp_path / "bc.txt")
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    assert got == expected  # every step's loss, bit for bit (including step 9, run twice)
+    a, c = ref.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == c.keys() and any(k.startswith("ema.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
