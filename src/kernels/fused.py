@@ -94,12 +94,13 @@ def _fusion_bwd_kernel(
     h_ptr, x_ptr, C_ptr, dy_ptr, w_ptr, alpha_ptr,
     dh_ptr, dC_part_ptr, dD_part_ptr, G_part_ptr,
     sx_b, sx_d, sx_l, sC_b, sC_l, sdy_b, sdy_d, sdy_l,
-    Bsz, D, L, H, W, dil_packed, n_pchunks,
-    NDIL: tl.constexpr, KS: tl.constexpr, NTAP_PAD: tl.constexpr, P_ITERS: tl.constexpr,
+    Bsz, D, L, H, W, dil_packed, n_pchunks, n_pblk,
+    NDIL: tl.constexpr, KS: tl.constexpr, NTAP: tl.constexpr, P_ITERS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Per (channel block, chunk of P_ITERS·BLOCK_P positions, batch): dh at positions off the border,
-    and fp32 partial sums of dC (over this block's channels), dD and G (over this chunk's positions)."""
+    and fp32 partial sums of dC (over this block's channels), dD (over this chunk's positions) and G (over
+    each BLOCK_P positions)."""
     pid_d = tl.program_id(0)
     pid_p = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -110,11 +111,10 @@ def _fusion_bwd_kernel(
     x_base = x_ptr + b * sx_b + offs_d64[:, None] * sx_d
     dy_base = dy_ptr + b * sdy_b + offs_d64[:, None] * sdy_d
     C_base = C_ptr + b * sC_b
-    taps = tl.arange(0, NTAP_PAD)
-    acc_G = tl.zeros([NTAP_PAD, BLOCK_D], dtype=tl.float32)
     acc_dD = tl.zeros([BLOCK_D], dtype=tl.float32)
     for it in range(P_ITERS):
-        offs_p = (pid_p * P_ITERS + it) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pblk = pid_p * P_ITERS + it
+        offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < L
         m = mask_d[:, None] & mask_p[None, :]
         dy = tl.load(dy_base + offs_p[None, :] * sdy_l, mask=m, other=0.0).to(tl.float32)
@@ -161,14 +161,12 @@ def _fusion_bwd_kernel(
                         hf += w[:, None] * hv
                         dh += w[:, None] * gv
                         tap = (k * KS + a) * KS + c
-                        acc_G += tl.where(taps[:, None] == tap, tl.sum(g * hv, axis=1)[None, :], 0.0)
+                        G_ptrs = G_part_ptr + ((b * n_pblk + pblk) * NTAP + tap) * D + offs_d
+                        tl.store(G_ptrs, tl.sum(g * hv, axis=1), mask=mask_d)
         tl.store(dh_ptr + row + offs_p[None, :], dh, mask=store_dh)
         tl.store(dC_part_ptr + (pid_d * Bsz + b) * L + offs_p, tl.sum(dy * hf, axis=0), mask=mask_p)
     part = (b * n_pchunks + pid_p)
     tl.store(dD_part_ptr + part * D + offs_d, acc_dD, mask=mask_d)
-    if NDIL > 0:
-        G_ptrs = G_part_ptr + (part * NTAP_PAD + taps[:, None]) * D + offs_d[None, :]
-        tl.store(G_ptrs, acc_G, mask=mask_d[None, :])
 
 
 @triton.jit
@@ -276,18 +274,18 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     n_pblk = triton.cdiv(L, BLOCK_P)
     P_ITERS = min(4, n_pblk)
     n_pchunks = triton.cdiv(n_pblk, P_ITERS)
-    NTAP_PAD = max(2, triton.next_power_of_2(max(1, K * KS * KS)))
+    NTAP = K * KS * KS
     dh = torch.empty(Bsz, Dm, L, device=dev, dtype=torch.float32)
     dC_part = torch.empty(n_dblk, Bsz, L, device=dev, dtype=torch.float32)
     dD_part = torch.empty(Bsz, n_pchunks, Dm, device=dev, dtype=torch.float32)
-    G_part = torch.empty(Bsz, n_pchunks, NTAP_PAD if K else 1, Dm, device=dev, dtype=torch.float32)
+    G_part = torch.empty(Bsz, n_pchunks * P_ITERS, max(NTAP, 1), Dm, device=dev, dtype=torch.float32)
     packed = pack_dilations(dilations)
     _fusion_bwd_kernel[(n_dblk, n_pchunks, Bsz)](
         h, x, C, dy, weight, alpha,
         dh, dC_part, dD_part, G_part,
         x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-        Bsz, Dm, L, H, W, packed, n_pchunks,
-        NDIL=K, KS=KS, NTAP_PAD=NTAP_PAD, P_ITERS=P_ITERS, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, num_warps=4,
+        Bsz, Dm, L, H, W, packed, n_pchunks, n_pchunks * P_ITERS,
+        NDIL=K, KS=KS, NTAP=NTAP, P_ITERS=P_ITERS, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, num_warps=4,
     )
     if K:
         # a box is at most (k//2)·max(d) + 1 positions along a clamped axis, and never more than the map
@@ -307,7 +305,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     dC = dC_part.sum(0)[:, None, :].to(C.dtype)  # (n_dblk, B, L) -> (B, 1, L)
     dD = dD_part.sum((0, 1)).to(D.dtype)
     if K:
-        G = G_part.sum((0, 1))[: K * KS * KS].view(K, KS, KS, Dm).permute(0, 3, 1, 2)  # (K, D, k, k)
+        G = G_part.sum((0, 1)).view(K, KS, KS, Dm).permute(0, 3, 1, 2)  # (K, D, k, k)
         dweight = (alpha.float()[:, None, None, None] * G).to(weight.dtype)
         dalpha = (weight.float() * G).sum((1, 2, 3)).to(alpha.dtype)
     else:

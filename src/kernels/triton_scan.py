@@ -3,8 +3,9 @@
 Every kernel here works on a (BLOCK_D channels × BLOCK_L steps) tile of one batch element and walks the
 whole sequence, carrying the last state of each tile into the next (`tl.associative_scan` inside a tile),
 all in fp32 whatever the input dtype. Scan directions are index arithmetic on the step t -> raster
-position (`_raster`), never permuted copies. The backward walks the steps in reverse by loading a
-reversed index range (no `reverse=True` scan) and uses the forward states of that direction.
+position (`_raster`), never permuted copies. The backward walks the tiles from the last and scans each
+ascending-loaded tile with `reverse=True` (descending index ranges defeat coalescing and vector loads; the
+tests check the reverse scan against the reference), using the forward states of that direction.
 
 Activations (x, dt, B) are read through their strides (any layout, no copies); states, state gradients
 and everything the wrappers allocate are contiguous (B, D, L).
@@ -64,6 +65,12 @@ def _first_order(a1, b1, a2, b2):
 def _last_column(v, BLOCK_L: tl.constexpr):
     cols = tl.arange(0, BLOCK_L)
     return tl.sum(tl.where(cols[None, :] == BLOCK_L - 1, v, 0.0), axis=1)
+
+
+@triton.jit
+def _first_column(v, BLOCK_L: tl.constexpr):
+    cols = tl.arange(0, BLOCK_L)
+    return tl.sum(tl.where(cols[None, :] == 0, v, 0.0), axis=1)
 
 
 @triton.jit
@@ -136,9 +143,10 @@ def _scan_bwd_kernel(
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dA = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, L, BLOCK_L):
-        t = L - 1 - start - tl.arange(0, BLOCK_L)  # descending steps: a reversed index range
-        mask_l = t >= 0
+    n_tiles = tl.cdiv(L, BLOCK_L)
+    for i in range(0, n_tiles):
+        t = (n_tiles - 1 - i) * BLOCK_L + tl.arange(0, BLOCK_L)  # tiles from the last, ascending inside
+        mask_l = t < L
         m = mask_d[:, None] & mask_l[None, :]
         pos = _raster(t, L, H, W, REVERSED, COLUMN)
         # decay of the following step t+1, which carries g_{t+1} back to step t
@@ -147,9 +155,10 @@ def _scan_bwd_kernel(
         dt_next = tl.load(dt_base + pos_next[None, :] * sdt_l, mask=m_next, other=0.0).to(tl.float32)
         decay_next = tl.where(m_next, tl.exp(_softplus(dt_next + bias[:, None]) * A[:, None]), 0.0)
         dh = tl.load(dh_ptr + row + pos[None, :], mask=m, other=0.0)
-        g_a, g_b = tl.associative_scan((decay_next, dh), axis=1, combine_fn=_first_order)
+        # suffix scan (flip, scan with the same combine, flip back): g_t = dh_t + decay_{t+1}·g_{t+1}
+        g_a, g_b = tl.associative_scan((decay_next, dh), axis=1, combine_fn=_first_order, reverse=True)
         g = g_b + g_a * carry[:, None]
-        carry = _last_column(g, BLOCK_L)
+        carry = _first_column(g, BLOCK_L)
 
         m_prev = m & (t[None, :] >= 1)
         pos_prev = _raster(t - 1, L, H, W, REVERSED, COLUMN)

@@ -1,0 +1,134 @@
+"""Benchmark of the structure-aware SSM op: reference (torch), `triton` (Triton scan + torch fusion) and
+`fused` (one Triton op), forward and forward+backward, fp32 and bf16, at the stage shapes of Spatial-Mamba-T
+at 224² (B=128) and a dense-task shape, against the op's memory-traffic floor.
+
+Floor: each input read once and each output written once, at the device copy bandwidth measured in the
+same run (bytes read + written by a large device-to-device copy / time):
+    forward           x, dt read; y written               3·B·D·L elements (+ B, C: 2·B·L)
+    forward+backward  forward + dy, x, dt read; dx, ddt written (+ B, C and dB, dC)   8·B·D·L (+ 6·B·L)
+Activations in the benchmark dtype, parameters fp32 (as the model under autocast). Times: median of
+`triton.testing.do_bench`.
+
+    PYTHONPATH=. python benchmarks/ops.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from src.kernels.fused import structure_aware_ssm_fused
+from src.kernels.reference import structure_aware_ssm_ref
+from src.kernels.triton_scan import structure_aware_ssm_triton
+
+SHAPES = [  # (B, D, H, W)
+    (128, 128, 56, 56),
+    (128, 256, 28, 28),
+    (128, 512, 14, 14),
+    (128, 1024, 7, 7),
+    (2, 128, 200, 336),
+]
+DILATIONS = [1, 3, 5]
+BACKENDS = {"torch": structure_aware_ssm_ref, "triton": structure_aware_ssm_triton, "fused": structure_aware_ssm_fused}
+NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "weight", "alpha")
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * 2**30 / (ms * 1e-3)
+
+
+def make_inputs(Bsz, D, H, W, dtype, requires_grad):
+    L = H * W
+    dt0 = torch.exp(torch.rand(D) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+    t = dict(
+        x=torch.randn(Bsz, D, L, device="cuda", dtype=dtype),
+        dt=torch.randn(Bsz, D, L, device="cuda", dtype=dtype),
+        A=-torch.ones(D, 1, device="cuda"),
+        B=torch.randn(Bsz, 1, L, device="cuda", dtype=dtype),
+        C=torch.randn(Bsz, 1, L, device="cuda", dtype=dtype),
+        D=torch.ones(D, device="cuda"),
+        dt_bias=(dt0 + torch.log(-torch.expm1(-dt0))).cuda(),
+        weight=torch.ones(len(DILATIONS), D, 3, 3, device="cuda"),
+        alpha=torch.ones(len(DILATIONS), device="cuda"),
+    )
+    return {n: t[n].requires_grad_(requires_grad) for n in NAMES}
+
+
+def floor_bytes(Bsz, D, H, W, dtype, backward: bool) -> int:
+    e = torch.finfo(dtype).bits // 8
+    per_elem, per_token = (8, 6) if backward else (3, 2)
+    return (per_elem * Bsz * D * H * W + per_token * Bsz * H * W) * e
+
+
+def bench(fn, t, H, W, backward: bool) -> float:
+    args = [t[n] for n in NAMES]
+    if not backward:
+        with torch.no_grad():
+            return do_bench(lambda: fn(*args, DILATIONS, H, W, "row"), warmup=25, rep=200, return_mode="median")
+    y = fn(*args, DILATIONS, H, W, "row")
+    dy = torch.randn_like(y)
+
+    def step():
+        fn(*args, DILATIONS, H, W, "row").backward(dy)
+
+    return do_bench(step, warmup=25, rep=200, grad_to_none=args, return_mode="median")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="stage-1 shape only")
+    parser.add_argument("--skip-torch", action="store_true", help="skip the (slow, memory-hungry) reference")
+    parser.add_argument("--json", default=None, help="write all rows to this file")
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s")
+    rows = []
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    for Bsz, D, H, W in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, fn in BACKENDS.items():
+                if name == "torch" and args.skip_torch:
+                    continue
+                row = dict(shape=f"B={Bsz} D={D} {H}x{W}", dtype=str(dtype).split(".")[-1], backend=name)
+                for backward in (False, True):
+                    key = "fwd_bwd" if backward else "fwd"
+                    floor_ms = floor_bytes(Bsz, D, H, W, dtype, backward) / bw * 1e3
+                    row[f"{key}_floor_ms"] = floor_ms
+                    try:
+                        t = make_inputs(Bsz, D, H, W, dtype, requires_grad=backward)
+                        ms = bench(fn, t, H, W, backward)
+                        row[f"{key}_ms"], row[f"{key}_of_floor"] = ms, floor_ms / ms
+                    except torch.OutOfMemoryError:
+                        row[f"{key}_ms"], row[f"{key}_of_floor"] = float("nan"), float("nan")
+                    finally:
+                        t = None
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           copy_bandwidth_TBps=bw / 1e12, rows=rows), f, indent=1)
+    print()
+    print(f"| shape | dtype | backend | fwd ms | fwd floor ms | fwd % of floor | fwd+bwd ms | fwd+bwd floor ms "
+          f"| fwd+bwd % of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['dtype']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_floor_ms']:.3f} | "
+              f"{100 * r['fwd_of_floor']:.0f}% | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_floor_ms']:.3f} | "
+              f"{100 * r['fwd_bwd_of_floor']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
