@@ -22,6 +22,19 @@ ROOT = Path(main.__file__).parent
 T_CONFIG = ROOT / "configs" / "imagenet" / "spatial_mamba_t.yaml"
 
 
+# One intra-op thread: these tiny models gain nothing from two, and on a loaded 2-core machine OpenMP threads
+# waiting for each other make each op ~50x slower. Subprocesses get the same through OMP_NUM_THREADS.
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_digits_folder(root: Path, classes: int = 4, train_per_class: int = 12, val_per_class: int = 6,
                        size: int = 32) -> Path:
     """root/train/<digit>/*.JPEG and root/val/<digit>/*.JPEG from the digits scans (upscaled, RGB)."""

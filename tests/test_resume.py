@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import main
-from tests.test_imagenet import ROOT, make_digits_folder, tiny_recipe_config
+from tests.test_imagenet import ROOT, SUBPROCESS_ENV, make_digits_folder, one_thread, tiny_recipe_config  # noqa: F401
 
 
 class LossRecorder(Callback):
@@ -67,7 +67,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, kill_at=9)
     out = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config)], cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     last = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 8 and last["epoch"] == 1

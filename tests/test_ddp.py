@@ -1,0 +1,56 @@
+"""DDP on the CPU: 2 processes (gloo) train the full recipe for a few steps through `main.py fit`; afterwards both
+ranks hold identical weights (parameters, BatchNorm statistics, EMA), and the validation metrics synced over the
+2 ranks equal those of one process validating the same weights on the whole (odd-sized) validation set."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import main
+from tests.test_imagenet import ROOT, SUBPROCESS_ENV, make_digits_folder, one_thread, tiny_recipe_config  # noqa: F401
+
+
+class DumpEachRank(Callback):
+    """At the end of fit: every rank saves its state dict and the synced validation metrics; then one checkpoint."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        torch.save({"state_dict": pl_module.state_dict(), "metrics": metrics, "world_size": trainer.world_size,
+                    "steps": trainer.global_step}, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+        trainer.save_checkpoint(os.path.join(self.folder, "final.ckpt"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
+    data = make_digits_folder(tmp_path / "data", classes=3, train_per_class=12, val_per_class=7)  # 36 train, 21 val
+    callbacks = [{"class_path": "tests.test_ddp.DumpEachRank", "init_args": {"folder": str(tmp_path)}}]
+    config = tiny_recipe_config(tmp_path, data, classes=3, epochs=1, extra_callbacks=callbacks, name="ddp")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config),
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "global batch 16 = 8 per device × 2 devices" in out.stderr + out.stdout
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["steps"] == 2  # 36 images / (8 × 2), drop_last
+    assert r0["state_dict"].keys() == r1["state_dict"].keys()
+    for k, v in r0["state_dict"].items():
+        assert torch.equal(v, r1["state_dict"][k]), k
+    assert r0["metrics"] == r1["metrics"]
+
+    # one process, the same weights, the whole validation set
+    monkeypatch.chdir(tmp_path)
+    single = main.cli(["validate", "--config", str(config), "--ckpt_path", str(tmp_path / "final.ckpt")])
+    metrics = single.trainer.callback_metrics
+    for key in ("val/acc1", "val/acc5", "val_ema/acc1"):
+        assert float(metrics[key]) == r0["metrics"][key], key
+    for key in ("val/loss", "val_ema/loss"):
+        assert float(metrics[key]) == pytest.approx(r0["metrics"][key], rel=1e-5), key
