@@ -117,13 +117,13 @@ def selective_scan_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .triton_scan import scan_backward
 
-    return scan_backward(x, dt, A.contiguous(), B, dt_bias.contiguous(), h, dh.float(), H, W, SCANS[scan])
+    grads = scan_backward(x, dt, A.contiguous(), B, dt_bias.contiguous(), h, dh.float(), H, W, SCANS[scan])
+    return tuple(g.contiguous() for g in grads)
 
 
 @selective_scan_backward.register_fake
 def _(x, dt, A, B, dt_bias, h, dh, H, W, scan):
-    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(dt_bias))
+    return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, dt_bias))  # the kernels return contiguous tensors
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -158,7 +158,7 @@ def structure_aware_ssm_fused_op(
 
 @structure_aware_ssm_fused_op.register_fake
 def _(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
-    return torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as the kernels'
 
 
 @torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused_backward", mutates_args=())
@@ -168,13 +168,14 @@ def structure_aware_ssm_fused_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .fused import fused_backward
 
-    return fused_backward(dy, x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(),
-                          weight.contiguous(), alpha.contiguous(), h, dilations, H, W, SCANS[scan])
+    grads = fused_backward(dy, x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(),
+                           weight.contiguous(), alpha.contiguous(), h, dilations, H, W, SCANS[scan])
+    return tuple(g.contiguous() for g in grads)
 
 
 @structure_aware_ssm_fused_backward.register_fake
 def _(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, scan):
-    return tuple(torch.empty_like(t) for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))
+    return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))
 
 
 def _fused_setup_context(ctx, inputs, output):
