@@ -63,16 +63,16 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, monkeypatch):
     ref = main.cli(["fit", "--config", str(recipe(tmp_path, data, "a", tmp_path / "a.txt", workers=0))])
     assert ref.trainer.global_step == 12
 
-    # the same run with 2 loader workers, killed after step 9 (epoch 1, batch 3); last.ckpt is from step 8
+    # the same run with 2 loader workers, killed after step 9 (epoch 1, batch 3); last-step.ckpt is from step 8
     (tmp_path / "b").mkdir()
     config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, kill_at=9)
     out = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config)], cwd=tmp_path,
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    last = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "b" / "ckpt" / "last-step.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 8 and last["epoch"] == 1
 
-    # resumed from last.ckpt: the same config without the kill
+    # resumed with `--ckpt_path last` (the newest of last.ckpt, last-step.ckpt): the same config without the kill
     config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2)
     resumed = main.cli(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 12
