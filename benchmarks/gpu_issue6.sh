@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU machine (16 cores, 1 GPU, no internet; repo installed with `pip install --no-deps -e .`):
 #   1. writes an ImageNet-like JPEG class-folder set from scikit-learn's sample photographs (100 classes,
-#      13,000 train + 2,000 val images),
+#      10,000 train + 2,000 val images),
 #   2. measures decode + augmentation throughput per input-pipeline option (benchmarks/data.py),
 #   3. trains the Spatial-Mamba-T ImageNet recipe (configs/imagenet/spatial_mamba_t.yaml: RandAugment, erasing,
 #      mixup/cutmix, EMA, MESA, bf16, clipping, DDP strategy) for 2 epochs on 1 GPU (128 images per step,
@@ -24,7 +24,7 @@ cd "$REPO"
 
 echo "== 1. JPEG folder"
 if [ ! -d "$DATA/train" ]; then
-  timeout 120 python benchmarks/data.py make --root "$DATA" --classes 100 --train-per-class 130 --val-per-class 20 2>&1 | tee "$OUT/make.log"
+  timeout 120 python benchmarks/data.py make --root "$DATA" --classes 100 --train-per-class 100 --val-per-class 20 2>&1 | tee "$OUT/make.log"
 fi
 
 echo "== 2. input pipeline (decode + augmentation)"
