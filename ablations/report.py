@@ -160,24 +160,25 @@ def erf_section(axis_dir: Path, runs: dict[str, dict[str, Path]], n_images: int,
             erf.save_erf_png(m, out_dir / f"{variant}_stage{s}.png", f"{axis_dir.name} {variant}, stage {s}")
             grid[f"stage {s}"][variant] = m
             st = erf.erf_stats(m)
-            cells += [f"{st['area90']:.3f}", f"{st['up_down']:.2f}"]
+            cells += [f"{st['area90']:.3f}", f"{st['support']:.2f}", f"{st['up_down']:.2f}"]
         rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
     erf.save_erf_grid(grid, axis_dir / "erf.png")
-    head = " | ".join(f"stage {s} area90 | stage {s} up/down" for s in ERF_STAGES)
+    head = " | ".join(f"stage {s} area90 | stage {s} support | stage {s} up/down" for s in ERF_STAGES)
     return [
         "## Effective receptive fields",
         "",
         f"|∂(centre of the stage map, summed over channels)/∂ image|, mean over {len(images)} digits validation "
         f"images at {image_size}×{image_size}, trained weights of each variant's first seed; log scale, "
-        "normalised to its maximum. area90: share of pixels holding 90 % of the gradient mass; up/down: "
-        "mass above / below the centre row.",
+        f"normalised to its maximum, floor {erf.LOG_FLOOR:g}. area90: share of pixels holding 90 % of the "
+        f"gradient mass (local paths dominate it); support: share of pixels above the floor (includes the weak "
+        "long-range paths through the scan); up/down: mass above / below the centre row.",
         "",
         "![ERF](erf.png)",
         "",
         f"| variant | run | {head} |",
-        "|---|---|" + "---|" * (2 * len(ERF_STAGES)),
+        "|---|---|" + "---|" * (3 * len(ERF_STAGES)),
         *rows,
         "",
         "One PNG per variant and stage in `erf/`.",
