@@ -199,6 +199,8 @@ def write_report(axis_dir: str | Path, erf: bool | None = None, erf_images: int 
         lines += [f"Command: `{info['command']}`", "",
                   f"Sweep wall time {info['wall_s'] / 60:.1f} min for {info['runs']} runs on {info['device']} "
                   f"({info['jobs']} at a time), {info['date']}."
+                  + (f" {info['skipped_finished']} more runs had finished in an earlier invocation (kept, "
+                     "not timed here)." if info.get("skipped_finished") else "")
                   + (f" Failed: {', '.join(info['failed'])}." if info.get("failed") else ""), ""]
     lines += [
         "Mean ± std over seeds (sample std). best: highest val/acc1 of any epoch; final: after the last epoch. "
