@@ -14,10 +14,10 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from src.kernels import resolve_backend
 from src.models.flops import count_macs, count_params
+from src.tb import log_hparams
 
 # metric columns of the HParams tab; TensorBoard shows the last value of each tag in the run
 SUMMARY_METRICS = (
@@ -128,16 +128,7 @@ class ExperimentMetrics(Callback):
         # short runs (tests, smoke runs) still time at least one step
         self._warmup = min(self.warmup_steps, max(0, int(trainer.estimated_stepping_batches) - 1))
         hp = self.hparams(trainer, pl_module)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                from torch.utils.tensorboard.summary import hparams
-
-                # written directly (not logger.log_hyperparams) so no placeholder metric values are logged
-                writer = logger.experiment._get_file_writer()
-                for record in hparams(hp, {name: 0.0 for name in SUMMARY_METRICS}):
-                    writer.add_summary(record)
-            else:
-                logger.log_hyperparams(hp)
+        log_hparams(trainer.loggers, hp, SUMMARY_METRICS)
 
     # -- training throughput: time of each training step (forward, backward, optimiser step)
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:

@@ -78,6 +78,8 @@ def test_sweep_then_report(tmp_path):
     hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hp["variant"].string_value == "1-3-5" and hp["dilations"].string_value == "[1, 3, 5]"
     assert hp["seed"].number_value == 0 and hp["params"].number_value > 0 and hp["macs"].number_value > 0
+    # declaring the HParams metric columns wrote no placeholder point into the curves: one epoch, one val/acc1
+    assert len(acc.Scalars("val/acc1")) == 1
 
     assert report.main([str(axis_dir), "--erf-images", "2", "--erf-image-size", "64"]) == 0
     text = (axis_dir / "report.md").read_text()

@@ -34,6 +34,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.data.imagefolder import PredictionCSVWriter
+from src.tb import log_hparams
 
 
 class ImageClassifier(L.LightningModule):
@@ -250,8 +251,8 @@ class ImageClassifier(L.LightningModule):
     # ---- fit start, optimiser, schedule ----
     def on_fit_start(self) -> None:
         params = sum(p.numel() for p in self.backbone.parameters())
-        if self.logger is not None:
-            self.logger.log_hyperparams({"params": params}, {"val/acc1": 0.0, "val/loss": 0.0})
+        # metric columns declared without placeholder scalars; ExperimentMetrics' fuller record wins if attached
+        log_hparams(self.loggers, {"params": params}, ("val/acc1", "val/loss"))
         rank_zero_info(f"{type(self.backbone).__name__}: {params:,} parameters")
         rank = self.trainer.global_rank
         if rank > 0:  # each rank its own drop-path masks and mixup draws (resume restores each rank's stream)
