@@ -39,8 +39,8 @@ def test_checkpoint_save_load_same_logits(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main.cli(["fit", "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.max_epochs=1",
                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
-    assert ckpt and Path(ckpt).is_file()
+    ckpt = str(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    assert Path(ckpt).is_file()
     model = cli.model.backbone.eval()
     fresh = spatial_mamba_digits(backend="torch").eval()
     load_pretrained(fresh, ckpt)
@@ -50,6 +50,36 @@ def test_checkpoint_save_load_same_logits(tmp_path, monkeypatch):
     # the CLI validates the same checkpoint
     val = main.cli(["validate", "--ckpt_path", ckpt, "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1"])
     assert "val/acc1" in val.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("config", ["default.yaml", "ablation_dilation.yaml", "spatial_mamba_t.yaml",
+                                    "imagenet/spatial_mamba_t.yaml"])
+def test_last_checkpoint_holds_the_final_epoch(tmp_path, monkeypatch, config):
+    """last.ckpt is rewritten at every epoch end, also after epochs that do not improve val/acc1 (Lightning >= 2.6
+    refreshes `save_last` only together with a top-k file, so the configs give last.ckpt its own callback).
+    lr 1e-12: the weights stay put and no epoch after the first improves val/acc1."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--trainer.max_epochs=3", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--model.init_args.lr=1e-12", "--model.init_args.warmup_lr=0", "--model.init_args.min_lr=0"]
+    if config != "default.yaml":  # the published configs on the digits data, narrow and on the CPU
+        args = ["fit", "--config", str(ROOT / "configs" / config), *args[1:], "--data=src.data.DigitsDataModule",
+                "--data.init_args.batch_size=8", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                "--trainer.strategy=auto", "--trainer.precision=32-true", "--model.init_args.num_classes=10",
+                "--model.init_args.backbone.init_args.num_classes=10",
+                "--model.init_args.backbone.init_args.dims=[8, 16, 32, 64]",
+                "--model.init_args.backbone.init_args.depths=[1, 1, 1, 1]",
+                "--model.init_args.backbone.init_args.backend=torch"]
+        if config.startswith("imagenet/"):
+            args += ["--model.init_args.lr_base_batch=null", "--model.init_args.compile=false",
+                     "--model.init_args.mixup=0", "--model.init_args.cutmix=0", "--model.init_args.mesa=0"]
+    cli = main.cli(args)
+    trainer = cli.trainer
+    assert trainer.global_step == 6
+    best = trainer.checkpoint_callback
+    assert best.monitor == "val/acc1" and "epoch00" in Path(best.best_model_path).name  # epochs 1, 2 did not improve
+    last = torch.load(Path(best.dirpath) / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 6
 
 
 def test_print_config_shows_every_model_knob(tmp_path):
@@ -76,6 +106,8 @@ def test_flops_command_on_published_config(tmp_path):
         (["--model.init_args.backbone.init_args.pretrained", "missing.pth"], "error: pretrained checkpoint not found"),
         (["--data.init_args.image_size", "48"], "error: data.image_size must be a multiple of 32"),
         (["--model.init_args.num_classes", "7"], "error: model.init_args.num_classes=7 but the backbone's head has 10"),
+        (["--model.init_args.lr", "0"], "error: model.init_args.lr must be > 0"),
+        (["--model.init_args.min_lr", "0.1"], "error: model.init_args.min_lr must be in [0, lr=0.003]"),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path, args, message):

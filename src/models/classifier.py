@@ -113,6 +113,11 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"model.init_args.ema_decay must be in (0, 1) or null, got {ema_decay}")
         if dist_bn not in ("reduce", "broadcast", ""):
             raise ValueError(f"model.init_args.dist_bn must be 'reduce', 'broadcast' or '', got {dist_bn!r}")
+        if not lr > 0:
+            raise ValueError(f"model.init_args.lr must be > 0 (the peak learning rate), got {lr}")
+        for name, value in (("warmup_lr", warmup_lr), ("min_lr", min_lr)):
+            if not 0 <= value <= lr:
+                raise ValueError(f"model.init_args.{name} must be in [0, lr={lr}], got {value}")
         if lr_base_batch is not None and lr_base_batch < 1:
             raise ValueError(f"model.init_args.lr_base_batch must be a positive number of images, got {lr_base_batch}")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
