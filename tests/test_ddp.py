@@ -54,3 +54,38 @@ def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
         assert float(metrics[key]) == r0["metrics"][key], key
     for key in ("val/loss", "val_ema/loss"):
         assert float(metrics[key]) == pytest.approx(r0["metrics"][key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_ddp_scaling_script_checks_on_cpu(tmp_path):
+    """benchmarks/ddp_scaling.py (issue 8) with gloo: 1 and 2 processes of the tiny recipe, then its checks."""
+    import json
+
+    data = make_digits_folder(tmp_path / "data", classes=3, train_per_class=12, val_per_class=7)  # 36 train, 21 val
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ddp_scaling.py"), "--root", str(data), "--devices", "1,2",
+         "--accelerator", "cpu", "--tiny", "--steps", "2", "--epochs", "2", "--warmup", "1", "--loss-rtol", "1e-5",
+         "--out", str(tmp_path / "scaling"), "--", "--model.init_args.ema_decay", "0.5"],
+        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "scaling" / "summary.json").read_text())
+    runs = {r["devices"]: r for r in summary["runs"]}
+    assert set(runs) == {1, 2}
+    for n, r in runs.items():
+        assert r["global_batch"] == 8 * n and r["steps_per_rank"] == 4 and r["timed_steps"] == 2, r
+        assert r["img_per_s"] > 0 and r["weights_identical"] and r["checkpoints_once"], r
+        assert r["val_agree"], r["val_detail"]
+        assert "last.ckpt" in r["checkpoints"]
+    assert runs[1]["efficiency"] == 1.0
+    assert "| 2 | 16 |" in out.stdout  # the Markdown table
+
+
+def test_ddp_scaling_script_rejects_bad_input(tmp_path):
+    script = str(ROOT / "benchmarks" / "ddp_scaling.py")
+    out = subprocess.run([sys.executable, script, "--root", str(tmp_path / "nowhere"), "--accelerator", "cpu"],
+                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "nowhere/train does not exist" in out.stderr, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, script, "--root", str(tmp_path), "--devices", "1,two", "--accelerator", "cpu"],
+                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--devices must be comma-separated positive integers" in out.stderr, out.stderr

@@ -1,0 +1,284 @@
+"""DDP scaling of a training recipe on one host (issue 8): the same `main.py fit` on 1, 2, 4, ... devices with
+`trainer.strategy=ddp`, reporting training img/s per device and the scaling efficiency
+(N-device img/s ÷ (N × 1-device img/s)), and after every run three checks:
+
+  * weights identical on every rank (SHA-256 of each rank's full state dict, EMA and BatchNorm buffers included);
+  * the checkpoint files written once (rank 0): the same file names as the 1-device run, no `-v1` duplicates;
+  * the validation metrics the run logged equal a 1-device `main.py validate` of its `last.ckpt`.
+
+    # GPU host: a JPEG class-folder set (benchmarks/data.py make), then the T recipe on 1, 2 and 4 GPUs
+    python benchmarks/data.py make --root /tmp/imagefolder --classes 100 --train-per-class 160 --val-per-class 20
+    python benchmarks/ddp_scaling.py --root /tmp/imagefolder --devices 1,2,4
+    # CPU, gloo: the same machinery on a tiny model (what tests/test_ddp.py runs)
+    python benchmarks/ddp_scaling.py --root /tmp/digits_folder --devices 1,2 --accelerator cpu --tiny --steps 3 --epochs 1 --warmup 1
+
+Every run trains `--epochs` epochs of `--steps` optimizer steps per rank (`trainer.limit_train_batches`), so
+each rank does the same work whatever N; give the folder at least steps × max(N) × batch training images.
+Throughput counts the steps after the first `--warmup` ones and leaves out the first step of every epoch
+(validation and loader start-up sit before it). Extra `main.py` options go after `--`. Output: a Markdown
+table with date, device and commit (paste into benchmarks/RESULTS.md) and `<out>/summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "imagenet" / "spatial_mamba_t.yaml"
+CKPT_SUBDIR = "ckpt"  # checkpoints of every run go to <run>/ckpt (the recipe's ModelCheckpoint dirpaths are redirected)
+# `--tiny`: the recipe with a Spatial-Mamba of widths 8..64, one block per stage, 32², fp32, torch backend
+TINY = ["--model.init_args.backbone.init_args.dims", "[8, 16, 32, 64]",
+        "--model.init_args.backbone.init_args.depths", "[1, 1, 1, 1]",
+        "--model.init_args.backbone.init_args.backend", "torch", "--model.init_args.compile", "false",
+        "--data.init_args.batch_size", "8", "--data.init_args.val_batch_size", "16", "--data.init_args.image_size", "32",
+        "--data.init_args.num_workers", "0", "--data.init_args.persistent_workers", "false",
+        "--data.init_args.pin_memory", "false", "--trainer.precision", "32-true"]
+VAL_KEYS = ("val/acc1", "val/acc5", "val/loss", "val_ema/acc1", "val_ema/acc5", "val_ema/loss")
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of every tensor of the state dict."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        if not torch.is_tensor(value):
+            continue
+        value = value.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+class ScalingProbe(Callback):
+    """Times the training steps on global rank 0 and, at the end of `fit` / `validate`, writes `out` (JSON):
+    world size, images per step, timed steps, img/s, peak GPU memory, every rank's state-dict digest and the
+    synced validation metrics."""
+
+    def __init__(self, out: str, warmup_steps: int = 10):
+        self.out, self.warmup_steps = out, warmup_steps
+        self.images, self.seconds, self.timed, self.steps, self.global_batch = 0, 0.0, 0, 0, 0
+        self.last_end, self.epoch_steps = None, 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.last_end, self.epoch_steps = None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = time.perf_counter()
+        self.steps += 1
+        self.epoch_steps += 1
+        self.global_batch = len(batch[0]) * trainer.world_size
+        if self.last_end is not None and self.steps > self.warmup_steps:
+            self.images += self.global_batch
+            self.seconds += now - self.last_end
+            self.timed += 1
+        self.last_end = now
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        digest = state_digest(pl_module)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            digests = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(digests, digest)
+        else:
+            digests = [digest]
+        if not trainer.is_global_zero:
+            return
+        on_gpu = pl_module.device.type == "cuda"
+        record = {
+            "stage": stage, "world_size": trainer.world_size, "global_step": trainer.global_step,
+            "steps_per_rank": self.steps, "global_batch": self.global_batch, "timed_steps": self.timed,
+            "img_per_s": self.images / self.seconds if self.seconds else None,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if on_gpu else None,
+            "rank_digests": digests,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))},
+        }
+        Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.out).write_text(json.dumps(record, indent=1))
+
+    def on_fit_end(self, trainer, pl_module):
+        self._write(trainer, pl_module, "fit")
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "validate":
+            self._write(trainer, pl_module, "validate")
+
+
+def derived_config(config: Path, run_dir: Path, stage: str, warmup: int) -> Path:
+    """The recipe with every ModelCheckpoint writing to <run>/ckpt, logs under <run>/logs (none for validate)
+    and a ScalingProbe that writes <run>/<stage>.json."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    trainer = cfg.setdefault("trainer", {})
+    callbacks = [cb for cb in trainer.get("callbacks") or [] if "ScalingProbe" not in str(cb.get("class_path", ""))]
+    for cb in callbacks:
+        if "dirpath" in (cb.get("init_args") or {}):
+            cb["init_args"]["dirpath"] = str(run_dir / CKPT_SUBDIR)
+    callbacks.append({"class_path": "benchmarks.ddp_scaling.ScalingProbe",
+                      "init_args": {"out": str(run_dir / f"{stage}.json"), "warmup_steps": warmup}})
+    trainer["callbacks"] = callbacks
+    if stage == "validate":
+        trainer["logger"] = False
+    elif isinstance(trainer.get("logger"), dict):
+        trainer["logger"].setdefault("init_args", {})["save_dir"] = str(run_dir / "logs")
+    path = run_dir / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def count_classes(root: Path) -> int:
+    train = root / "train"
+    if not train.is_dir():
+        raise SystemExit(f"error: {train} does not exist; --root must hold train/<class>/ and val/<class>/ folders "
+                         f"(make one with `python benchmarks/data.py make --root {root}`)")
+    classes = [d for d in train.iterdir() if d.is_dir()]
+    if not classes:
+        raise SystemExit(f"error: {train} has no class folders")
+    return len(classes)
+
+
+def run(cmd: list[str], log: Path, env: dict) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=log.parent).returncode
+    if code != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise SystemExit(f"error: `{' '.join(cmd[1:4])} ...` failed with exit code {code}; log {log}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def metrics_agree(logged: dict, single: dict, loss_rtol: float) -> tuple[bool, str]:
+    """Accuracies exactly equal, losses within loss_rtol (bf16 kernels may round per batch shape)."""
+    worst = []
+    for key in VAL_KEYS:
+        if key not in logged or key not in single:
+            continue
+        a, b = logged[key], single[key]
+        ok = a == b if "acc" in key else abs(a - b) <= loss_rtol * max(abs(b), 1e-12)
+        if not ok:
+            worst.append(f"{key} {a:.6g} vs {b:.6g}")
+    return not worst, "; ".join(worst) or "equal"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, required=True, help="image folder with train/<class>/ and val/<class>/")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training recipe (default: the T recipe)")
+    p.add_argument("--devices", default="1,2,4", help="comma-separated device counts; the first is the baseline")
+    p.add_argument("--accelerator", default="gpu", help="gpu, or cpu for a gloo smoke test")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per rank per epoch")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the throughput")
+    p.add_argument("--tiny", action="store_true", help="tiny model, 32², fp32, torch backend (CPU smoke test)")
+    p.add_argument("--loss-rtol", type=float, default=1e-3, help="tolerance of val losses, DDP vs 1 device")
+    p.add_argument("--out", type=Path, default=Path("ddp_scaling"), help="runs and summary.json go here")
+    args = p.parse_args(argv)
+    try:
+        devices = [int(d) for d in args.devices.split(",")]
+        assert devices and all(d >= 1 for d in devices)
+    except (ValueError, AssertionError):
+        p.error(f"--devices must be comma-separated positive integers, got {args.devices!r}")
+    if not args.config.is_file():
+        p.error(f"--config {args.config} does not exist")
+    if args.accelerator == "gpu" and torch.cuda.device_count() < max(devices):
+        p.error(f"--devices asks for {max(devices)} GPUs, this machine has {torch.cuda.device_count()}")
+    root = args.root.resolve()
+    classes = count_classes(root)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if args.accelerator == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    common = ["--data.init_args.root", str(root),
+              "--model.init_args.num_classes", str(classes),
+              "--model.init_args.backbone.init_args.num_classes", str(classes),
+              *(TINY if args.tiny else [])]
+
+    rows, baseline, reference_files = [], None, None
+    for n in devices:
+        run_dir = out / f"{n}dev"
+        run_dir.mkdir(exist_ok=True)
+        for stale in run_dir.glob("*.json"):
+            stale.unlink()
+        fit = [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(derived_config(args.config, run_dir, "fit",
+               args.warmup)), *common,
+               "--trainer.accelerator", args.accelerator, "--trainer.devices", str(n), "--trainer.strategy", "ddp",
+               "--trainer.num_nodes", "1", "--trainer.max_epochs", str(args.epochs),
+               "--trainer.limit_train_batches", str(args.steps), "--trainer.enable_progress_bar", "false",
+               *extra]
+        print(f"== {n} device(s): fit", flush=True)
+        wall = run(fit, run_dir / "fit.log", env)
+        trained = json.loads((run_dir / "fit.json").read_text())
+        files = sorted(f.name for f in (run_dir / CKPT_SUBDIR).glob("*.ckpt"))
+        last = run_dir / CKPT_SUBDIR / "last.ckpt"
+        if not last.is_file():
+            raise SystemExit(f"error: the {n}-device run wrote no {last} (checkpoints: {files})")
+        validate = [sys.executable, str(ROOT / "main.py"), "validate", "--config",
+                    str(derived_config(args.config, run_dir, "validate", args.warmup)), *common,
+                    "--trainer.accelerator", args.accelerator, "--trainer.devices", "1", "--trainer.strategy", "auto",
+                    "--trainer.enable_progress_bar", "false", "--ckpt_path", str(last), *extra]
+        print(f"== {n} device(s): validate last.ckpt on 1 device", flush=True)
+        run(validate, run_dir / "validate.log", env)
+        single = json.loads((run_dir / "validate.json").read_text())
+
+        reference_files = files if reference_files is None else reference_files
+        identical = len(set(trained["rank_digests"])) == 1 and len(trained["rank_digests"]) == n
+        once = files == reference_files and not any("-v" in f for f in files)
+        agree, detail = metrics_agree(trained["metrics"], single["metrics"], args.loss_rtol)
+        ips = trained["img_per_s"]
+        if ips is None:
+            raise SystemExit(f"error: no timed steps in the {n}-device run (--steps × --epochs must exceed --warmup "
+                             f"+ --epochs; the loader gave {trained['steps_per_rank']} steps per rank)")
+        baseline = baseline or (devices[0], ips)
+        efficiency = ips / (n / baseline[0] * baseline[1])
+        rows.append({"devices": n, "global_batch": trained["global_batch"], "steps_per_rank": trained["steps_per_rank"],
+                     "timed_steps": trained["timed_steps"], "img_per_s": ips, "img_per_s_per_device": ips / n,
+                     "efficiency": efficiency, "peak_gpu_gib": trained["peak_gpu_gib"], "wall_s": wall,
+                     "weights_identical": identical, "checkpoints": files, "checkpoints_once": once,
+                     "val_logged": trained["metrics"], "val_single_device": single["metrics"],
+                     "val_agree": agree, "val_detail": detail})
+        print(f"   {ips:.0f} img/s ({ips / n:.0f} per device, efficiency {efficiency:.1%}), weights identical "
+              f"{identical}, checkpoints {files}, val {detail}", flush=True)
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU ({os.cpu_count()} cores, gloo)"
+    summary = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
+               "torch": torch.__version__, "commit": commit, "config": str(args.config), "root": str(root),
+               "classes": classes, "tiny": args.tiny, "epochs": args.epochs, "steps": args.steps,
+               "warmup": args.warmup, "extra": extra, "runs": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{summary['date']} · {device} · torch {torch.__version__} · commit {commit} · {args.config.name}"
+          f"{' (tiny)' if args.tiny else ''}, {classes} classes, {args.epochs} × {args.steps} steps per rank, "
+          f"first {args.warmup} steps untimed\n")
+    print("| devices | global batch | train img/s | img/s per device | scaling efficiency | peak GPU GiB "
+          "| weights identical | checkpoints once | val = 1-device validate |")
+    print("|---:|---:|---:|---:|---:|---:|---|---|---|")
+    for r in rows:
+        mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "–"
+        print(f"| {r['devices']} | {r['global_batch']} | {r['img_per_s']:.0f} | {r['img_per_s_per_device']:.0f} "
+              f"| {r['efficiency']:.1%} | {mem} | {'yes' if r['weights_identical'] else 'NO'} "
+              f"| {'yes' if r['checkpoints_once'] else 'NO'} | {'yes' if r['val_agree'] else 'NO: ' + r['val_detail']} |")
+    print(f"\nsummary: {out / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

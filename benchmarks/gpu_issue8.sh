@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 8 on one multi-GPU host (device kinds nvidia-h100-x4 / nvidia-h200-x4, or -x2 for 1 and 2 GPUs; repo
+# installed with `pip install --no-deps -e .`): DDP scaling of the Spatial-Mamba-T ImageNet recipe
+# (configs/imagenet/spatial_mamba_t.yaml: fused kernels, bf16, full augmentation, EMA, MESA) on the JPEG folder
+# of the data benchmark, 1, 2 and 4 GPUs (as many as the host has), 2 epochs × 30 steps per rank, batch 128
+# per GPU. Prints img/s per GPU, scaling efficiency (target ≥ 90 %) and the post-run checks (identical weights
+# on all ranks, checkpoints written once, logged val metrics = 1-GPU validate of the checkpoint).
+# About 10 minutes. Usage: bash benchmarks/gpu_issue8.sh   (results under $OUT, default /tmp/issue8)
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/issue8}
+DATA=${DATA:-/tmp/issue8_imagefolder}
+RUN=${RUN:-/tmp/issue8_runs}          # checkpoints (~0.5 GB each) stay here, not under $OUT
+# NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$REPO
+mkdir -p "$OUT" "$RUN"
+cd "$REPO"
+
+GPUS=$(nvidia-smi -L | wc -l)
+DEVICES=1; for n in 2 4 8; do [ "$n" -le "$GPUS" ] && DEVICES="$DEVICES,$n"; done
+echo "GPUs: $GPUS; device counts: $DEVICES" | tee "$OUT/env.txt"
+nvidia-smi topo -m 2>&1 | tee -a "$OUT/env.txt"
+
+# 100 classes × 160 training images: 30 steps × 4 GPUs × 128 = 15,360 images per epoch at 4 GPUs
+if [ ! -d "$DATA/train" ]; then
+  timeout 180 python benchmarks/data.py make --root "$DATA" --classes 100 --train-per-class 160 --val-per-class 20 \
+    2>&1 | tee "$OUT/make.log"
+fi
+
+timeout 1500 python benchmarks/ddp_scaling.py --root "$DATA" --devices "$DEVICES" --steps 30 --epochs 2 --warmup 10 \
+  --out "$RUN" 2>&1 | tee "$OUT/scaling.log"
+echo "exit code ${PIPESTATUS[0]}" | tee -a "$OUT/scaling.log"
+cp "$RUN/summary.json" "$OUT/" 2>/dev/null
+for d in "$RUN"/*dev; do mkdir -p "$OUT/$(basename "$d")"; cp "$d"/*.log "$d"/*.json "$OUT/$(basename "$d")/" 2>/dev/null; done
