@@ -67,17 +67,16 @@ class ScalingProbe(Callback):
     def __init__(self, out: str, warmup_steps: int = 10):
         self.out, self.warmup_steps = out, warmup_steps
         self.images, self.seconds, self.timed, self.steps, self.global_batch = 0, 0.0, 0, 0, 0
-        self.last_end, self.epoch_steps = None, 0
+        self.last_end = None
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.last_end, self.epoch_steps = None, 0
+        self.last_end = None  # the first step of an epoch follows validation and loader start-up: not timed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         now = time.perf_counter()
         self.steps += 1
-        self.epoch_steps += 1
         self.global_batch = len(batch[0]) * trainer.world_size
         if self.last_end is not None and self.steps > self.warmup_steps:
             self.images += self.global_batch
@@ -189,8 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     try:
         devices = [int(d) for d in args.devices.split(",")]
-        assert devices and all(d >= 1 for d in devices)
-    except (ValueError, AssertionError):
+    except ValueError:
+        devices = []
+    if not devices or min(devices) < 1:
         p.error(f"--devices must be comma-separated positive integers, got {args.devices!r}")
     if not args.config.is_file():
         p.error(f"--config {args.config} does not exist")
