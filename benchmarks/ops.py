@@ -6,10 +6,11 @@ Floor: each input read once and each output written once, at the device copy ban
 same run (bytes read + written by a large device-to-device copy / time):
     forward           x, dt read; y written               3·B·D·L elements (+ B, C: 2·B·L)
     forward+backward  forward + dy, x, dt read; dx, ddt written (+ B, C and dB, dC)   8·B·D·L (+ 6·B·L)
-Activations in the benchmark dtype, parameters fp32 (as the model under autocast). Times: median of
-`triton.testing.do_bench`.
+Activations in the benchmark dtype, parameters fp32 (as the model under autocast), channels last
+(x, dt (B, L, D), B, C (B, L, 1)) as the model passes them. Times: median of `triton.testing.do_bench`.
+`--profile` adds the `torch.profiler` device time of each kernel in one forward+backward at stage 1 (bf16).
 
-    PYTHONPATH=. python benchmarks/ops.py [--quick] [--json out.json]
+    PYTHONPATH=. python benchmarks/ops.py [--quick] [--skip-torch] [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from src.kernels.fused import structure_aware_ssm_fused
+from src.kernels.ops import structure_aware_ssm_fused, structure_aware_ssm_triton
 from src.kernels.reference import structure_aware_ssm_ref
-from src.kernels.triton_scan import structure_aware_ssm_triton
 
 SHAPES = [  # (B, D, H, W)
     (128, 128, 56, 56),
@@ -51,11 +51,11 @@ def make_inputs(Bsz, D, H, W, dtype, requires_grad):
     L = H * W
     dt0 = torch.exp(torch.rand(D) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
     t = dict(
-        x=torch.randn(Bsz, D, L, device="cuda", dtype=dtype),
-        dt=torch.randn(Bsz, D, L, device="cuda", dtype=dtype),
+        x=torch.randn(Bsz, L, D, device="cuda", dtype=dtype),
+        dt=torch.randn(Bsz, L, D, device="cuda", dtype=dtype),
         A=-torch.ones(D, 1, device="cuda"),
-        B=torch.randn(Bsz, 1, L, device="cuda", dtype=dtype),
-        C=torch.randn(Bsz, 1, L, device="cuda", dtype=dtype),
+        B=torch.randn(Bsz, L, 1, device="cuda", dtype=dtype),
+        C=torch.randn(Bsz, L, 1, device="cuda", dtype=dtype),
         D=torch.ones(D, device="cuda"),
         dt_bias=(dt0 + torch.log(-torch.expm1(-dt0))).cuda(),
         weight=torch.ones(len(DILATIONS), D, 3, 3, device="cuda"),
@@ -84,10 +84,31 @@ def bench(fn, t, H, W, backward: bool) -> float:
     return do_bench(step, warmup=25, rep=200, grad_to_none=args, return_mode="median")
 
 
+def profile_kernels(Bsz=128, D=128, H=56, W=56, dtype=torch.bfloat16) -> list[tuple[str, int, float]]:
+    """(kernel, calls, device ms per forward+backward) from torch.profiler, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = make_inputs(Bsz, D, H, W, dtype, requires_grad=True)
+    args = [t[n] for n in NAMES]
+    dy = torch.randn(Bsz, H * W, D, device="cuda", dtype=dtype)
+    for _ in range(3):  # compile and pick tiles outside the profile
+        structure_aware_ssm_fused(*args, DILATIONS, H, W, "row").backward(dy)
+    torch.cuda.synchronize()
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            structure_aware_ssm_fused(*args, DILATIONS, H, W, "row").backward(dy)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count // reps, e.device_time_total / reps / 1e3) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="stage-1 shape only")
     parser.add_argument("--skip-torch", action="store_true", help="skip the (slow, memory-hungry) reference")
+    parser.add_argument("--profile", action="store_true", help="per-kernel device time at stage 1 (bf16)")
     parser.add_argument("--json", default=None, help="write all rows to this file")
     args = parser.parse_args()
     bw = copy_bandwidth()
@@ -116,10 +137,17 @@ def main():
                         torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    kernels = profile_kernels() if args.profile else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           copy_bandwidth_TBps=bw / 1e12, rows=rows), f, indent=1)
+                           copy_bandwidth_TBps=bw / 1e12, rows=rows, kernels=kernels), f, indent=1)
+    if kernels:
+        print("\n| kernel (fused, bf16, B=128 D=128 56x56, one forward+backward) | calls | device ms |")
+        print("|---|---:|---:|")
+        for name, calls, ms in kernels:
+            print(f"| {name[:90]} | {calls} | {ms:.3f} |")
+        print(f"| total | | {sum(k[2] for k in kernels):.3f} |")
     print()
     print(f"| shape | dtype | backend | fwd ms | fwd floor ms | fwd % of floor | fwd+bwd ms | fwd+bwd floor ms "
           f"| fwd+bwd % of floor |")

@@ -55,11 +55,13 @@ def test_multi_direction_scans_sum_their_directions():
     t = make_inputs(H=H, W=W)
     args = (t["x"], t["dt"], t["A"], t["B"], t["dt_bias"], H, W)
     zero = dict(weight=t["weight"][:0], alpha=t["alpha"][:0])
+    channels_last = {n: t[n].transpose(1, 2) for n in ("x", "dt", "B", "C")}  # the op's (B, L, ·) interface
     for scan, directions in SCANS.items():
-        y = structure_aware_ssm_ref(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["dt_bias"],
-                                    zero["weight"], zero["alpha"], [], H, W, scan)
+        y = structure_aware_ssm_ref(channels_last["x"], channels_last["dt"], t["A"], channels_last["B"],
+                                    channels_last["C"], t["D"], t["dt_bias"], zero["weight"], zero["alpha"], [],
+                                    H, W, scan)
         h = sum(selective_scan_loop(*args, d) for d in directions)
-        torch.testing.assert_close(y, observe(h, t["C"], t["D"], t["x"]))
+        torch.testing.assert_close(y, observe(h, t["C"], t["D"], t["x"]).transpose(1, 2))
 
 
 def fusion_by_definition(h, weight, alpha, dilations, H, W):
@@ -96,8 +98,8 @@ def test_gradcheck(scan, dilations):
     t = make_inputs(Bsz=1, D=2, H=H, W=W, K=len(dilations), requires_grad=True)
     names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "weight", "alpha"]
 
-    def f(*tensors):
-        return structure_aware_ssm_ref(*tensors, dilations, H, W, scan)
+    def f(x, dt, A, B, C, *params):  # channels-first test tensors, the op's channels-last interface
+        return structure_aware_ssm_ref(x.mT, dt.mT, A, B.mT, C.mT, *params, dilations, H, W, scan)
 
     assert torch.autograd.gradcheck(f, tuple(t[n] for n in names), eps=1e-6, atol=1e-7)
 
@@ -105,6 +107,7 @@ def test_gradcheck(scan, dilations):
 def test_reference_runs_in_float32_and_has_no_nan_for_long_sequences():
     H, W = 64, 64
     t = make_inputs(Bsz=1, D=2, H=H, W=W, dtype=torch.float32)
+    t.update({n: t[n].transpose(1, 2) for n in ("x", "dt", "B", "C")})  # (B, L, ·), the op's interface
     y = structure_aware_ssm_ref(*(t[n] for n in ["x", "dt", "A", "B", "C", "D", "dt_bias", "weight", "alpha"]),
                                 [1, 3, 5], H, W)
     assert y.dtype == torch.float32 and torch.isfinite(y).all()

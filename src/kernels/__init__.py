@@ -21,10 +21,6 @@ BACKENDS = ("torch", "triton", "fused", "auto")
 __all__ = ["BACKENDS", "SCANS", "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs on `device`: `auto` becomes `fused` on CUDA and `torch` elsewhere; a Triton
     backend on a CPU tensor is an error unless TRITON_INTERPRET=1 (the Triton interpreter)."""
@@ -32,7 +28,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         return "fused" if device.type == "cuda" else "torch"
-    if backend in ("triton", "fused") and device.type != "cuda" and not triton_interpreted():
+    if backend in ("triton", "fused") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError(
             f"backend {backend!r} needs a CUDA GPU (tensors are on {device}); use backend 'torch' or 'auto', "
             "or set TRITON_INTERPRET=1 to run the Triton kernels on the CPU (slow, for tests)"
@@ -56,17 +52,14 @@ def structure_aware_ssm(
     scan: str = "row",
     backend: str = "torch",
 ) -> torch.Tensor:
-    """y = fusion(scan(x, Δ=softplus(dt + dt_bias), A, B))·C + D·x, (B, D, L) -> (B, D, L).
-    Shapes as in `reference.py`."""
+    """y = fusion(scan(x, Δ=softplus(dt + dt_bias), A, B))·C + D·x, channels last: x, dt (B, L, D) and
+    B, C (B, L, N) -> y (B, L, D). Shapes as in `reference.py`."""
     backend = resolve_backend(backend, x.device)
     if backend == "torch":
         return structure_aware_ssm_ref(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
     if A.shape[-1] != 1:
         raise ValueError(f"backend {backend!r} supports d_state=1 only (got {A.shape[-1]}); use backend 'torch'")
-    if backend == "triton":
-        from .triton_scan import structure_aware_ssm_triton
+    from . import ops  # imports Triton: only when a Triton backend runs
 
-        return structure_aware_ssm_triton(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
-    from .fused import structure_aware_ssm_fused
-
-    return structure_aware_ssm_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
+    fn = ops.structure_aware_ssm_triton if backend == "triton" else ops.structure_aware_ssm_fused
+    return fn(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)

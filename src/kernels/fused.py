@@ -1,31 +1,49 @@
-"""Fused structure-aware SSM in Triton: scan -> state fusion -> observation, forward and backward.
+"""Structure-aware state fusion + observation in Triton, forward and backward (channels last).
 
-    h  = Σ_directions scan(x, Δ = softplus(dt + dt_bias), A, B)            fp32 (B, D, L), the one saved tensor
-    h' = Σ_i alpha_i · dwconv_k(replicate_pad(h), dilation d_i)            (h' = h for an empty dilation list)
+    h  = Σ_directions scan(x, Δ = softplus(dt + dt_bias), A, B)     (B, L, D), the one tensor kept for backward
+    h' = Σ_i alpha_i · dwconv_k(replicate_pad(h), dilation d_i)      (h' = h for an empty dilation list)
     y  = h'·C + D·x
 
-Replicate padding is index clamping: tap (a, b) of dilation d at raster position (r, c) reads
-h[clamp(r + (a - k//2)·d), clamp(c + (b - k//2)·d)]. Forward = scan kernel(s) + `_fusion_fwd_kernel`;
-h' is never stored (the backward recomputes it from h).
+Tiles: a program owns (a band of rows) × (BLOCK_C columns) × (BLOCK_D channels) of one image and walks its
+rows. At row r a tap (dr, dc) reads the contiguous channel vectors of h at row clamp(r + dr) — one scalar
+per row — and columns clamp(c + dc), so the replicate clamp costs a few integer operations per position
+and tap, shared by BLOCK_D channels, and every load is a contiguous (16-byte) vector. The rows a program
+walks overlap in their taps, so most of them come from the L1/L2 caches. The centre taps of all dilations
+read the same element and are merged into one weight (`_mixed_weights`).
 
-Backward, given dy:
-  g = dy·C, dC = Σ_channels dy·h', dD = Σ dy·x, dweight_i = alpha_i·G_i, dalpha_i = Σ w_i·G_i with
-  G_i[tap] = Σ g·h[tap source]   -> `_fusion_bwd_kernel` (fp32 per-program partial sums, no atomics)
-  dh = fusion transposed applied to g. For a position q not on the border the transpose is a gather of g
-  at q − offset; a border position also collects every clamped tap that lands on it, i.e. a box sum
-  over the rows/columns that clamp onto it -> `_fusion_border_kernel` for border positions only.
-  Then the scan backward (triton_scan) with dh, adding D·dy into dx.
+Backward, given dy, with g = dy·C:
+  dh = fusion transposed applied to g. Tap (dr, dc) sends g at p to dh at clamp(p + (dr, dc)); so dh at q
+       gathers g over the positions p with clamp(p + offset) = q: one position q − offset inside the map
+       (zero outside it: the gather over the zero-padded domain), plus, on the border rows and columns, the
+       positions whose shifted index was clamped onto q — the halo folded back. Rows: a scalar box
+       [lo, hi] per row and tap (`_box_range`, more than one row only on the first and last row). Columns:
+       the shifted gather, plus for column 0 (tap dc < 0) the sum of g over columns [0, −dc) and for column
+       W−1 (dc > 0) over [W−dc, W) (`_edge_sum`, only in the tiles holding those columns). One kernel, no
+       separate border launches.
+  dweight_i[tap] = alpha_i·G[tap], dalpha_i = Σ w_i·G with G[tap] = Σ_q h[q]·(that tap's folded gather at q)
+       — from the same tiles as dh: the h tile at q is loaded once; per-program fp32 partials (one
+       accumulator tile per tap, reduced once at the end), summed in a fixed order.
+  dC = Σ_channels dy·h' (h' recomputed from h), per channel block partials.
+  Then the scan backward (triton_scan) with dh, which also adds D·dy into dx and returns dD = Σ dy·x.
+Nothing uses atomics: the op gives the same bits on every run.
+
+Block sizes: a few candidate tiles per kernel; the first call for a shape times them and keeps the fastest,
+on disk too (`_pick_config`), so later processes do not time or compile the others again.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_scan import scan_backward, scan_forward
+from .triton_scan import _num_sms, scan_backward, scan_forward, state_dtype, triton_interpreted
 
 MAX_DILATIONS = 7  # dilations travel packed 8 bits each in one int64 kernel argument
 MAX_DILATION = 255
@@ -44,296 +62,346 @@ def _clamp(v, hi):
 
 
 @triton.jit
-def _fusion_fwd_kernel(
-    h_ptr, x_ptr, C_ptr, Dskip_ptr, w_ptr, alpha_ptr, y_ptr,
-    sx_b, sx_d, sx_l, sC_b, sC_l,
-    D, L, H, W, dil_packed,
-    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """y = fusion(h)·C + D·x on a (BLOCK_D channels × BLOCK_P raster positions) tile."""
-    pid_d = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_d = offs_d < D
-    mask_p = offs_p < L
-    m = mask_d[:, None] & mask_p[None, :]
-    offs_d64 = offs_d.to(tl.int64)
-    row = (b * D + offs_d64)[:, None] * L
-    hc = tl.load(h_ptr + row + offs_p[None, :], mask=m, other=0.0)
-    if NDIL == 0:
-        hf = hc
-    else:
-        r0 = offs_p // W
-        c0 = offs_p % W
-        hf = tl.zeros([BLOCK_D, BLOCK_P], dtype=tl.float32)
-        for k in tl.static_range(NDIL):
-            d = (dil_packed >> (8 * k)) & 255
-            alpha = tl.load(alpha_ptr + k).to(tl.float32)
-            for a in tl.static_range(KS):
-                r = _clamp(r0 + (a - KS // 2) * d, H - 1)
-                for c in tl.static_range(KS):
-                    w = tl.load(w_ptr + ((k * D + offs_d) * KS + a) * KS + c, mask=mask_d, other=0.0)
-                    w = w.to(tl.float32) * alpha
-                    if a == KS // 2 and c == KS // 2:
-                        hv = hc
-                    else:
-                        src = r * W + _clamp(c0 + (c - KS // 2) * d, W - 1)
-                        hv = tl.load(h_ptr + row + src[None, :], mask=m, other=0.0)
-                    hf += w[:, None] * hv
-    Cv = tl.load(C_ptr + b * sC_b + offs_p * sC_l, mask=mask_p, other=0.0).to(tl.float32)
-    xv = tl.load(x_ptr + b * sx_b + offs_d64[:, None] * sx_d + offs_p[None, :] * sx_l, mask=m, other=0.0)
-    Dskip = tl.load(Dskip_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    y = hf * Cv[None, :] + Dskip[:, None] * xv.to(tl.float32)
-    tl.store(y_ptr + row + offs_p[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _fusion_bwd_kernel(
-    h_ptr, x_ptr, C_ptr, dy_ptr, w_ptr, alpha_ptr,
-    dh_ptr, dC_part_ptr, dD_part_ptr, G_part_ptr,
-    sx_b, sx_d, sx_l, sC_b, sC_l, sdy_b, sdy_d, sdy_l,
-    Bsz, D, L, H, W, dil_packed, n_pchunks, n_pblk,
-    NDIL: tl.constexpr, KS: tl.constexpr, NTAP: tl.constexpr, P_ITERS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """Per (channel block, chunk of P_ITERS·BLOCK_P positions, batch): dh at positions off the border,
-    and fp32 partial sums of dC (over this block's channels), dD (over this chunk's positions) and G (over
-    each BLOCK_P positions)."""
-    pid_d = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-    row = (b * D + offs_d64)[:, None] * L
-    x_base = x_ptr + b * sx_b + offs_d64[:, None] * sx_d
-    dy_base = dy_ptr + b * sdy_b + offs_d64[:, None] * sdy_d
-    C_base = C_ptr + b * sC_b
-    acc_dD = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for it in range(P_ITERS):
-        pblk = pid_p * P_ITERS + it
-        offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < L
-        m = mask_d[:, None] & mask_p[None, :]
-        dy = tl.load(dy_base + offs_p[None, :] * sdy_l, mask=m, other=0.0).to(tl.float32)
-        xv = tl.load(x_base + offs_p[None, :] * sx_l, mask=m, other=0.0).to(tl.float32)
-        Cv = tl.load(C_base + offs_p * sC_l, mask=mask_p, other=0.0).to(tl.float32)
-        acc_dD += tl.sum(dy * xv, axis=1)
-        g = dy * Cv[None, :]
-        hc = tl.load(h_ptr + row + offs_p[None, :], mask=m, other=0.0)
-        if NDIL == 0:
-            hf = hc
-            dh = g
-            store_dh = m
-        else:
-            r0 = offs_p // W
-            c0 = offs_p % W
-            interior = (r0 > 0) & (r0 < H - 1) & (c0 > 0) & (c0 < W - 1)
-            store_dh = m & interior[None, :]
-            hf = tl.zeros([BLOCK_D, BLOCK_P], dtype=tl.float32)
-            dh = tl.zeros([BLOCK_D, BLOCK_P], dtype=tl.float32)
-            for k in tl.static_range(NDIL):
-                d = (dil_packed >> (8 * k)) & 255
-                alpha = tl.load(alpha_ptr + k).to(tl.float32)
-                for a in tl.static_range(KS):
-                    for c in tl.static_range(KS):
-                        w = tl.load(w_ptr + ((k * D + offs_d) * KS + a) * KS + c, mask=mask_d, other=0.0)
-                        w = w.to(tl.float32) * alpha
-                        if a == KS // 2 and c == KS // 2:
-                            hv = hc
-                            gv = g
-                        else:
-                            dr = (a - KS // 2) * d
-                            dc = (c - KS // 2) * d
-                            src = _clamp(r0 + dr, H - 1) * W + _clamp(c0 + dc, W - 1)
-                            hv = tl.load(h_ptr + row + src[None, :], mask=m, other=0.0)
-                            # transpose at interior q: g at q - offset, when that position exists
-                            rt = r0 - dr
-                            ct = c0 - dc
-                            ok = mask_p & (rt >= 0) & (rt < H) & (ct >= 0) & (ct < W)
-                            tgt = rt * W + ct
-                            Ct = tl.load(C_base + tgt * sC_l, mask=ok, other=0.0).to(tl.float32)
-                            dyt = tl.load(dy_base + tgt[None, :] * sdy_l, mask=mask_d[:, None] & ok[None, :],
-                                          other=0.0).to(tl.float32)
-                            gv = dyt * Ct[None, :]
-                        hf += w[:, None] * hv
-                        dh += w[:, None] * gv
-                        tap = (k * KS + a) * KS + c
-                        G_ptrs = G_part_ptr + ((b * n_pblk + pblk) * NTAP + tap) * D + offs_d
-                        tl.store(G_ptrs, tl.sum(g * hv, axis=1), mask=mask_d)
-        tl.store(dh_ptr + row + offs_p[None, :], dh, mask=store_dh)
-        tl.store(dC_part_ptr + (pid_d * Bsz + b) * L + offs_p, tl.sum(dy * hf, axis=0), mask=mask_p)
-    part = (b * n_pchunks + pid_p)
-    tl.store(dD_part_ptr + part * D + offs_d, acc_dD, mask=mask_d)
-
-
-@triton.jit
 def _box_range(q, s, N):
-    """Rows (or columns) i' in [lo, hi] with clamp(i' + s) == q, for a border-aware transpose."""
+    """Indices i in [lo, hi] with clamp(i + s, 0, N−1) == q (lo > hi: none), for row or column q."""
     lo = tl.where(q == 0, 0, q - s)
     hi = tl.where(q == N - 1, N - 1, q - s)
     return tl.maximum(lo, 0), tl.minimum(hi, N - 1)
 
 
 @triton.jit
-def _fusion_border_kernel(
-    C_ptr, dy_ptr, w_ptr, alpha_ptr, dh_ptr,
-    sC_b, sC_l, sdy_b, sdy_d, sdy_l,
-    D, L, H, W, dil_packed, count,
-    KIND: tl.constexpr, NDIL: tl.constexpr, KS: tl.constexpr, NBOX: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+def _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, G, g,
+                  NDIL: tl.constexpr, KS: tl.constexpr, WITH_G: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """h' at row r, columns `cols`: Σ_taps wa[tap]·h[clamp(r + dr), clamp(cols + dc)], a (BLOCK_C, BLOCK_D)
+    fp32 tile (h itself for an empty dilation list). WITH_G: also adds g·h[tap source] to each tap's
+    accumulator tile in the tuple G (the weight gradient's sums); returns (h', G)."""
+    if NDIL == 0:
+        hf = tl.load(h_base + (r * W + cols)[:, None] * D, mask=m, other=0.0).to(tl.float32)
+    else:
+        hf = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        G_new = ()
+        for k in tl.static_range(NDIL):
+            d = (dil_packed >> (8 * k)) & 255
+            for a in tl.static_range(KS):
+                src_row = _clamp(r + (a - KS // 2) * d, H - 1) * W
+                for c in tl.static_range(KS):
+                    if k == 0 or a != KS // 2 or c != KS // 2:  # later centre taps are merged into k = 0's
+                        src = src_row + _clamp(cols + (c - KS // 2) * d, W - 1)
+                        hv = tl.load(h_base + src[:, None] * D, mask=m, other=0.0).to(tl.float32)
+                        w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                        hf += w[None, :] * hv
+                        if WITH_G:  # (tuple indices inline: they must stay compile-time constants)
+                            G_new = G_new + (G[(k * KS + a) * KS + c] + g * hv,)
+                    elif WITH_G:  # a merged centre tap: its sum is k = 0's (the launcher copies it)
+                        G_new = G_new + (G[(k * KS + a) * KS + c],)
+        if WITH_G:
+            G = G_new
+    return hf, G
+
+
+@triton.jit
+def _fusion_fwd_kernel(
+    h_ptr, x_ptr, C_ptr, Dskip_ptr, wa_ptr, y_ptr,
+    sx_b, sx_l, sx_d, sC_b, sC_l,
+    D, H, W, dil_packed, n_ctiles, rows,
+    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dh at border positions: KIND 0 corners, 1 top/bottom rows, 2 left/right columns (corners excluded).
-    Each tap contributes w·Σ g over the box of positions that clamp onto the border position; the box
-    (at most NBOX rows, or columns, or NBOX×NBOX for corners) is a third tile axis, summed at once."""
-    pid_d = tl.program_id(0)
-    pid_e = tl.program_id(1)
+    """y = h'·C + D·x for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b."""
+    pid = tl.program_id(0)
+    ct = pid % n_ctiles
+    band = pid // n_ctiles
+    pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    L = H * W
+    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < W
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    mask_e = e < count
-    if KIND == 0:
-        q_r = tl.where(e >= 2, H - 1, 0)
-        q_c = tl.where((e % 2) == 1, W - 1, 0)
-        box = tl.arange(0, NBOX * NBOX)
-        er = box // NBOX
-        ec = box % NBOX
-    elif KIND == 1:
-        q_r = tl.where(e >= W - 2, H - 1, 0)
-        q_c = 1 + e % tl.maximum(W - 2, 1)
-        er = tl.arange(0, NBOX)
-        ec = tl.zeros([NBOX], dtype=tl.int32)
-    else:
-        q_r = 1 + e % tl.maximum(H - 2, 1)
-        q_c = tl.where(e >= H - 2, W - 1, 0)
-        er = tl.zeros([NBOX], dtype=tl.int32)
-        ec = tl.arange(0, NBOX)
-    dy_base = dy_ptr + b * sdy_b + offs_d64[:, None, None] * sdy_d
+    m = mask_c[:, None] & mask_d[None, :]
+    h_base = h_ptr + b * L * D + offs_d[None, :]
+    x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
+    y_base = y_ptr + b * L * D + offs_d[None, :]
+    Dskip = tl.load(Dskip_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    r0 = band * rows
+    for r in range(r0, tl.minimum(r0 + rows, H)):
+        pos = r * W + cols
+        hf, _ = _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, (), 0.0,
+                              NDIL, KS, False, BLOCK_C, BLOCK_D)
+        Cv = tl.load(C_ptr + b * sC_b + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
+        xv = tl.load(x_base + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+        y = hf * Cv[:, None] + Dskip[None, :] * xv
+        tl.store(y_base + pos[:, None] * D, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _edge_sum(dy_vec, C_base, start, n, sdy_l, sC_l, mask_d, BLOCK_D: tl.constexpr):
+    """Σ_{j < n} dy[start + j]·C[start + j], a (BLOCK_D,) vector (a few positions at a map edge)."""
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in range(start, start + n):
+        acc += tl.load(dy_vec + j * sdy_l, mask=mask_d, other=0.0).to(tl.float32) * \
+            tl.load(C_base + j * sC_l).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _transposed_gather(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d, cols, mask_c, mask_d, H, W, left, right,
+                       ROW_STEP: tl.constexpr, COL_STEP: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """Σ of g = dy·C over the positions p whose tap (dr, dc) = (ROW_STEP·d, COL_STEP·d) reads (r, cols)
+    after the replicate clamp: the folded adjoint of one tap, a (BLOCK_C, BLOCK_D) fp32 tile."""
+    dc = COL_STEP * d
+    lo, hi = _box_range(r, ROW_STEP * d, H)
+    src_c = cols - dc
+    ok_c = mask_c & (src_c >= 0) & (src_c < W)
+    mk = ok_c[:, None] & mask_d[None, :]
+    gT = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    for sr in range(lo, hi + 1):
+        p = sr * W + src_c
+        Cv = tl.load(C_base + p * sC_l, mask=ok_c, other=0.0).to(tl.float32)
+        gT += tl.load(dy_base + p[:, None] * sdy_l, mask=mk, other=0.0).to(tl.float32) * Cv[:, None]
+        if COL_STEP < 0:
+            if left:  # column 0 also takes the columns [0, -dc) that the clamp moved onto it
+                edge = _edge_sum(dy_vec, C_base, sr * W, tl.minimum(-dc, W), sdy_l, sC_l, mask_d, BLOCK_D)
+                gT += tl.where((cols == 0)[:, None], edge[None, :], 0.0)
+        if COL_STEP > 0:
+            if right:  # column W-1 also takes the columns [W - dc, W)
+                n = tl.minimum(dc, W)
+                edge = _edge_sum(dy_vec, C_base, sr * W + W - n, n, sdy_l, sC_l, mask_d, BLOCK_D)
+                gT += tl.where((cols == W - 1)[:, None], edge[None, :], 0.0)
+    return gT
+
+
+@triton.jit
+def _fusion_bwd_state_kernel(
+    C_ptr, dy_ptr, wa_ptr, dh_ptr,
+    sC_b, sC_l, sdy_b, sdy_l, sdy_d,
+    D, H, W, dil_packed, n_ctiles, rows,
+    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dh = the fusion's adjoint applied to g = dy·C, for `rows` rows × BLOCK_C columns × BLOCK_D channels of
+    image b."""
+    pid = tl.program_id(0)
+    ct = pid % n_ctiles
+    band = pid // n_ctiles
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < W
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m = mask_c[:, None] & mask_d[None, :]
+    dh_base = dh_ptr + b * H * W * D + offs_d[None, :]
+    dy_vec = dy_ptr + b * sdy_b + offs_d * sdy_d
+    dy_base = dy_vec[None, :]
     C_base = C_ptr + b * sC_b
-    dh = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)
-    for k in tl.static_range(NDIL):
-        d = (dil_packed >> (8 * k)) & 255
-        alpha = tl.load(alpha_ptr + k).to(tl.float32)
-        for a in tl.static_range(KS):
-            lo_r, hi_r = _box_range(q_r, (a - KS // 2) * d, H)
-            rr = lo_r[:, None] + er[None, :]  # (BLOCK_E, box)
-            for c in tl.static_range(KS):
-                lo_c, hi_c = _box_range(q_c, (c - KS // 2) * d, W)
-                cc = lo_c[:, None] + ec[None, :]
-                ok = mask_e[:, None] & (rr <= hi_r[:, None]) & (cc <= hi_c[:, None])
-                src = rr * W + cc
-                Cv = tl.load(C_base + src * sC_l, mask=ok, other=0.0).to(tl.float32)
-                dyv = tl.load(dy_base + src[None, :, :] * sdy_l, mask=mask_d[:, None, None] & ok[None, :, :],
-                              other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + ((k * D + offs_d) * KS + a) * KS + c, mask=mask_d, other=0.0)
-                dh += (w.to(tl.float32) * alpha)[:, None] * tl.sum(dyv * Cv[None, :, :], axis=2)
-    pos = q_r * W + q_c
-    tl.store(dh_ptr + (b * D + offs_d64)[:, None] * L + pos[None, :], dh, mask=mask_d[:, None] & mask_e[None, :])
+    left = ct == 0  # this tile holds column 0
+    right = (ct + 1) * BLOCK_C >= W  # ... and column W-1
+    r0 = band * rows
+    for r in range(r0, tl.minimum(r0 + rows, H)):
+        pos = r * W + cols
+        if NDIL == 0:
+            Cv = tl.load(C_base + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
+            dh = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32) * Cv[:, None]
+        else:
+            dh = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+            for k in tl.static_range(NDIL):
+                d = (dil_packed >> (8 * k)) & 255
+                for a in tl.static_range(KS):
+                    for c in tl.static_range(KS):
+                        if k == 0 or a != KS // 2 or c != KS // 2:
+                            gT = _transposed_gather(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d, cols, mask_c,
+                                                    mask_d, H, W, left, right, a - KS // 2, c - KS // 2,
+                                                    BLOCK_C, BLOCK_D)
+                            w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                            dh += w[None, :] * gT
+        tl.store(dh_base + pos[:, None] * D, dh.to(dh_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fusion_bwd_param_kernel(
+    h_ptr, C_ptr, dy_ptr, wa_ptr, dC_part_ptr, G_part_ptr,
+    sC_b, sC_l, sdy_b, sdy_l, sdy_d,
+    Bsz, D, H, W, dil_packed, n_ctiles, rows,
+    NDIL: tl.constexpr, KS: tl.constexpr, NTAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """fp32 partials of dC = Σ_channels dy·h' (over this block's channels) and of the weight gradient's
+    G[tap] = Σ_p g[p]·h[tap source of p] (over this program's positions), from one gather of h per tap."""
+    pid = tl.program_id(0)
+    ct = pid % n_ctiles
+    band = pid // n_ctiles
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    L = H * W
+    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < W
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m = mask_c[:, None] & mask_d[None, :]
+    h_base = h_ptr + b * L * D + offs_d[None, :]
+    dy_base = dy_ptr + b * sdy_b + offs_d[None, :] * sdy_d
+    G = (tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32),) * NTAP
+    r0 = band * rows
+    for r in range(r0, tl.minimum(r0 + rows, H)):
+        pos = r * W + cols
+        dyc = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * sC_b + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
+        hf, G = _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, G,
+                              dyc * Cv[:, None], NDIL, KS, True, BLOCK_C, BLOCK_D)
+        tl.store(dC_part_ptr + (pid_d * Bsz + b) * L + pos, tl.sum(dyc * hf, axis=1), mask=mask_c)
+    part = (b * tl.num_programs(0) + pid) * NTAP * D + offs_d  # (B, programs over positions, NTAP, D)
+    for tap in tl.static_range(NTAP):
+        tl.store(G_part_ptr + part + tap * D, tl.sum(G[tap], axis=0), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------
 # launchers (no checks: ops.py checks shapes, dtypes and devices first)
 
+# candidate tiles (BLOCK_C columns, BLOCK_D channels, warps), also for dh; the weight-gradient kernel keeps one
+# accumulator tile per tap, so its tiles hold about 4 elements per thread
+FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (64, 32, 8))
+PARAM_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8))
+INTERPRETER_CONFIG = (8, 16, 1)  # tile in the CPU interpreter (the kernel tests lower it)
+ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8 programs (tests set it)
+_TUNED: dict[str, tuple[int, int, int]] = {}
 
-MAX_BLOCK_P = 256  # positions per fusion tile (tests lower it to exercise several tiles on small maps)
+
+def _candidates(configs, D: int, W: int):
+    if triton_interpreted():
+        return [INTERPRETER_CONFIG]
+    fit = [(bc, bd, nw) for bc, bd, nw in configs
+           if bc <= max(8, triton.next_power_of_2(W)) and bd <= max(16, triton.next_power_of_2(D))]
+    return fit or [configs[0]]
 
 
-def _fusion_blocks(D: int, L: int) -> tuple[int, int]:
-    BLOCK_P = min(MAX_BLOCK_P, max(16, triton.next_power_of_2(L)))
-    BLOCK_D = min(8, max(2, triton.next_power_of_2(D)))
-    return BLOCK_D, BLOCK_P
+def _cache_file() -> Path:
+    root = os.environ.get("SPATIAL_MAMBA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spatial_mamba")
+    return Path(root) / "kernel_tuning.json"
+
+
+def _pick_config(name: str, key: tuple, candidates, run) -> tuple[int, int, int]:
+    """The fastest candidate for this kernel and shape: timed once (a few short runs of each) on the first
+    call, then kept in memory and in a JSON file (one entry per device, Triton version, kernel and shape).
+    Without a GPU, while a CUDA graph is captured, or with SPATIAL_MAMBA_TUNE=0: the first candidate."""
+    if len(candidates) == 1 or os.environ.get("SPATIAL_MAMBA_TUNE", "1") == "0" or \
+            torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    full = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|{name}|{key}"
+    if full in _TUNED:
+        return _TUNED[full]
+    path = _cache_file()
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if full in stored and tuple(stored[full]) in candidates:
+        _TUNED[full] = tuple(stored[full])
+        return _TUNED[full]
+    from triton.testing import do_bench
+
+    times = {cfg: do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median") for cfg in candidates}
+    best = min(times, key=times.get)
+    _TUNED[full] = best
+    try:  # written atomically: concurrent processes (DDP ranks) never read half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored[full] = list(best)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(stored, f, indent=0)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # an unwritable cache only costs the timing again in the next process
+    return best
+
+
+def _grid(Bsz: int, D: int, H: int, W: int, cfg, device) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, columns tiles, rows per program) for a tile config."""
+    bc, bd, _ = cfg
+    n_ctiles, n_dblk = triton.cdiv(W, bc), triton.cdiv(D, bd)
+    if ROWS_PER_PROGRAM is not None:
+        rows = ROWS_PER_PROGRAM
+    else:
+        bands = min(H, triton.cdiv(8 * _num_sms(device), n_ctiles * n_dblk * Bsz))
+        rows = triton.cdiv(H, bands)
+    return (n_ctiles * triton.cdiv(H, rows), n_dblk, Bsz), n_ctiles, rows
+
+
+def _mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """(K·k·k, D) fp32 taps alpha_i·w_i, tap-major so each tap's channels are contiguous; the centre taps of
+    all dilations (one and the same element) summed into dilation 0's."""
+    K, D, ks, _ = weight.shape
+    wa = (weight.float() * alpha.float()[:, None, None, None]).permute(0, 2, 3, 1).contiguous()  # (K, k, k, D)
+    if K > 1:
+        wa[0, ks // 2, ks // 2] = wa[:, ks // 2, ks // 2].sum(0)
+    return wa.view(K * ks * ks, D)
 
 
 def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions):
-    """(y in x's dtype, fp32 states h) — h is what the backward needs."""
-    Bsz, Dm, L = x.shape
-    h = scan_forward(x, dt, A, B, dt_bias, H, W, directions)
-    y = torch.empty(Bsz, Dm, L, device=x.device, dtype=x.dtype)
-    BLOCK_D, BLOCK_P = _fusion_blocks(Dm, L)
-    grid = (triton.cdiv(Dm, BLOCK_D), triton.cdiv(L, BLOCK_P), Bsz)
-    _fusion_fwd_kernel[grid](
-        h, x, C, D, weight, alpha, y,
-        x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(2),
-        Dm, L, H, W, pack_dilations(dilations),
-        NDIL=len(dilations), KS=weight.shape[-1], BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, num_warps=4,
-    )
+    """(y (B, L, D) in x's dtype, states h (B, L, D) in `state_dtype`) — h is what the backward needs."""
+    Bsz, L, Dm = x.shape
+    h = scan_forward(x, dt, A, B, dt_bias, H, W, directions, dtype=state_dtype(x.dtype))
+    y = torch.empty(Bsz, L, Dm, device=x.device, dtype=x.dtype)
+    wa = _mixed_weights(weight, alpha)
+    packed, K, ks = pack_dilations(dilations), len(dilations), weight.shape[-1]
+
+    def run(cfg):
+        grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, x.device)
+        _fusion_fwd_kernel[grid](
+            h, x, C, D, wa, y,
+            x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1),
+            Dm, H, W, packed, n_ctiles, rows,
+            NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
+        )
+
+    key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
+    run(_pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run))
     return y, h
 
 
 def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H: int, W: int, directions):
     """Gradients (dx, ddt, dA, dB, dC, dD, d_dt_bias, dweight, dalpha)."""
-    Bsz, Dm, L = x.shape
-    K, KS = len(dilations), weight.shape[-1]
+    Bsz, L, Dm = x.shape
+    K, ks = len(dilations), weight.shape[-1]
     dev = x.device
-    BLOCK_D, BLOCK_P = _fusion_blocks(Dm, L)
-    n_dblk = triton.cdiv(Dm, BLOCK_D)
-    n_pblk = triton.cdiv(L, BLOCK_P)
-    P_ITERS = min(4, n_pblk)
-    n_pchunks = triton.cdiv(n_pblk, P_ITERS)
-    NTAP = K * KS * KS
-    dh = torch.empty(Bsz, Dm, L, device=dev, dtype=torch.float32)
-    dC_part = torch.empty(n_dblk, Bsz, L, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(Bsz, n_pchunks, Dm, device=dev, dtype=torch.float32)
-    G_part = torch.empty(Bsz, n_pchunks * P_ITERS, max(NTAP, 1), Dm, device=dev, dtype=torch.float32)
-    packed = pack_dilations(dilations)
-    _fusion_bwd_kernel[(n_dblk, n_pchunks, Bsz)](
-        h, x, C, dy, weight, alpha,
-        dh, dC_part, dD_part, G_part,
-        x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-        Bsz, Dm, L, H, W, packed, n_pchunks, n_pchunks * P_ITERS,
-        NDIL=K, KS=KS, NTAP=NTAP, P_ITERS=P_ITERS, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, num_warps=4,
-    )
+    wa = _mixed_weights(weight, alpha)
+    packed, NTAP = pack_dilations(dilations), K * ks * ks
+    dh = torch.empty(Bsz, L, Dm, device=dev, dtype=h.dtype)
+    key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
+    strides = (C.stride(0), C.stride(1), dy.stride(0), dy.stride(1), dy.stride(2))
+
+    def run_state(cfg):
+        grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
+        _fusion_bwd_state_kernel[grid](
+            C, dy, wa, dh, *strides, Dm, H, W, packed, n_ctiles, rows,
+            NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
+        )
+
+    out = {}
+
+    def run_param(cfg):
+        grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
+        out["dC_part"] = torch.empty(grid[1], Bsz, L, device=dev, dtype=torch.float32)
+        out["G_part"] = torch.empty(Bsz, grid[0], max(NTAP, 1), Dm, device=dev, dtype=torch.float32)
+        _fusion_bwd_param_kernel[grid](
+            h, C, dy, wa, out["dC_part"], out["G_part"], *strides, Bsz, Dm, H, W, packed, n_ctiles, rows,
+            NDIL=K, KS=ks, NTAP=NTAP, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
+        )
+
+    run_state(_pick_config("fusion_bwd_state", key, _candidates(FWD_CONFIGS, Dm, W), run_state))
+    run_param(_pick_config("fusion_bwd_param", key, _candidates(PARAM_CONFIGS, Dm, W), run_param))
+    dx, ddt, dA, dB, dbias, dD = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
+    dC = out["dC_part"].sum(0)[:, :, None].to(C.dtype)  # (channel blocks, B, L) -> (B, L, 1)
     if K:
-        # a box is at most (k//2)·max(d) + 1 positions along a clamped axis, and never more than the map
-        NBOX = triton.next_power_of_2(min(max(H, W), (KS // 2) * max(dilations) + 1))
-        counts = (4, 2 * max(W - 2, 0), 2 * max(H - 2, 0))  # corners, top/bottom rows, left/right columns
-        for kind, count in enumerate(counts):
-            if count == 0:
-                continue
-            BLOCK_E = 4 if kind == 0 else 32
-            _fusion_border_kernel[(n_dblk, triton.cdiv(count, BLOCK_E), Bsz)](
-                C, dy, weight, alpha, dh,
-                C.stride(0), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-                Dm, L, H, W, packed, count,
-                KIND=kind, NDIL=K, KS=KS, NBOX=NBOX, BLOCK_D=BLOCK_D, BLOCK_E=BLOCK_E, num_warps=4,
-            )
-    dx, ddt, dA, dB, dbias = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
-    dC = dC_part.sum(0)[:, None, :].to(C.dtype)  # (n_dblk, B, L) -> (B, 1, L)
-    dD = dD_part.sum((0, 1)).to(D.dtype)
-    if K:
-        G = G_part.sum((0, 1)).view(K, KS, KS, Dm).permute(0, 3, 1, 2)  # (K, D, k, k)
-        dweight = (alpha.float()[:, None, None, None] * G).to(weight.dtype)
-        dalpha = (weight.float() * G).sum((1, 2, 3)).to(alpha.dtype)
+        # fp64 from the fp32 partials on: dalpha = Σ w·G often cancels (terms of both signs), so its rounding
+        # error would otherwise be that of the largest terms, not of the result
+        G = out["G_part"].double().sum((0, 1)).view(K, ks, ks, Dm)  # (B, programs, taps, D) -> (K, k, k, D)
+        G[1:, ks // 2, ks // 2] = G[0, ks // 2, ks // 2]  # the merged centre tap
+        G = G.permute(0, 3, 1, 2)  # (K, D, k, k)
+        dweight = (alpha.double()[:, None, None, None] * G).to(weight.dtype)
+        dalpha = (weight.double() * G).sum((1, 2, 3)).to(alpha.dtype)
     else:
         dweight, dalpha = torch.zeros_like(weight), torch.zeros_like(alpha)
     return dx, ddt, dA, dB, dC, dD, dbias, dweight, dalpha
 
 
-def structure_aware_ssm_fused(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    dt_bias: torch.Tensor,
-    weight: torch.Tensor,
-    alpha: torch.Tensor,
-    dilations: Sequence[int],
-    H: int,
-    W: int,
-    scan: str = "row",
-) -> torch.Tensor:
-    """One op (`spatial_mamba::structure_aware_ssm_fused`): scan -> fusion -> observation, y (B, D, L)
-    in x's dtype. Shapes and checks as in `ops.check_inputs`."""
-    from . import ops
-
-    ops.check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, fused=True)
-    return ops.structure_aware_ssm_fused_op(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan)[0]
-
-
-__all__ = ["fused_backward", "fused_forward", "structure_aware_ssm_fused"]
+__all__ = ["MAX_DILATION", "MAX_DILATIONS", "fused_backward", "fused_forward"]

@@ -1,18 +1,21 @@
-"""torch.library registration of the Triton kernels: ops `spatial_mamba::selective_scan` and
-`spatial_mamba::structure_aware_ssm_fused`, each with a fake (meta) implementation, autograd through a
+"""Public Triton-backed functions and their torch.library registration: ops `spatial_mamba::selective_scan`
+and `spatial_mamba::structure_aware_ssm_fused`, each with a fake (meta) implementation, autograd through a
 backward op of its own (so compiled backward graphs trace it too) and a FLOP formula.
 
-Conventions of both ops:
-- Activations x, dt (B, D, L) and B, C (B, 1, L) share one dtype (fp32, fp16 or bf16) and may have any
-  strides: the kernels index through them, nothing is copied. Parameters A (D, 1), D, dt_bias (D,),
-  weight (K, D, k, k), alpha (K,) may be fp32/fp16/bf16 independently (the model keeps them fp32);
-  small as they are, non-contiguous ones are made contiguous.
-- All arithmetic is fp32. The scan op returns fp32 states; the fused op returns y in x's dtype.
+Imports go one way: `triton_scan` (scan kernels) -> `fused` (fusion kernels) -> this module (checks, ops,
+public functions) -> the package's dispatch (`structure_aware_ssm`).
+
+Conventions of both ops (channels last, as the model's activations are):
+- Activations x, dt (B, L, D) and B, C (B, L, 1) share one dtype (fp32, fp16 or bf16) and may have any
+  strides: the kernels index through them, nothing is copied (D-contiguous is the fast layout). Parameters
+  A (D, 1), D, dt_bias (D,), weight (K, D, k, k), alpha (K,) may be fp32/fp16/bf16 independently (the model
+  keeps them fp32); small as they are, non-contiguous ones are made contiguous.
+- All arithmetic is fp32. The scan op returns fp32 states; the fused op returns y in x's dtype and the
+  states it keeps for the backward in bf16 for bf16 activations, fp32 otherwise (`state_dtype`).
 - Autocast: no autocast kernel is registered, so under autocast the ops take their inputs as given
-  (activations in the autocast dtype, parameters in fp32) and compute in fp32 as above; nothing is
-  downcast that autocast would not have produced anyway.
-- The Python wrappers (`check_inputs`) raise ValueError/TypeError/RuntimeError for a wrong shape, dtype
-  or device before any kernel runs.
+  (activations in the autocast dtype, parameters in fp32) and compute in fp32 as above.
+- `check_inputs` raises ValueError/TypeError/RuntimeError for a wrong shape, dtype or device before any
+  kernel runs.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .reference import SCANS
+from .fused import MAX_DILATION, MAX_DILATIONS, fused_backward, fused_forward
+from .reference import SCANS, observe, state_fusion_ref
+from .triton_scan import scan_backward, scan_forward, state_dtype, triton_interpreted
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_ELEMENTS_PER_IMAGE = 2**31 - 1  # L·D: the kernels index one image with 32-bit offsets
 
 
 def _shape(t: Tensor) -> str:
@@ -39,17 +45,17 @@ def check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, sca
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.ndim != 3:
-        raise ValueError(f"x must be 3-D (B, D, L), got shape {_shape(x)}")
-    Bsz, Dm, L = x.shape
+        raise ValueError(f"x must be 3-D (B, L, D), got shape {_shape(x)}")
+    Bsz, L, Dm = x.shape
     if Bsz == 0 or Dm == 0:
         raise ValueError(f"x must have at least one batch element and one channel, got shape {_shape(x)}")
     if A.ndim == 2 and A.shape[0] == Dm and A.shape[1] != 1:
         raise ValueError(f"the Triton kernels support d_state=1 only: A has shape {_shape(A)} (d_state "
                          f"{A.shape[1]}); use backend 'torch'")
-    if B.ndim == 3 and B.shape[1] != 1 and B.shape[0] == Bsz and B.shape[2] == L:
+    if B.ndim == 3 and B.shape[2] != 1 and B.shape[0] == Bsz and B.shape[1] == L:
         raise ValueError(f"the Triton kernels support d_state=1 only: B has shape {_shape(B)}; use backend 'torch'")
     expected = {
-        "dt": (Bsz, Dm, L), "A": (Dm, 1), "B": (Bsz, 1, L), "C": (Bsz, 1, L), "D": (Dm,), "dt_bias": (Dm,),
+        "dt": (Bsz, L, Dm), "A": (Dm, 1), "B": (Bsz, L, 1), "C": (Bsz, L, 1), "D": (Dm,), "dt_bias": (Dm,),
     }
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
@@ -64,14 +70,14 @@ def check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, sca
         raise ValueError(f"alpha must have shape ({K},) (one per dilation), got {_shape(alpha)}")
     if any(int(d) != d or d < 1 for d in dilations):
         raise ValueError(f"dilations must be positive integers, got {list(dilations)}")
-    if fused:
-        from .fused import MAX_DILATION, MAX_DILATIONS
-
-        if K > MAX_DILATIONS or any(d > MAX_DILATION for d in dilations):
-            raise ValueError(f"the fused kernel takes at most {MAX_DILATIONS} dilations of at most "
-                             f"{MAX_DILATION}, got {list(dilations)}; use backend 'triton' or 'torch'")
+    if fused and (K > MAX_DILATIONS or any(d > MAX_DILATION for d in dilations)):
+        raise ValueError(f"the fused kernel takes at most {MAX_DILATIONS} dilations of at most "
+                         f"{MAX_DILATION}, got {list(dilations)}; use backend 'triton' or 'torch'")
     if not (isinstance(H, int) and isinstance(W, int)) or H < 1 or W < 1 or H * W != L:
         raise ValueError(f"H·W must equal L={L} with H, W >= 1, got H={H}, W={W}")
+    if L * Dm > MAX_ELEMENTS_PER_IMAGE:
+        raise ValueError(f"L·D = {L}·{Dm} = {L * Dm} elements per image is more than the Triton kernels index "
+                         f"({MAX_ELEMENTS_PER_IMAGE}); use a smaller image or backend 'torch'")
     if scan not in SCANS:
         raise ValueError(f"unknown scan {scan!r}; expected one of {tuple(SCANS)}")
     for name in ("x", "dt", "B", "C"):
@@ -87,22 +93,17 @@ def check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, sca
     for name, t in named.items():
         if t.device != x.device:
             raise RuntimeError(f"all tensors must be on one device: x is on {x.device}, {name} is on {t.device}")
-    if x.device.type != "cuda":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError(f"the Triton kernels need CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
-                               "to run them in Triton's CPU interpreter")
+    if x.device.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(f"the Triton kernels need CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                           "to run them in Triton's CPU interpreter")
 
 
 # ----------------------------------------------------------------------------------------------------
-# spatial_mamba::selective_scan — fp32 states (B, D, L) of a scan pattern, directions summed
+# spatial_mamba::selective_scan — fp32 states (B, L, D) of a scan pattern, directions summed
 
 
 @torch.library.custom_op("spatial_mamba::selective_scan", mutates_args=())
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor, H: int, W: int, scan: str) -> Tensor:
-    from .triton_scan import scan_forward
-
     return scan_forward(x, dt, A.contiguous(), B, dt_bias.contiguous(), H, W, SCANS[scan])
 
 
@@ -115,10 +116,8 @@ def _(x, dt, A, B, dt_bias, H, W, scan):
 def selective_scan_backward(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor, h: Tensor, dh: Tensor, H: int, W: int, scan: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .triton_scan import scan_backward
-
     grads = scan_backward(x, dt, A.contiguous(), B, dt_bias.contiguous(), h, dh.float(), H, W, SCANS[scan])
-    return tuple(g.contiguous() for g in grads)
+    return tuple(g.contiguous() for g in grads[:5])
 
 
 @selective_scan_backward.register_fake
@@ -142,7 +141,7 @@ selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_conte
 
 
 # ----------------------------------------------------------------------------------------------------
-# spatial_mamba::structure_aware_ssm_fused — (y, h): y in x's dtype, h the fp32 states kept for backward
+# spatial_mamba::structure_aware_ssm_fused — (y, h): y in x's dtype, h the states kept for backward
 
 
 @torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused", mutates_args=())
@@ -150,15 +149,13 @@ def structure_aware_ssm_fused_op(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
     alpha: Tensor, dilations: list[int], H: int, W: int, scan: str,
 ) -> tuple[Tensor, Tensor]:
-    from .fused import fused_forward
-
     return fused_forward(x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(), weight.contiguous(),
                          alpha.contiguous(), dilations, H, W, SCANS[scan])
 
 
 @structure_aware_ssm_fused_op.register_fake
 def _(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
-    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as the kernels'
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=state_dtype(x.dtype))  # contiguous, as the kernels'
 
 
 @torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused_backward", mutates_args=())
@@ -166,8 +163,6 @@ def structure_aware_ssm_fused_backward(
     dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
     weight: Tensor, alpha: Tensor, h: Tensor, dilations: list[int], H: int, W: int, scan: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .fused import fused_backward
-
     grads = fused_backward(dy, x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(),
                            weight.contiguous(), alpha.contiguous(), h, dilations, H, W, SCANS[scan])
     return tuple(g.contiguous() for g in grads)
@@ -198,19 +193,19 @@ structure_aware_ssm_fused_op.register_autograd(_fused_backward, setup_context=_f
 
 
 # ----------------------------------------------------------------------------------------------------
-# FLOP formulas (FlopCounterMode): counted per element of (B, D, L)
+# FLOP formulas (FlopCounterMode): counted per element of (B, L, D)
 #   scan direction: softplus ~ 3, decay exp + mul 2, input Δ·B·x 2, recurrence 2 -> 7 (as in the paper's 7·B·L·D·N)
 #   fusion: 2 per tap and dilation (multiply-add); observation h'·C + D·x: 3
 #   backward: about twice the forward
 
 
 def _scan_flops(x_shape, scan: str) -> int:
-    Bsz, D, L = x_shape
+    Bsz, L, D = x_shape
     return 7 * Bsz * D * L * len(SCANS[scan])
 
 
 def _fused_flops(x_shape, weight_shape, dilations: Sequence[int], scan: str) -> int:
-    Bsz, D, L = x_shape
+    Bsz, L, D = x_shape
     taps = len(dilations) * weight_shape[-1] * weight_shape[-2]
     return _scan_flops(x_shape, scan) + (2 * taps + 3) * Bsz * D * L
 
@@ -238,10 +233,39 @@ def _(dy_shape, x_shape, dt_shape, A_shape, B_shape, C_shape, D_shape, bias_shap
     return 2 * _fused_flops(x_shape, weight_shape, dilations, scan)
 
 
+# ----------------------------------------------------------------------------------------------------
+# public functions (checked inputs -> ops)
+
+
+def structure_aware_ssm_fused(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
+    alpha: Tensor, dilations: Sequence[int], H: int, W: int, scan: str = "row",
+) -> Tensor:
+    """One op (`spatial_mamba::structure_aware_ssm_fused`): scan -> fusion -> observation, y (B, L, D) in x's
+    dtype. Shapes as in `reference.structure_aware_ssm_ref`, checks as in `check_inputs`."""
+    check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, fused=True)
+    return structure_aware_ssm_fused_op(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan)[0]
+
+
+def structure_aware_ssm_triton(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
+    alpha: Tensor, dilations: Sequence[int], H: int, W: int, scan: str = "row",
+) -> Tensor:
+    """Triton scan (op `spatial_mamba::selective_scan`, fp32 states) + the reference's torch fusion and
+    observation. Returns y (B, L, D) in x's dtype. Shapes and checks as for the fused op."""
+    check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
+    h = selective_scan(x, dt, A, B, dt_bias, H, W, scan).transpose(1, 2)[:, :, None]  # (B, L, D) -> (B, D, 1, L)
+    h = state_fusion_ref(h, weight.float(), alpha.float(), dilations, H, W)
+    y = observe(h, C.float().transpose(1, 2), D.float(), x.float().transpose(1, 2))  # (B, D, L)
+    return y.transpose(1, 2).to(x.dtype)
+
+
 __all__ = [
     "check_inputs",
     "selective_scan",
     "selective_scan_backward",
     "structure_aware_ssm_fused_backward",
+    "structure_aware_ssm_fused",
     "structure_aware_ssm_fused_op",
+    "structure_aware_ssm_triton",
 ]

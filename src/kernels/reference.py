@@ -1,17 +1,20 @@
 """Plain-PyTorch reference of the structure-aware SSM: the specification every kernel is tested against.
 
-Readable, float64-capable and differentiable by autograd. Shapes (L = H·W, tokens in raster order):
+Readable, float64-capable and differentiable by autograd. The op's interface is channels last, as the
+model's activations are (L = H·W tokens in raster order):
 
-    x      (B, D, L)      input of the scan (after the depthwise conv and SiLU)
-    dt     (B, D, L)      Δ before its bias: Δ = softplus(dt + dt_bias)
+    x      (B, L, D)      input of the scan (after the depthwise conv and SiLU)
+    dt     (B, L, D)      Δ before its bias: Δ = softplus(dt + dt_bias)
     A      (D, N)         negative decay rates, A = -exp(A_log)
-    B, C   (B, N, L)      input and output projections, shared by all channels
+    B, C   (B, L, N)      input and output projections, shared by all channels
     D      (D,)           skip connection
     weight (K, D, k, k)   one depthwise k×k fusion kernel per dilation
     alpha  (K,)           mixing weight per dilation
+    y      (B, L, D)      output
 
-The scan returns the states h (B, D, N, L) of every token, always at its raster position, whatever
-order the scan visits the tokens in. The fusion mixes each state with its spatial neighbours:
+Inside, the reference computes channels first (its helpers take x, dt (B, D, L) and B, C (B, N, L)): the
+scan returns the states h (B, D, N, L) of every token, always at its raster position, whatever order the
+scan visits the tokens in. The fusion mixes each state with its spatial neighbours:
 h' = Σ_i alpha_i · dwconv_k(replicate_pad(h), dilation d_i). The output is y = Σ_n h'_n · C_n + D · x.
 """
 
@@ -137,7 +140,9 @@ def observe(h: torch.Tensor, C: torch.Tensor, D: torch.Tensor, x: torch.Tensor) 
 def structure_aware_ssm_ref(
     x, dt, A, B, C, D, dt_bias, weight, alpha, dilations: Sequence[int], H: int, W: int, scan: str = "row"
 ) -> torch.Tensor:
-    """The whole op: scan -> structure-aware state fusion -> observation. Returns y (B, D, L)."""
+    """The whole op: scan -> structure-aware state fusion -> observation, channels last: x, dt (B, L, D),
+    B, C (B, L, N) -> y (B, L, D)."""
+    x, dt, B, C = (t.transpose(1, 2) for t in (x, dt, B, C))  # (B, L, ·) -> (B, ·, L)
     h = scan_states(x, dt, A, B, dt_bias, H, W, scan)
     h = state_fusion_ref(h, weight, alpha, dilations, H, W)
-    return observe(h, C, D, x)
+    return observe(h, C, D, x).transpose(1, 2)

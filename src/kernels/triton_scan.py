@@ -1,27 +1,34 @@
 """Triton selective scan with state size 1: h_t = exp(Δ_t·A)·h_{t-1} + Δ_t·B_t·x_t, Δ = softplus(dt + dt_bias).
 
-Every kernel here works on a (BLOCK_D channels × BLOCK_L steps) tile of one batch element and walks the
-whole sequence, carrying the last state of each tile into the next (`tl.associative_scan` inside a tile),
-all in fp32 whatever the input dtype. Scan directions are index arithmetic on the step t -> raster
-position (`_raster`), never permuted copies. The backward walks the tiles from the last and scans each
-ascending-loaded tile with `reverse=True` (descending index ranges defeat coalescing and vector loads; the
-tests check the reverse scan against the reference), using the forward states of that direction.
+Layout: channels last. Activations x, dt are (B, L, D) and B is (B, L, 1), read through their strides (any
+layout, nothing copied; D-contiguous is the fast one, as the model produces them). States h and every buffer
+the launchers allocate are contiguous (B, L, D). A tile is (BLOCK_L steps × BLOCK_D channels): each step of
+it is one contiguous vector of channels, the scan runs down the tile (`tl.associative_scan`, axis 0) in fp32
+whatever the input dtype, and the last state carries into the next tile. Scan directions are index
+arithmetic on the step t -> raster position (`_raster`), never permuted copies.
 
-Activations (x, dt, B) are read through their strides (any layout, no copies); states, state gradients
-and everything the wrappers allocate are contiguous (B, D, L).
+Chunks: when batch × channel blocks alone would leave the GPU idle (long sequences of dense tasks, small
+batches), the steps are split into chunks that run in parallel. A first pass writes, per chunk, its total
+log-decay and its end state from a zero start (`SUMMARY`); the second pass starts each chunk from the states
+of the chunks before it (combined from those summaries, a few fp32 vectors) and writes the states. The
+backward does the same in the reverse direction.
 
-Public: `structure_aware_ssm_triton` (this scan + the plain-torch fusion and observation of reference.py).
+Backward (reverse recurrence in scan order, g_t = dh_t + exp(dA_{t+1})·g_{t+1}); with dA = Δ·A, u = Δ·B·x:
+d(dA_t) = g_t·exp(dA_t)·h_{t-1}, dx = g·Δ·B (+ D·dy), dΔ = d(dA)·A + g·B·x, ddt = dΔ·softplus'(dt + bias).
+dB (over the tile's channels) and dA, d(dt_bias), dD (over the chunk's steps) go to fp32 partial buffers
+that the launcher sums in a fixed order: no atomics, the same bits on every run.
+
+Public: `scan_forward`, `scan_backward` (launchers, no checks: `ops.py` checks inputs first).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
-
-from .reference import SCANS
 
 DIRECTION_FLAGS = {  # direction -> (REVERSED, COLUMN)
     "row": (False, False),
@@ -62,187 +69,256 @@ def _first_order(a1, b1, a2, b2):
 
 
 @triton.jit
-def _last_column(v, BLOCK_L: tl.constexpr):
-    cols = tl.arange(0, BLOCK_L)
-    return tl.sum(tl.where(cols[None, :] == BLOCK_L - 1, v, 0.0), axis=1)
-
-
-@triton.jit
-def _first_column(v, BLOCK_L: tl.constexpr):
-    cols = tl.arange(0, BLOCK_L)
-    return tl.sum(tl.where(cols[None, :] == 0, v, 0.0), axis=1)
+def _row(v, i, BLOCK_L: tl.constexpr):
+    """Row i of a (BLOCK_L, BLOCK_D) tile as a (BLOCK_D,) vector."""
+    rows = tl.arange(0, BLOCK_L)
+    return tl.sum(tl.where(rows[:, None] == i, v, 0.0), axis=0)
 
 
 @triton.jit
 def _scan_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, h_ptr,
-    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sB_b, sB_l,
-    D, L, H, W,
-    REVERSED: tl.constexpr, COLUMN: tl.constexpr, ACCUMULATE: tl.constexpr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, h_ptr, sum_ptr, end_ptr,
+    sx_b, sx_l, sx_d, sdt_b, sdt_l, sdt_d, sB_b, sB_l,
+    D, L, H, W, chunk_len, n_chunks,
+    REVERSED: tl.constexpr, COLUMN: tl.constexpr, ACCUMULATE: tl.constexpr, SUMMARY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """States of one direction, written (or added, ACCUMULATE) at raster positions into fp32 h (B, D, L)."""
+    """One chunk of one direction's scan for (BLOCK_D channels, batch b). SUMMARY: write the chunk's total
+    log-decay and end state (from zero) only; else: write (or add, ACCUMULATE) its states into h."""
     pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     A = tl.load(A_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    x_base = x_ptr + b * sx_b + offs_d.to(tl.int64)[:, None] * sx_d
-    dt_base = dt_ptr + b * sdt_b + offs_d.to(tl.int64)[:, None] * sdt_d
-    h_base = h_ptr + (b * D + offs_d.to(tl.int64))[:, None] * L
+    x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
+    dt_base = dt_ptr + b * sdt_b + offs_d[None, :] * sdt_d
+    h_base = h_ptr + b * L * D + offs_d[None, :]
+    summaries = b * n_chunks * D + offs_d
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, L, BLOCK_L):
-        t = start + tl.arange(0, BLOCK_L)
-        mask_l = t < L
+    if not SUMMARY:  # the state entering this chunk, composed from the summaries of the chunks before it
+        for j in range(0, pid_c):
+            s = tl.load(sum_ptr + summaries + j * D, mask=mask_d, other=0.0)
+            e = tl.load(end_ptr + summaries + j * D, mask=mask_d, other=0.0)
+            carry = tl.exp(s) * carry + e
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = pid_c * chunk_len
+    end = tl.minimum(start + chunk_len, L)
+    for t0 in range(start, end, BLOCK_L):
+        t = t0 + tl.arange(0, BLOCK_L)
+        mask_l = t < end
         pos = _raster(t, L, H, W, REVERSED, COLUMN)
-        m = mask_d[:, None] & mask_l[None, :]
-        xv = tl.load(x_base + pos[None, :] * sx_l, mask=m, other=0.0).to(tl.float32)
-        dtv = tl.load(dt_base + pos[None, :] * sdt_l, mask=m, other=0.0).to(tl.float32)
+        m = mask_l[:, None] & mask_d[None, :]
+        xv = tl.load(x_base + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+        dtv = tl.load(dt_base + pos[:, None] * sdt_l, mask=m, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + b * sB_b + pos * sB_l, mask=mask_l, other=0.0).to(tl.float32)
-        delta = _softplus(dtv + bias[:, None])
-        decay = tl.where(m, tl.exp(delta * A[:, None]), 1.0)
-        u = delta * xv * Bv[None, :]
-        a_s, h_s = tl.associative_scan((decay, u), axis=1, combine_fn=_first_order)
-        h = h_s + a_s * carry[:, None]
-        carry = _last_column(h, BLOCK_L)  # this direction's state carries into the next tile
-        h_ptrs = h_base + pos[None, :]
-        if ACCUMULATE:
-            h += tl.load(h_ptrs, mask=m, other=0.0)
-        tl.store(h_ptrs, h, mask=m)
+        delta = _softplus(dtv + bias[None, :])
+        dA = delta * A[None, :]
+        decay = tl.where(m, tl.exp(dA), 1.0)  # steps past the end leave the state as it is
+        u = tl.where(m, delta * xv * Bv[:, None], 0.0)
+        a_s, h_s = tl.associative_scan((decay, u), axis=0, combine_fn=_first_order)
+        h = h_s + a_s * carry[None, :]
+        carry = _row(h, BLOCK_L - 1, BLOCK_L)
+        if SUMMARY:
+            total += tl.sum(tl.where(m, dA, 0.0), axis=0)
+        else:
+            h_ptrs = h_base + pos[:, None] * D
+            if ACCUMULATE:
+                h += tl.load(h_ptrs, mask=m, other=0.0).to(tl.float32)
+            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=m)
+    if SUMMARY:
+        tl.store(sum_ptr + summaries + pid_c * D, total, mask=mask_d)
+        tl.store(end_ptr + summaries + pid_c * D, carry, mask=mask_d)
 
 
 @triton.jit
 def _scan_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, h_ptr, dh_ptr, dy_ptr, Dskip_ptr,
-    dx_ptr, ddt_ptr, dB_part_ptr, dA_part_ptr, dbias_part_ptr,
-    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sB_b, sB_l, sdy_b, sdy_d, sdy_l,
-    Bsz, D, L, H, W,
+    dx_ptr, ddt_ptr, dB_part_ptr, dA_part_ptr, dbias_part_ptr, dD_part_ptr, sum_ptr, end_ptr,
+    sx_b, sx_l, sx_d, sdt_b, sdt_l, sdt_d, sB_b, sB_l, sdy_b, sdy_l, sdy_d,
+    Bsz, D, L, H, W, chunk_len, n_chunks,
     REVERSED: tl.constexpr, COLUMN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DY: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    SUMMARY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Gradients of one direction's scan given dh (fp32, raster positions) and its states h (fp32).
-
-    Reverse recurrence in scan order: g_t = dh_t + exp(dA_{t+1})·g_{t+1}; then with Δ, dA = Δ·A, u = Δ·B·x:
-    d(dA_t) = g_t·exp(dA_t)·h_{t-1}, dx = g·Δ·B (+ D·dy), dΔ = d(dA)·A + g·B·x, ddt = dΔ·softplus'(dt+bias);
-    dB (summed over this tile's channels), dA and d(dt_bias) (summed over steps) go to fp32 partial buffers."""
+    """Gradients of one chunk of one direction's scan, given dh and that direction's states h (both
+    (B, L, D) at raster positions). Tiles are walked from the chunk's last, each loaded ascending and
+    suffix-scanned (`reverse=True`). SUMMARY: write the chunk's total log-decay of the following steps and
+    its g at the first step (from a zero start after the chunk) only."""
     pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     A = tl.load(A_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    offs_d64 = offs_d.to(tl.int64)
-    x_base = x_ptr + b * sx_b + offs_d64[:, None] * sx_d
-    dt_base = dt_ptr + b * sdt_b + offs_d64[:, None] * sdt_d
-    row = (b * D + offs_d64)[:, None] * L  # contiguous (B, D, L) buffers
+    x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
+    dt_base = dt_ptr + b * sdt_b + offs_d[None, :] * sdt_d
+    state_base = b * L * D + offs_d[None, :]  # contiguous (B, L, D) buffers
+    summaries = b * n_chunks * D + offs_d
+    carry = tl.zeros([BLOCK_D], dtype=tl.float32)  # g at the first step after this chunk
+    if not SUMMARY:
+        for jj in range(0, n_chunks - 1 - pid_c):
+            j = n_chunks - 1 - jj
+            s = tl.load(sum_ptr + summaries + j * D, mask=mask_d, other=0.0)
+            e = tl.load(end_ptr + summaries + j * D, mask=mask_d, other=0.0)
+            carry = tl.exp(s) * carry + e
     if HAS_DY:
         Dskip = tl.load(Dskip_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dy_base = dy_ptr + b * sdy_b + offs_d64[:, None] * sdy_d
+        dy_base = dy_ptr + b * sdy_b + offs_d[None, :] * sdy_d
     dB_base = dB_part_ptr + (pid_d * Bsz + b) * L
-    carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dA = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    n_tiles = tl.cdiv(L, BLOCK_L)
+    acc_dD = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = pid_c * chunk_len
+    end = tl.minimum(start + chunk_len, L)
+    n_tiles = tl.cdiv(end - start, BLOCK_L)
     for i in range(0, n_tiles):
-        t = (n_tiles - 1 - i) * BLOCK_L + tl.arange(0, BLOCK_L)  # tiles from the last, ascending inside
-        mask_l = t < L
-        m = mask_d[:, None] & mask_l[None, :]
+        t = start + (n_tiles - 1 - i) * BLOCK_L + tl.arange(0, BLOCK_L)  # tiles from the last, ascending inside
+        mask_l = t < end
+        m = mask_l[:, None] & mask_d[None, :]
         pos = _raster(t, L, H, W, REVERSED, COLUMN)
-        # decay of the following step t+1, which carries g_{t+1} back to step t
-        m_next = m & (t[None, :] + 1 < L)
+        # decay of the following step t+1, which carries g_{t+1} back to step t (none after the sequence's
+        # end); steps past the chunk's end pass g through unchanged (decay 1, dh 0)
+        has_next = mask_l & (t + 1 < L)
+        m_next = has_next[:, None] & mask_d[None, :]
         pos_next = _raster(t + 1, L, H, W, REVERSED, COLUMN)
-        dt_next = tl.load(dt_base + pos_next[None, :] * sdt_l, mask=m_next, other=0.0).to(tl.float32)
-        decay_next = tl.where(m_next, tl.exp(_softplus(dt_next + bias[:, None]) * A[:, None]), 0.0)
-        dh = tl.load(dh_ptr + row + pos[None, :], mask=m, other=0.0)
-        # suffix scan (flip, scan with the same combine, flip back): g_t = dh_t + decay_{t+1}·g_{t+1}
-        g_a, g_b = tl.associative_scan((decay_next, dh), axis=1, combine_fn=_first_order, reverse=True)
-        g = g_b + g_a * carry[:, None]
-        carry = _first_column(g, BLOCK_L)
-
-        m_prev = m & (t[None, :] >= 1)
-        pos_prev = _raster(t - 1, L, H, W, REVERSED, COLUMN)
-        h_prev = tl.load(h_ptr + row + pos_prev[None, :], mask=m_prev, other=0.0)
-        xv = tl.load(x_base + pos[None, :] * sx_l, mask=m, other=0.0).to(tl.float32)
-        v = tl.load(dt_base + pos[None, :] * sdt_l, mask=m, other=0.0).to(tl.float32) + bias[:, None]
-        Bv = tl.load(B_ptr + b * sB_b + pos * sB_l, mask=mask_l, other=0.0).to(tl.float32)
-        delta = _softplus(v)
-        d_dA = g * tl.exp(delta * A[:, None]) * h_prev
-        dx = g * delta * Bv[None, :]
-        if HAS_DY:
-            dx += Dskip[:, None] * tl.load(dy_base + pos[None, :] * sdy_l, mask=m, other=0.0).to(tl.float32)
-        d_delta = d_dA * A[:, None] + g * Bv[None, :] * xv
-        ddt = tl.where(m, d_delta * _softplus_grad(v), 0.0)
-        dB = tl.sum(g * delta * xv, axis=0)
-        acc_dA += tl.sum(d_dA * delta, axis=1)
-        acc_dbias += tl.sum(ddt, axis=1)
-
-        out = row + pos[None, :]
+        dt_next = tl.load(dt_base + pos_next[:, None] * sdt_l, mask=m_next, other=0.0).to(tl.float32)
+        dA_next = _softplus(dt_next + bias[None, :]) * A[None, :]
+        decay_next = tl.where(m_next, tl.exp(dA_next), tl.where(m, 0.0, 1.0))
+        dh = tl.load(dh_ptr + state_base + pos[:, None] * D, mask=m, other=0.0).to(tl.float32)
+        g_a, g_b = tl.associative_scan((decay_next, dh), axis=0, combine_fn=_first_order, reverse=True)
+        g = g_b + g_a * carry[None, :]
+        carry = _row(g, 0, BLOCK_L)
+        if SUMMARY:
+            total += tl.sum(tl.where(m_next, dA_next, 0.0), axis=0)
+        else:
+            m_prev = m & (t >= 1)[:, None]
+            pos_prev = _raster(t - 1, L, H, W, REVERSED, COLUMN)
+            h_prev = tl.load(h_ptr + state_base + pos_prev[:, None] * D, mask=m_prev, other=0.0).to(tl.float32)
+            xv = tl.load(x_base + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(dt_base + pos[:, None] * sdt_l, mask=m, other=0.0).to(tl.float32) + bias[None, :]
+            Bv = tl.load(B_ptr + b * sB_b + pos * sB_l, mask=mask_l, other=0.0).to(tl.float32)
+            delta = _softplus(v)
+            d_dA = g * tl.exp(delta * A[None, :]) * h_prev
+            dx = g * delta * Bv[:, None]
+            if HAS_DY:
+                dyv = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32)
+                dx += Dskip[None, :] * dyv
+                acc_dD += tl.sum(dyv * xv, axis=0)
+            d_delta = d_dA * A[None, :] + g * Bv[:, None] * xv
+            ddt = tl.where(m, d_delta * _softplus_grad(v), 0.0)
+            dB = tl.sum(g * delta * xv, axis=1)
+            acc_dA += tl.sum(d_dA * delta, axis=0)
+            acc_dbias += tl.sum(ddt, axis=0)
+            out = state_base + pos[:, None] * D
+            if ACCUMULATE:
+                dx += tl.load(dx_ptr + out, mask=m, other=0.0).to(tl.float32)
+                ddt += tl.load(ddt_ptr + out, mask=m, other=0.0).to(tl.float32)
+                dB += tl.load(dB_base + pos, mask=mask_l, other=0.0)
+            tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
+            tl.store(dB_base + pos, dB, mask=mask_l)
+    if SUMMARY:
+        tl.store(sum_ptr + summaries + pid_c * D, total, mask=mask_d)
+        tl.store(end_ptr + summaries + pid_c * D, carry, mask=mask_d)
+    else:
+        part = summaries + pid_c * D  # (B, n_chunks, D) partial sums
         if ACCUMULATE:
-            dx += tl.load(dx_ptr + out, mask=m, other=0.0).to(tl.float32)
-            ddt += tl.load(ddt_ptr + out, mask=m, other=0.0).to(tl.float32)
-            dB += tl.load(dB_base + pos, mask=mask_l, other=0.0)
-        tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=m)
-        tl.store(ddt_ptr + out, ddt.to(ddt_ptr.dtype.element_ty), mask=m)
-        tl.store(dB_base + pos, dB, mask=mask_l)
-
-    part = b * D + offs_d
-    if ACCUMULATE:
-        acc_dA += tl.load(dA_part_ptr + part, mask=mask_d, other=0.0)
-        acc_dbias += tl.load(dbias_part_ptr + part, mask=mask_d, other=0.0)
-    tl.store(dA_part_ptr + part, acc_dA, mask=mask_d)
-    tl.store(dbias_part_ptr + part, acc_dbias, mask=mask_d)
+            acc_dA += tl.load(dA_part_ptr + part, mask=mask_d, other=0.0)
+            acc_dbias += tl.load(dbias_part_ptr + part, mask=mask_d, other=0.0)
+        tl.store(dA_part_ptr + part, acc_dA, mask=mask_d)
+        tl.store(dbias_part_ptr + part, acc_dbias, mask=mask_d)
+        if HAS_DY:
+            tl.store(dD_part_ptr + part, acc_dD, mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------
 # launchers (no checks: the public functions in ops.py check shapes, dtypes and devices first)
 
 
-MAX_BLOCK_L = 512  # steps per tile (tests lower it to exercise the carry between tiles on small maps)
+MAX_BLOCK_L = 32  # steps per tile (tests lower it to exercise the carry between tiles on small maps)
+MAX_CHUNK_L = None  # steps per chunk; None: chosen to fill the GPU (tests set it to exercise chunking)
+MIN_CHUNK_TILES = 8  # a chunk spans at least this many tiles (the summary pass reads the chunk once more)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _blocks(D: int, L: int) -> tuple[int, int]:
     BLOCK_L = min(MAX_BLOCK_L, max(16, triton.next_power_of_2(L)))
-    BLOCK_D = min(8 if BLOCK_L >= 256 else 16, max(2, triton.next_power_of_2(D)))
+    BLOCK_D = min(32, max(2, triton.next_power_of_2(D)))
     return BLOCK_D, BLOCK_L
 
 
-def scan_forward(x, dt, A, B, dt_bias, H: int, W: int, directions: Sequence[str], out=None) -> torch.Tensor:
-    """fp32 states (B, D, L), summed over `directions`; x, dt (B, D, L) and B (B, 1, L) any strides."""
-    Bsz, D, L = x.shape
-    h = torch.empty(Bsz, D, L, device=x.device, dtype=torch.float32) if out is None else out
+def _chunking(Bsz: int, n_dblk: int, L: int, BLOCK_L: int, device: torch.device) -> tuple[int, int]:
+    """(chunk length, number of chunks): one chunk while batch × channel blocks give every multiprocessor
+    two programs; otherwise enough chunks of at least MIN_CHUNK_TILES tiles to do so."""
+    if MAX_CHUNK_L is not None:
+        chunk = max(BLOCK_L, MAX_CHUNK_L // BLOCK_L * BLOCK_L)
+    else:
+        wanted = triton.cdiv(2 * _num_sms(device), Bsz * n_dblk)
+        n = min(wanted, max(1, L // (MIN_CHUNK_TILES * BLOCK_L)))
+        chunk = triton.cdiv(triton.cdiv(L, max(n, 1)), BLOCK_L) * BLOCK_L
+    return chunk, triton.cdiv(L, chunk)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the states (and their gradients) kept between kernels: bf16 for bf16 activations
+    (halves their memory and traffic; all arithmetic stays fp32), fp32 otherwise."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def scan_forward(x, dt, A, B, dt_bias, H: int, W: int, directions: Sequence[str], out=None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """States (B, L, D) in `dtype` (or into `out`), summed over `directions`; x, dt (B, L, D) and B (B, L, 1)
+    any strides."""
+    Bsz, L, D = x.shape
+    h = torch.empty(Bsz, L, D, device=x.device, dtype=dtype) if out is None else out
     BLOCK_D, BLOCK_L = _blocks(D, L)
-    grid = (triton.cdiv(D, BLOCK_D), Bsz)
+    n_dblk = triton.cdiv(D, BLOCK_D)
+    chunk, n_chunks = _chunking(Bsz, n_dblk, L, BLOCK_L, x.device)
+    sums = torch.empty(Bsz, n_chunks, D, device=x.device, dtype=torch.float32)
+    ends = torch.empty_like(sums)
     for i, direction in enumerate(directions):
         reversed_, column = DIRECTION_FLAGS[direction]
-        _scan_fwd_kernel[grid](
-            x, dt, A, B, dt_bias, h,
-            x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
-            B.stride(0), B.stride(2),
-            D, L, H, W,
-            REVERSED=reversed_, COLUMN=column, ACCUMULATE=i > 0,
-            BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, num_warps=4,
-        )
+        for summary in (True, False) if n_chunks > 1 else (False,):
+            _scan_fwd_kernel[(n_dblk, n_chunks, Bsz)](
+                x, dt, A, B, dt_bias, h, sums, ends,
+                x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
+                B.stride(0), B.stride(1),
+                D, L, H, W, chunk, n_chunks,
+                REVERSED=reversed_, COLUMN=column, ACCUMULATE=i > 0, SUMMARY=summary,
+                BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, num_warps=4,
+            )
     return h
 
 
 def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Sequence[str], dy=None, D_skip=None):
-    """Gradients (dx, ddt, dA, dB, d_dt_bias) of the summed-direction scan given dh (B, D, L) fp32.
+    """Gradients (dx, ddt, dA, dB, d_dt_bias, dD) of the summed-direction scan given dh (B, L, D).
 
     `h` holds the states of the single direction when len(directions) == 1; for several directions each
-    direction's states are recomputed into a scratch buffer. With `dy`, dx also gets D_skip·dy."""
-    Bsz, D, L = x.shape
+    direction's states are recomputed (fp32) into a scratch buffer. With `dy`, dx also gets D_skip·dy and
+    dD = Σ dy·x is returned (else dD is None)."""
+    Bsz, L, D = x.shape
+    dev = x.device
     BLOCK_D, BLOCK_L = _blocks(D, L)
     n_dblk = triton.cdiv(D, BLOCK_D)
+    chunk, n_chunks = _chunking(Bsz, n_dblk, L, BLOCK_L, dev)
     several = len(directions) > 1
     acc_dtype = torch.float32 if several else x.dtype
-    dx = torch.empty(Bsz, D, L, device=x.device, dtype=acc_dtype)
-    ddt = torch.empty(Bsz, D, L, device=x.device, dtype=acc_dtype)
-    dB_part = torch.empty(n_dblk, Bsz, L, device=x.device, dtype=torch.float32)
-    dA_part = torch.empty(Bsz, D, device=x.device, dtype=torch.float32)
-    dbias_part = torch.empty(Bsz, D, device=x.device, dtype=torch.float32)
+    dx = torch.empty(Bsz, L, D, device=dev, dtype=acc_dtype)
+    ddt = torch.empty(Bsz, L, D, device=dev, dtype=acc_dtype)
+    dB_part = torch.empty(n_dblk, Bsz, L, device=dev, dtype=torch.float32)
+    dA_part, dbias_part, dD_part, sums, ends = (
+        torch.empty(Bsz, n_chunks, D, device=dev, dtype=torch.float32) for _ in range(5)
+    )
     dh = dh.contiguous()
-    states = torch.empty_like(dh) if several else h
+    states = torch.empty(Bsz, L, D, device=dev, dtype=torch.float32) if several else h
     has_dy = dy is not None
     if not has_dy:
         dy, D_skip = dh, A  # placeholders, never read
@@ -250,45 +326,25 @@ def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Seque
         if several:
             scan_forward(x, dt, A, B, dt_bias, H, W, (direction,), out=states)
         reversed_, column = DIRECTION_FLAGS[direction]
-        _scan_bwd_kernel[(n_dblk, Bsz)](
-            x, dt, A, B, dt_bias, states, dh, dy, D_skip,
-            dx, ddt, dB_part, dA_part, dbias_part,
-            x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
-            B.stride(0), B.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
-            Bsz, D, L, H, W,
-            REVERSED=reversed_, COLUMN=column, ACCUMULATE=i > 0, HAS_DY=has_dy and i == 0,
-            BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, num_warps=4,
-        )
-    dB = dB_part.sum(0)[:, None, :].to(B.dtype)  # (n_dblk, B, L) -> (B, 1, L)
-    dA = dA_part.sum(0)[:, None].to(A.dtype)  # (B, D) -> (D, 1)
-    dbias = dbias_part.sum(0).to(dt_bias.dtype)
-    return dx.to(x.dtype), ddt.to(dt.dtype), dA, dB, dbias
+        for summary in (True, False) if n_chunks > 1 else (False,):
+            _scan_bwd_kernel[(n_dblk, n_chunks, Bsz)](
+                x, dt, A, B, dt_bias, states, dh, dy, D_skip,
+                dx, ddt, dB_part, dA_part, dbias_part, dD_part, sums, ends,
+                x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
+                B.stride(0), B.stride(1), dy.stride(0), dy.stride(1), dy.stride(2),
+                Bsz, D, L, H, W, chunk, n_chunks,
+                REVERSED=reversed_, COLUMN=column, ACCUMULATE=i > 0, HAS_DY=has_dy and i == 0,
+                SUMMARY=summary, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, num_warps=4,
+            )
+    dB = dB_part.sum(0)[:, :, None].to(B.dtype)  # (n_dblk, B, L) -> (B, L, 1)
+    dA = dA_part.sum((0, 1))[:, None].to(A.dtype)  # (B, n_chunks, D) -> (D, 1)
+    dbias = dbias_part.sum((0, 1)).to(dt_bias.dtype)
+    dD = dD_part.sum((0, 1)).to(D_skip.dtype) if has_dy else None
+    return dx.to(x.dtype), ddt.to(dt.dtype), dA, dB, dbias, dD
 
 
-def structure_aware_ssm_triton(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor,
-    dt_bias: torch.Tensor,
-    weight: torch.Tensor,
-    alpha: torch.Tensor,
-    dilations: Sequence[int],
-    H: int,
-    W: int,
-    scan: str = "row",
-) -> torch.Tensor:
-    """Triton scan (op `spatial_mamba::selective_scan`, fp32 states) + the reference's torch fusion and
-    observation. Returns y (B, D, L) in x's dtype. Shapes and checks as in `ops.check_inputs`."""
-    from . import ops
-    from .reference import observe, state_fusion_ref
-
-    ops.check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
-    h = ops.selective_scan(x, dt, A, B, dt_bias, H, W, scan)[:, :, None]  # (B, D, L) -> (B, D, 1, L)
-    h = state_fusion_ref(h, weight.float(), alpha.float(), dilations, H, W)
-    return observe(h, C.float(), D.float(), x.float()).to(x.dtype)
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-__all__ = ["SCANS", "scan_backward", "scan_forward", "structure_aware_ssm_triton"]
+__all__ = ["DIRECTION_FLAGS", "scan_backward", "scan_forward", "state_dtype", "triton_interpreted"]

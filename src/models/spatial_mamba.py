@@ -100,16 +100,16 @@ class StructureAwareSSM(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         Bsz, H, W, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each
-        x = F.silu(self.conv(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
-        x = x.flatten(2)  # (B, D, H, W) -> (B, D, L)
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt).transpose(1, 2)  # (B, L, R) -> (B, D, L)
+        x = F.silu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)  # (B, H, W, D), conv on a view
+        x = x.reshape(Bsz, H * W, self.d_inner)  # (B, L, D): a view, the conv output being channels-last
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt)  # (B, L, R) -> (B, L, D)
         y = structure_aware_ssm(
-            x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), self.D, self.dt_bias,
+            x, dt, -torch.exp(self.A_log.float()), B, C, self.D, self.dt_bias,
             self.state_fusion.weight, self.state_fusion.alpha, self.state_fusion.dilations, H, W,
             scan=self.scan, backend=self.backend,
-        )  # (B, D, L)
-        y = self.out_norm(y.transpose(1, 2).reshape(Bsz, H, W, self.d_inner))
+        )  # (B, L, D), channels last throughout: no transposes around the op
+        y = self.out_norm(y.reshape(Bsz, H, W, self.d_inner))
         return self.out_proj(y * F.silu(z))
 
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The kernels on one GPU, in one go from a cold start: the GPU tests (timed), the op benchmark with the
+# per-kernel profile at stage 1, then optionally the whole-model throughput and the training-equivalence
+# check. Logs and JSON go to $OUT (default out/).
+#
+#   bash benchmarks/gpu_kernels.sh            # tests + op benchmark (stage 1 only: --quick)
+#   bash benchmarks/gpu_kernels.sh full       # + every op shape, throughput (T eager/compiled, ConvNeXt-T,
+#                                             #   Swin-T) and the training-equivalence check
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+what=${1:-quick}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+
+if [ "$what" != "bench" ]; then
+  start=$(date +%s)
+  python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+  echo "pytest -m gpu: $(( $(date +%s) - start )) s from a cold start" | tee -a "$OUT/gpu_tests.log"
+fi
+if [ "$what" = "quick" ]; then
+  python benchmarks/ops.py --quick --skip-torch --profile --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+else
+  python benchmarks/ops.py --skip-torch --profile --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+  python benchmarks/throughput.py --models t,convnext_tiny,swin_tiny_patch4_window7_224 --backends fused \
+    --precisions bf16 --modes eager,compiled 2>&1 | tee "$OUT/throughput.log"
+  python benchmarks/loss_curve.py --model t --size 64 --batch 32 --steps 200 --json "$OUT/equivalence.json" \
+    2>&1 | tee "$OUT/equivalence.log"
+fi
