@@ -295,7 +295,7 @@ def test_bf16_gpu(backend, scan):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend,config", [("triton", 0)] + [("fused", i) for i in range(len(fused_mod.PARAM_CONFIGS))])
+@pytest.mark.parametrize("backend,config", [("triton", 0)] + [("fused", i) for i in range(len(fused_mod.BWD_CONFIGS))])
 def test_fp32_gpu_large_tiles(backend, config, monkeypatch):
     """Production tile sizes on a stage-1-like map (56×56) and a tail (17×23), each candidate tile of the
     fusion kernels (the tuner may pick any)."""
@@ -303,7 +303,7 @@ def test_fp32_gpu_large_tiles(backend, config, monkeypatch):
     monkeypatch.setattr(fused_mod, "ROWS_PER_PROGRAM", None)
     fwd = fused_mod.FWD_CONFIGS
     monkeypatch.setattr(fused_mod, "FWD_CONFIGS", (fwd[config % len(fwd)],))
-    monkeypatch.setattr(fused_mod, "PARAM_CONFIGS", (fused_mod.PARAM_CONFIGS[config],))
+    monkeypatch.setattr(fused_mod, "BWD_CONFIGS", (fused_mod.BWD_CONFIGS[config],))
     for H, W, scan in ((56, 56, "row"), (17, 23, "cross")):
         t = make_inputs(Bsz=2, D=24, H=H, W=W, K=3)
         check_against_reference(backend, t, [1, 3, 5], H, W, scan, TOL[torch.float32])

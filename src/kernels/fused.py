@@ -145,31 +145,51 @@ def _edge_sum(dy_vec, C_base, start, n, sdy_l, sC_l, mask_d, BLOCK_D: tl.constex
 
 
 @triton.jit
-def _transposed_gather(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d, cols, mask_c, mask_d, H, W, left, right,
-                       ROW_STEP: tl.constexpr, COL_STEP: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    """Σ of g = dy·C over the positions p whose tap (dr, dc) = (ROW_STEP·d, COL_STEP·d) reads (r, cols)
-    after the replicate clamp: the folded adjoint of one tap, a (BLOCK_C, BLOCK_D) fp32 tile."""
+def _g_tile(dy_base, C_base, sdy_l, sC_l, p, ok, mask_d):
+    """g = dy·C at raster positions p (zero where not ok), a (BLOCK_C, BLOCK_D) fp32 tile."""
+    Cv = tl.load(C_base + p * sC_l, mask=ok, other=0.0).to(tl.float32)
+    gv = tl.load(dy_base + p[:, None] * sdy_l, mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    return gv * Cv[:, None]
+
+
+@triton.jit
+def _edge_fold(dy_vec, C_base, sdy_l, sC_l, row, cols, d, W, mask_d, left, right, COL_STEP: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The columns that the clamp of tap column offset dc = COL_STEP·d moved onto column 0 (dc < 0: columns
+    [0, −dc)) or column W−1 (dc > 0: [W − dc, W)), summed from source row `row` and placed at that column of
+    a (BLOCK_C, BLOCK_D) tile (zero elsewhere, and in tiles not holding that column)."""
     dc = COL_STEP * d
-    lo, hi = _box_range(r, ROW_STEP * d, H)
+    fold = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    if COL_STEP < 0:
+        if left:
+            edge = _edge_sum(dy_vec, C_base, row * W, tl.minimum(-dc, W), sdy_l, sC_l, mask_d, BLOCK_D)
+            fold = tl.where((cols == 0)[:, None], edge[None, :], 0.0)
+    if COL_STEP > 0:
+        if right:
+            n = tl.minimum(dc, W)
+            edge = _edge_sum(dy_vec, C_base, row * W + W - n, n, sdy_l, sC_l, mask_d, BLOCK_D)
+            fold = tl.where((cols == W - 1)[:, None], edge[None, :], 0.0)
+    return fold
+
+
+@triton.jit
+def _border_rows_fold(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d, cols, mask_c, mask_d, H, W, left, right,
+                      ROW_STEP: tl.constexpr, COL_STEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For the first and last row: the source rows other than r − dr that the clamp of tap (dr, dc) moved
+    onto row r (the box [lo, hi] of `_box_range`), each gathered like the main row, column folds included."""
+    dr = ROW_STEP * d
+    dc = COL_STEP * d
+    lo, hi = _box_range(r, dr, H)
     src_c = cols - dc
     ok_c = mask_c & (src_c >= 0) & (src_c < W)
-    mk = ok_c[:, None] & mask_d[None, :]
-    gT = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    fold = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     for sr in range(lo, hi + 1):
-        p = sr * W + src_c
-        Cv = tl.load(C_base + p * sC_l, mask=ok_c, other=0.0).to(tl.float32)
-        gT += tl.load(dy_base + p[:, None] * sdy_l, mask=mk, other=0.0).to(tl.float32) * Cv[:, None]
-        if COL_STEP < 0:
-            if left:  # column 0 also takes the columns [0, -dc) that the clamp moved onto it
-                edge = _edge_sum(dy_vec, C_base, sr * W, tl.minimum(-dc, W), sdy_l, sC_l, mask_d, BLOCK_D)
-                gT += tl.where((cols == 0)[:, None], edge[None, :], 0.0)
-        if COL_STEP > 0:
-            if right:  # column W-1 also takes the columns [W - dc, W)
-                n = tl.minimum(dc, W)
-                edge = _edge_sum(dy_vec, C_base, sr * W + W - n, n, sdy_l, sC_l, mask_d, BLOCK_D)
-                gT += tl.where((cols == W - 1)[:, None], edge[None, :], 0.0)
-    return gT
+        if sr != r - dr:  # the main gather has that one
+            fold += _g_tile(dy_base, C_base, sdy_l, sC_l, sr * W + src_c, ok_c, mask_d)
+            if COL_STEP != 0:
+                fold += _edge_fold(dy_vec, C_base, sdy_l, sC_l, sr, cols, d, W, mask_d, left, right, COL_STEP,
+                                   BLOCK_C, BLOCK_D)
+    return fold
 
 
 @triton.jit
@@ -204,17 +224,45 @@ def _fusion_bwd_state_kernel(
             Cv = tl.load(C_base + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
             dh = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32) * Cv[:, None]
         else:
+            # main gathers: tap (dr, dc) sends g at (r − dr, c − dc) to (r, c) when that position exists —
+            # straight-line code, so all taps' loads are in flight together
             dh = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
             for k in tl.static_range(NDIL):
                 d = (dil_packed >> (8 * k)) & 255
                 for a in tl.static_range(KS):
+                    sr = r - (a - KS // 2) * d
+                    row_ok = (sr >= 0) & (sr < H)
                     for c in tl.static_range(KS):
                         if k == 0 or a != KS // 2 or c != KS // 2:
-                            gT = _transposed_gather(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d, cols, mask_c,
-                                                    mask_d, H, W, left, right, a - KS // 2, c - KS // 2,
-                                                    BLOCK_C, BLOCK_D)
+                            src_c = cols - (c - KS // 2) * d
+                            ok = mask_c & (src_c >= 0) & (src_c < W) & row_ok
                             w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
-                            dh += w[None, :] * gT
+                            dh += w[None, :] * _g_tile(dy_base, C_base, sdy_l, sC_l, sr * W + src_c, ok, mask_d)
+            # the halo folded back: columns clamped onto column 0 / W-1 (edge tiles only) ...
+            if left | right:
+                for k in tl.static_range(NDIL):
+                    d = (dil_packed >> (8 * k)) & 255
+                    for a in tl.static_range(KS):
+                        sr = r - (a - KS // 2) * d
+                        if (sr >= 0) & (sr < H):
+                            for c in tl.static_range(KS):
+                                if c != KS // 2:
+                                    w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d,
+                                                other=0.0)
+                                    dh += w[None, :] * _edge_fold(dy_vec, C_base, sdy_l, sC_l, sr, cols, d, W,
+                                                                  mask_d, left, right, c - KS // 2, BLOCK_C,
+                                                                  BLOCK_D)
+            # ... and rows clamped onto the first / last row
+            if (r == 0) | (r == H - 1):
+                for k in tl.static_range(NDIL):
+                    d = (dil_packed >> (8 * k)) & 255
+                    for a in tl.static_range(KS):
+                        if a != KS // 2:
+                            for c in tl.static_range(KS):
+                                w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                                dh += w[None, :] * _border_rows_fold(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d,
+                                                                     cols, mask_c, mask_d, H, W, left, right,
+                                                                     a - KS // 2, c - KS // 2, BLOCK_C, BLOCK_D)
         tl.store(dh_base + pos[:, None] * D, dh.to(dh_ptr.dtype.element_ty), mask=m)
 
 
@@ -257,10 +305,11 @@ def _fusion_bwd_param_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launchers (no checks: ops.py checks shapes, dtypes and devices first)
 
-# candidate tiles (BLOCK_C columns, BLOCK_D channels, warps), also for dh; the weight-gradient kernel keeps one
-# accumulator tile per tap, so its tiles hold about 4 elements per thread
+# candidate tiles (BLOCK_C columns, BLOCK_D channels, warps). The backward kernels hold more per element (one
+# accumulator tile per tap; all taps' loads in flight), so their tiles keep about 4 elements per thread: at
+# 8 they spill registers (ptxas, sm_90)
 FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (64, 32, 8))
-PARAM_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8))
+BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8))
 INTERPRETER_CONFIG = (8, 16, 1)  # tile in the CPU interpreter (the kernel tests lower it)
 ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8 programs (tests set it)
 _TUNED: dict[str, tuple[int, int, int]] = {}
@@ -387,8 +436,8 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
             NDIL=K, KS=ks, NTAP=NTAP, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
         )
 
-    run_state(_pick_config("fusion_bwd_state", key, _candidates(FWD_CONFIGS, Dm, W), run_state))
-    run_param(_pick_config("fusion_bwd_param", key, _candidates(PARAM_CONFIGS, Dm, W), run_param))
+    run_state(_pick_config("fusion_bwd_state", key, _candidates(BWD_CONFIGS, Dm, W), run_state))
+    run_param(_pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param))
     dx, ddt, dA, dB, dbias, dD = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
     dC = out["dC_part"].sum(0)[:, :, None].to(C.dtype)  # (channel blocks, B, L) -> (B, L, 1)
     if K:

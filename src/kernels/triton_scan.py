@@ -251,7 +251,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _blocks(D: int, L: int) -> tuple[int, int]:
     BLOCK_L = min(MAX_BLOCK_L, max(16, triton.next_power_of_2(L)))
-    BLOCK_D = min(32, max(2, triton.next_power_of_2(D)))
+    BLOCK_D = min(16, max(2, triton.next_power_of_2(D)))
     return BLOCK_D, BLOCK_L
 
 
