@@ -21,7 +21,7 @@ Options of `bench` (each runs the published training augmentation or the closest
                   normalize, per-image erasing). Needs CUDA; approximate recipe like tv-cpu.
 img/s per core = img/s / CPU processes used (workers; + 1 for the main process of gpu-nvjpeg).
 
-`ThroughputPrinter` (a Lightning callback, used by benchmarks/gpu_issue6.sh) prints training img/s per epoch.
+`ThroughputPrinter` (a Lightning callback, used by benchmarks/gpu_input_pipeline.sh) prints training img/s per epoch.
 """
 
 from __future__ import annotations

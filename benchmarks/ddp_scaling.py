@@ -1,4 +1,4 @@
-"""DDP scaling of a training recipe on one host (issue 8): the same `main.py fit` on 1, 2, 4, ... devices with
+"""DDP scaling of a training recipe on one host: the same `main.py fit` on 1, 2, 4, ... devices with
 `trainer.strategy=ddp`, reporting training img/s per device and the scaling efficiency
 (N-device img/s ÷ (N × 1-device img/s)), and after every run three checks:
 

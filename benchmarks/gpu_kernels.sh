@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_kernels.sh            # tests + op benchmark (stage 1 only: --quick)
 #   bash benchmarks/gpu_kernels.sh full       # + every op shape, throughput (T eager/compiled, ConvNeXt-T,
 #                                             #   Swin-T) and the training-equivalence check
+#   bash benchmarks/gpu_kernels.sh bench|speed|equivalence   # only the op benchmark / + throughput / only the check
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 OUT=${OUT:-out}
@@ -14,17 +15,20 @@ what=${1:-quick}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
 
-if [ "$what" != "bench" ]; then
+if [ "$what" = "quick" ] || [ "$what" = "full" ]; then
   start=$(date +%s)
   python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
   echo "pytest -m gpu: $(( $(date +%s) - start )) s from a cold start" | tee -a "$OUT/gpu_tests.log"
 fi
-if [ "$what" = "quick" ]; then
+if [ "$what" = "quick" ] || [ "$what" = "bench" ]; then
   python benchmarks/ops.py --quick --skip-torch --profile --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
-else
+elif [ "$what" = "full" ] || [ "$what" = "speed" ]; then
   python benchmarks/ops.py --skip-torch --profile --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
   python benchmarks/throughput.py --models t,convnext_tiny,swin_tiny_patch4_window7_224 --backends fused \
     --precisions bf16 --modes eager,compiled 2>&1 | tee "$OUT/throughput.log"
+fi
+if [ "$what" = "full" ] || [ "$what" = "equivalence" ]; then
   python benchmarks/loss_curve.py --model t --size 64 --batch 32 --steps 200 --json "$OUT/equivalence.json" \
     2>&1 | tee "$OUT/equivalence.log"
 fi
+cp "${SPATIAL_MAMBA_CACHE:-$HOME/.cache/spatial_mamba}/kernel_tuning.json" "$OUT/" 2>/dev/null  # tiles the tuner chose

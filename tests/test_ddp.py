@@ -58,7 +58,7 @@ def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ddp_scaling_script_checks_on_cpu(tmp_path):
-    """benchmarks/ddp_scaling.py (issue 8) with gloo: 1 and 2 processes of the tiny recipe, then its checks."""
+    """benchmarks/ddp_scaling.py with gloo: 1 and 2 processes of the tiny recipe, then its checks."""
     import json
 
     data = make_digits_folder(tmp_path / "data", classes=3, train_per_class=12, val_per_class=7)  # 36 train, 21 val

@@ -6,12 +6,12 @@
 #   3. trains the Spatial-Mamba-T ImageNet recipe (configs/imagenet/spatial_mamba_t.yaml: RandAugment, erasing,
 #      mixup/cutmix, EMA, MESA, bf16, clipping, DDP strategy) for 2 epochs on 1 GPU (128 images per step,
 #      100 classes), printing training img/s per epoch.
-# About 8 minutes. Usage: bash benchmarks/gpu_issue6.sh   (results under $OUT, default /tmp/issue6)
+# About 8 minutes. Usage: bash benchmarks/gpu_input_pipeline.sh   (results under $OUT, default /tmp/input_pipeline)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-/tmp/issue6}
-DATA=${DATA:-/tmp/issue6_imagefolder}
-RUN=${RUN:-/tmp/issue6_run}          # checkpoints (~0.5 GB each) stay here, not under $OUT
+OUT=${OUT:-/tmp/input_pipeline}
+DATA=${DATA:-/tmp/input_pipeline_imagefolder}
+RUN=${RUN:-/tmp/input_pipeline_run}          # checkpoints (~0.5 GB each) stay here, not under $OUT
 mkdir -p "$OUT" "$RUN"
 export PYTHONPATH=$REPO
 cd "$REPO"
@@ -49,5 +49,5 @@ ls -la "$RUN/logs/imagenet_spatial_mamba_t/checkpoints" 2>&1 | tee -a "$OUT/fit_
   cat "$OUT/env.txt"; echo
   sed -n '/^Input pipeline/,$p' "$OUT/data_bench.log"; echo
   grep -E "THROUGHPUT|global batch|Finished fit|fit exit code" "$OUT/fit_t.log"
-} > "$OUT/RESULTS_issue6.md"
-echo; echo "==== summary ($OUT/RESULTS_issue6.md)"; cat "$OUT/RESULTS_issue6.md"
+} > "$OUT/RESULTS_input_pipeline.md"
+echo; echo "==== summary ($OUT/RESULTS_input_pipeline.md)"; cat "$OUT/RESULTS_input_pipeline.md"

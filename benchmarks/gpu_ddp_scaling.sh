@@ -5,12 +5,12 @@
 # of the data benchmark, 1, 2 and 4 GPUs (as many as the host has), 2 epochs × 30 steps per rank, batch 128
 # per GPU. Prints img/s per GPU, scaling efficiency (target ≥ 90 %) and the post-run checks (identical weights
 # on all ranks, checkpoints written once, logged val metrics = 1-GPU validate of the checkpoint).
-# About 10 minutes. Usage: bash benchmarks/gpu_issue8.sh   (results under $OUT, default /tmp/issue8)
+# About 10 minutes. Usage: bash benchmarks/gpu_ddp_scaling.sh   (results under $OUT, default /tmp/ddp_scaling)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-/tmp/issue8}
-DATA=${DATA:-/tmp/issue8_imagefolder}
-RUN=${RUN:-/tmp/issue8_runs}          # checkpoints (~0.5 GB each) stay here, not under $OUT
+OUT=${OUT:-/tmp/ddp_scaling}
+DATA=${DATA:-/tmp/ddp_scaling_imagefolder}
+RUN=${RUN:-/tmp/ddp_scaling_runs}          # checkpoints (~0.5 GB each) stay here, not under $OUT
 # NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$REPO
