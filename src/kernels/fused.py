@@ -101,6 +101,21 @@ def _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packe
 
 
 @triton.jit
+def _program_tile(n_ctiles, W, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (program index over positions, column tile, row band, channel block, image, columns,
+    their mask, channels, their mask, the tile's mask): grid (row bands × column tiles, channel blocks, B)."""
+    pid = tl.program_id(0)
+    ct = pid % n_ctiles
+    pid_d = tl.program_id(1)
+    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < W
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m = mask_c[:, None] & mask_d[None, :]
+    return pid, ct, pid // n_ctiles, pid_d, tl.program_id(2).to(tl.int64), cols, mask_c, offs_d, mask_d, m
+
+
+@triton.jit
 def _fusion_fwd_kernel(
     h_ptr, x_ptr, C_ptr, Dskip_ptr, wa_ptr, y_ptr,
     sx_b, sx_l, sx_d, sC_b, sC_l,
@@ -108,17 +123,8 @@ def _fusion_fwd_kernel(
     NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """y = h'·C + D·x for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b."""
-    pid = tl.program_id(0)
-    ct = pid % n_ctiles
-    band = pid // n_ctiles
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
     L = H * W
-    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < W
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    m = mask_c[:, None] & mask_d[None, :]
     h_base = h_ptr + b * L * D + offs_d[None, :]
     x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
     y_base = y_ptr + b * L * D + offs_d[None, :]
@@ -126,7 +132,7 @@ def _fusion_fwd_kernel(
     r0 = band * rows
     for r in range(r0, tl.minimum(r0 + rows, H)):
         pos = r * W + cols
-        hf, _ = _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, (), 0.0,
+        hf, unused = _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, (), 0.0,
                               NDIL, KS, False, BLOCK_C, BLOCK_D)
         Cv = tl.load(C_ptr + b * sC_b + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
         xv = tl.load(x_base + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
@@ -201,16 +207,7 @@ def _fusion_bwd_state_kernel(
 ):
     """dh = the fusion's adjoint applied to g = dy·C, for `rows` rows × BLOCK_C columns × BLOCK_D channels of
     image b."""
-    pid = tl.program_id(0)
-    ct = pid % n_ctiles
-    band = pid // n_ctiles
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < W
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    m = mask_c[:, None] & mask_d[None, :]
+    pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
     dh_base = dh_ptr + b * H * W * D + offs_d[None, :]
     dy_vec = dy_ptr + b * sdy_b + offs_d * sdy_d
     dy_base = dy_vec[None, :]
@@ -275,17 +272,8 @@ def _fusion_bwd_param_kernel(
 ):
     """fp32 partials of dC = Σ_channels dy·h' (over this block's channels) and of the weight gradient's
     G[tap] = Σ_p g[p]·h[tap source of p] (over this program's positions), from one gather of h per tap."""
-    pid = tl.program_id(0)
-    ct = pid % n_ctiles
-    band = pid // n_ctiles
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
     L = H * W
-    cols = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cols < W
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    m = mask_c[:, None] & mask_d[None, :]
     h_base = h_ptr + b * L * D + offs_d[None, :]
     dy_base = dy_ptr + b * sdy_b + offs_d[None, :] * sdy_d
     G = (tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32),) * NTAP
