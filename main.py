@@ -49,7 +49,8 @@ def main() -> None:
         if os.environ.get("SPATIAL_MAMBA_TRACEBACK") == "1":
             raise
         root = _root_cause(e)
-        message = root.args[0] if isinstance(root, KeyError) and root.args else str(root)
+        # KeyError's str() adds quotes; its argument need not be a string (KeyError(5))
+        message = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
             message = message.strip().splitlines()[-1]
         print(f"error: {message} [{type(root).__name__}; SPATIAL_MAMBA_TRACEBACK=1 shows where]", file=sys.stderr)

@@ -115,3 +115,19 @@ def test_bad_input_gives_one_line(tmp_path, args, message):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr
+
+
+@pytest.mark.parametrize("error,line", [(KeyError(5), "error: 5 [KeyError;"), (KeyError("dims"), "error: dims [KeyError;"),
+                                        (ValueError(("a", 1)), "error: ('a', 1) [ValueError;")])
+def test_error_handler_takes_any_exception_argument(monkeypatch, capsys, error, line):
+    """The one-line error handler itself never fails, whatever the exception carries."""
+    def failing_cli():
+        raise error
+
+    monkeypatch.setattr(main, "cli", failing_cli)
+    monkeypatch.setattr(sys, "argv", ["main.py", "fit"])
+    monkeypatch.delenv("SPATIAL_MAMBA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(line)
