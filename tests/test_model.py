@@ -160,6 +160,10 @@ def test_pretrained_head_of_other_size_is_left_initialised(tmp_path):
         (dict(dilations=[1, 0]), "dilations must be positive"),
         (dict(d_state=0), "d_state"),
         (dict(dims=[8, 16, 32]), "4 entries"),
+        (dict(depths=[1, -1, 1, 1]), r"depths must be integers >= 0 .*depths=\[1, -1, 1, 1\]"),
+        (dict(dims=[8, 0, 8, 8]), r"dims integers >= 1"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\).*got 1.0"),
+        (dict(drop_path_rate=-0.1), r"drop_path_rate must be in \[0, 1\)"),
     ],
 )
 def test_bad_construction(kwargs, match):

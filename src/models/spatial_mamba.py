@@ -237,6 +237,11 @@ class SpatialMamba(nn.Module):
         dims, depths = list(dims), list(depths)
         if len(dims) != 4 or len(depths) != 4:
             raise ValueError(f"dims and depths need 4 entries (one per stage), got dims={dims} depths={depths}")
+        if any(int(d) != d or d < 0 for d in depths) or any(int(d) != d or d < 1 for d in dims):
+            raise ValueError(f"depths must be integers >= 0 and dims integers >= 1, got depths={depths} dims={dims}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1) (the probability of dropping a block's branch), "
+                             f"got {drop_path_rate}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.dims = dims
