@@ -44,7 +44,7 @@ def main() -> None:
             flops_main(sys.argv[2:], cli)
         else:
             cli()
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
         # bad input (config value, image size, checkpoint, data path): one line, not a stack trace
         if os.environ.get("SPATIAL_MAMBA_TRACEBACK") == "1":
             raise

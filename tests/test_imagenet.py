@@ -205,3 +205,32 @@ def test_unreadable_images_are_skipped_and_odd_modes_become_rgb(tmp_path, caplog
         strict[0]
     with pytest.raises(RuntimeError, match="unreadable images in a row"):
         ImageFolderDataset([str(corrupt)] * 3, [0, 0, 0], max_bad_in_a_row=3)[0]
+
+
+def test_predict_output_checked_before_any_work(tmp_path):
+    """An existing predict_output is refused unless overwrite is asked for; a folder or an unwritable place
+    is refused too — all in setup, before a single image is predicted."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(images / "a.png")
+    existing = tmp_path / "model.ckpt"
+    existing.write_bytes(b"a trained checkpoint")
+
+    def setup(output, **kw):
+        dm = ImageFolderDataModule(image_size=32, num_workers=0, predict_root=str(images), predict_output=str(output),
+                                   **kw)
+        dm.setup("predict")
+        return dm
+
+    with pytest.raises(FileExistsError, match=r"model.ckpt' exists and would be overwritten; pass "
+                                              r"--data.init_args.predict_overwrite true"):
+        setup(existing)
+    assert existing.read_bytes() == b"a trained checkpoint"
+    with pytest.raises(ValueError, match="is a folder"):
+        setup(images)
+    blocked = tmp_path / "file_not_folder"
+    blocked.write_text("x")
+    with pytest.raises(PermissionError, match="cannot be written"):
+        setup(blocked / "out.csv")
+    assert len(setup(existing, predict_overwrite=True).predict_set) == 1
+    assert len(setup(tmp_path / "new" / "deeper" / "p.csv").predict_set) == 1  # folders made at write time

@@ -22,6 +22,7 @@ import csv
 import logging
 import os
 import random
+import tempfile
 from collections.abc import Callable
 
 import lightning as L
@@ -36,6 +37,22 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_output_file(path: str, overwrite: bool, key: str, overwrite_flag: str) -> None:
+    """Refuse, before any work, an output path that would lose data or fail at the end: an existing file
+    (unless `overwrite`), a folder, or a location that cannot be written."""
+    if os.path.isdir(path):
+        raise ValueError(f"{key} {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{key} {path!r} exists and would be overwritten; pass {overwrite_flag} "
+                              "or choose another file")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{key} {path!r} cannot be written ({existing!r} is not a writable folder)")
 
 
 def _is_image(name: str) -> bool:
@@ -236,7 +253,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         seed: seed of the shuffle order and of every sample's augmentation (None: the run's seed_everything).
         on_bad_image: "skip" (log the path and use the next readable image) or "error".
         predict_root: folder of images (any depth) for `predict`.
-        predict_output: CSV file written by `predict`: path, class index, class name, probability.
+        predict_output: CSV file written by `predict`: path, class index, class name, probability. Checked
+            before any image is predicted: an existing file is refused unless `predict_overwrite` is true; a
+            folder, or a folder that cannot be written, is refused. Written atomically (temp file + rename).
+        predict_overwrite: replace an existing `predict_output`.
     """
 
     def __init__(
@@ -267,6 +287,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         on_bad_image: str = "skip",
         predict_root: str | None = None,
         predict_output: str = "predictions.csv",
+        predict_overwrite: bool = False,
     ):
         super().__init__()
         if image_size < 32 or image_size % 32:
@@ -315,6 +336,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "predict":
             if hp.predict_root is None:
                 raise ValueError("predict needs data.init_args.predict_root (a folder of images)")
+            check_output_file(hp.predict_output, hp.predict_overwrite, "data.init_args.predict_output",
+                              "--data.init_args.predict_overwrite true")
             train = os.path.join(hp.root or "", hp.train_dir)
             if not self.classes and hp.root and os.path.isdir(train):  # names from the folder; a checkpoint overrides them
                 self.classes = sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
@@ -441,9 +464,11 @@ class PredictionCSVWriter(BasePredictionWriter):
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
         if trainer.is_global_zero:
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-            with open(output, "w", newline="") as f:
+            folder = os.path.dirname(os.path.abspath(output))
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", newline="", dir=folder, suffix=".tmp", delete=False) as f:
                 writer = csv.writer(f)
                 writer.writerow(["path", "class_index", "class_name", "probability"])
                 writer.writerows(sorted(rows))
+            os.replace(f.name, output)  # a crash mid-write never leaves a half-written file under the name
             print(f"wrote {len(rows)} predictions to {output}")
