@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from src.kernels import fused as fused_mod
-from src.kernels import ops
 from src.kernels import triton_scan
 from src.kernels.ops import structure_aware_ssm_fused, structure_aware_ssm_triton
 from src.kernels.reference import SCANS, structure_aware_ssm_ref
