@@ -210,7 +210,11 @@ class SpatialMamba(nn.Module):
         scan: token order of the SSM: row (paper), row_reversed, column, column_reversed,
             bidirectional (row + reversed, states summed) or cross (all four).
         backend: kernels computing scan + fusion + observation: torch, triton, fused or auto.
-        features_only: no head; `forward` returns the four LayerNorm-ed stage maps for dense heads.
+        features_only: no head; `forward` returns LayerNorm-ed stage maps for dense heads (the timm way).
+        out_indices: with features_only, the stages whose maps are returned, in order (0..3, strides 4, 8,
+            16, 32); None = all four. Only the selected stages get a LayerNorm; stages after the last selected
+            one are still built (an ImageNet checkpoint loads unchanged) but not run, so under DDP select stage 3
+            or set the strategy's find_unused_parameters.
         grad_checkpointing: recompute each block in the backward pass instead of storing its
             activations (less memory for huge batches or images, about a third more compute).
         pretrained: path of a checkpoint (this project's or the authors') to load after building.
@@ -230,6 +234,7 @@ class SpatialMamba(nn.Module):
         scan: str = "row",
         backend: str = "torch",
         features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
         pretrained: str | None = None,
     ):
@@ -242,10 +247,18 @@ class SpatialMamba(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1) (the probability of dropping a block's branch), "
                              f"got {drop_path_rate}")
+        if out_indices is not None:
+            out_indices = [int(i) for i in out_indices]
+            if not features_only:
+                raise ValueError(f"out_indices={out_indices} selects feature maps; it needs features_only=True")
+            if not out_indices or out_indices != sorted(set(out_indices)) or not set(out_indices) <= {0, 1, 2, 3}:
+                raise ValueError(f"out_indices must be increasing stage indices from 0..3 (strides 4, 8, 16, 32), "
+                                 f"got {out_indices}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.dims = dims
         self.features_only = features_only
+        self.out_indices = tuple(out_indices) if out_indices is not None else (0, 1, 2, 3)
         self.grad_checkpointing = grad_checkpointing
         self.stem = Stem(in_chans, dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -258,14 +271,22 @@ class SpatialMamba(nn.Module):
             blocks = [Block(dim, mlp_ratio, rates[first + j], **ssm_kwargs) for j in range(depth)]
             self.stages.append(nn.Sequential(*blocks))
         self.downsamples = nn.ModuleList(Downsample(dims[i], dims[i + 1]) for i in range(3))
-        if features_only:
-            self.feature_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
-        else:
+        if not features_only:
             self.norm = nn.LayerNorm(dims[-1])
             self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         if pretrained:
+            # an ImageNet checkpoint: with features_only its classifier (head.*, norm.*) is dropped by name
             load_pretrained(self, pretrained)
+            if features_only:
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(f"loaded {pretrained} into the features backbone; its classifier head (head.*, "
+                               f"norm.*) is dropped, the stage norms of out_indices {list(self.out_indices)} are new")
+        if features_only:
+            # after loading: an ImageNet checkpoint has no stage norms. A dict keyed "0".."3" has the same
+            # state-dict names as a list of four norms. LayerNorm's own init is _init_weights' (ones, zeros).
+            self.feature_norms = nn.ModuleDict({str(i): nn.LayerNorm(dims[i]) for i in self.out_indices})
 
     def set_backend(self, backend: str) -> None:
         """Switch the kernel backend of every block (the parameters stay as they are)."""
@@ -293,21 +314,23 @@ class SpatialMamba(nn.Module):
             )
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The four stage maps (B, C_i, H/2^(i+2), W/2^(i+2)), strides 4, 8, 16, 32."""
+        """The stage maps (B, C_i, H/2^(i+2), W/2^(i+2)), strides 4, 8, 16, 32: all four, or with
+        features_only those of `out_indices` (LayerNorm-ed)."""
         self.check_input(x)
         x = self.stem(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
         features = []
-        for i, stage in enumerate(self.stages):
+        last = self.out_indices[-1] if self.features_only else 3
+        for i, stage in enumerate(self.stages[: last + 1]):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 for block in stage:
                     x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = stage(x)
-            if self.features_only:
-                features.append(self.feature_norms[i](x).permute(0, 3, 1, 2))
-            else:
+            if not self.features_only:
                 features.append(x.permute(0, 3, 1, 2))
-            if i < 3:
+            elif i in self.out_indices:
+                features.append(self.feature_norms[str(i)](x).permute(0, 3, 1, 2))
+            if i < last:
                 x = self.downsamples[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return features
 
