@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -33,6 +34,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.checkpoints import AtomicCheckpointIO
 from src.data.imagefolder import PredictionCSVWriter
 from src.tb import log_hparams
 
@@ -146,6 +148,9 @@ class ImageClassifier(L.LightningModule):
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            # atomic saves (a kill mid-save keeps the previous file) and weights-only loads, in every config
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         data_classes = getattr(self.trainer.datamodule, "num_classes", 0) if self._trainer is not None else 0
         if data_classes and data_classes != self.hparams.num_classes:
             raise ValueError(

@@ -1,0 +1,93 @@
+"""Misuse and faults: checkpoints that are killed mid-save, crafted to run code, or of another model; resume
+with new optimiser values; evaluation without weights; NaN losses; odd image files and folders."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from src.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, write_atomically
+
+ROOT = Path(main.__file__).parent
+
+# A child process that saves a checkpoint through the trainer's checkpoint I/O (as ImageClassifier sets it up)
+# and SIGKILLs itself from a watcher thread once half of the checkpoint's bytes have been written.
+KILL_DURING_SAVE = r"""
+import os, signal, sys, threading, time
+import lightning as L, torch
+from src.models.classifier import ImageClassifier
+
+path, size = sys.argv[1], int(sys.argv[2])
+trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+model = ImageClassifier(torch.nn.Linear(4, 10), num_classes=10)
+model.trainer = trainer
+model.setup("fit")
+io = trainer.strategy.checkpoint_io
+checkpoint = {f"w{i}": torch.full((size // 64 // 4,), float(i)) for i in range(64)}  # 64 writes of size/64 bytes
+
+def written():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("wchar")).split()[1])
+
+start = written()
+def watch():
+    while written() - start < size // 2:
+        time.sleep(0.0002)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=watch, daemon=True).start()
+io.save_checkpoint(checkpoint, path)
+print("save finished before the kill")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io") or not os.path.isdir("/dev/shm"), reason="needs Linux /proc and /dev/shm")
+def test_sigkill_during_checkpoint_save_keeps_previous_and_leaves_no_temp(tmp_path):
+    """TMPDIR on another filesystem (tmpfs) than the checkpoint folder: the kill leaves the old last.ckpt loadable
+    and no temporary file in either place (Lightning's save wrote under TMPDIR and copied across)."""
+    folder, tmpdir = tmp_path / "ckpt", Path(os.environ.get("SHM_DIR", "/dev/shm")) / f"sm-test-{os.getpid()}"
+    folder.mkdir(), tmpdir.mkdir()
+    try:
+        assert os.stat(folder).st_dev != os.stat(tmpdir).st_dev
+        last = folder / "last.ckpt"
+        AtomicCheckpointIO().save_checkpoint({"epoch": 3, "w": torch.arange(5.0)}, last)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir)}
+        out = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(last), str(32 << 20)], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr[-2000:]
+        previous = load_checkpoint(last)
+        assert previous["epoch"] == 3 and torch.equal(previous["w"], torch.arange(5.0))
+        assert sorted(os.listdir(folder)) == ["last.ckpt"]
+        assert os.listdir(tmpdir) == []
+    finally:
+        for f in tmpdir.iterdir():
+            f.unlink()
+        tmpdir.rmdir()
+
+
+def test_failed_save_leaves_previous_file_and_no_temp(tmp_path, monkeypatch):
+    """Also without O_TMPFILE (named temporary file in the folder): an error mid-write removes it, and a temporary
+    left by a killed process (dead pid) is removed by the next save."""
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    path = tmp_path / "last.ckpt"
+    write_atomically(path, lambda f: f.write(b"old"))
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, fail)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["last.ckpt"]
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale = tmp_path / f".last.ckpt.{os.uname().nodename}-{dead.pid}.0000.tmp"
+    stale.write_bytes(b"partial")
+    write_atomically(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["last.ckpt"]
