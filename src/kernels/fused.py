@@ -47,6 +47,9 @@ from .triton_scan import _num_sms, scan_backward, scan_forward, state_dtype, tri
 
 MAX_DILATIONS = 7  # dilations travel packed 8 bits each in one int64 kernel argument
 MAX_DILATION = 255
+# integer arguments that take many values but need no specialisation (Triton otherwise compiles a variant
+# per "divisible by 16" / "equal to 1" pattern of each): map sizes, tile counts, packed dilations
+_SHAPE_ARGS = ["H", "W", "n_ctiles", "rows", "dil_packed"]
 
 
 def pack_dilations(dilations: Sequence[int]) -> int:
@@ -115,7 +118,7 @@ def _program_tile(n_ctiles, W, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     return pid, ct, pid // n_ctiles, pid_d, tl.program_id(2).to(tl.int64), cols, mask_c, offs_d, mask_d, m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _fusion_fwd_kernel(
     h_ptr, x_ptr, C_ptr, Dskip_ptr, wa_ptr, y_ptr,
     sx_b, sx_l, sx_d, sC_b, sC_l,
@@ -141,25 +144,22 @@ def _fusion_fwd_kernel(
 
 
 @triton.jit
-def _edge_sum(dy_vec, C_base, start, n, sdy_l, sC_l, mask_d, BLOCK_D: tl.constexpr):
-    """Σ_{j < n} dy[start + j]·C[start + j], a (BLOCK_D,) vector (a few positions at a map edge)."""
+def _edge_sum(g_vec, start, n, D, mask_d, BLOCK_D: tl.constexpr):
+    """Σ_{j < n} g[start + j], a (BLOCK_D,) vector (a few positions at a map edge)."""
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j in range(start, start + n):
-        acc += tl.load(dy_vec + j * sdy_l, mask=mask_d, other=0.0).to(tl.float32) * \
-            tl.load(C_base + j * sC_l).to(tl.float32)
+        acc += tl.load(g_vec + j * D, mask=mask_d, other=0.0).to(tl.float32)
     return acc
 
 
 @triton.jit
-def _g_tile(dy_base, C_base, sdy_l, sC_l, p, ok, mask_d):
-    """g = dy·C at raster positions p (zero where not ok), a (BLOCK_C, BLOCK_D) fp32 tile."""
-    Cv = tl.load(C_base + p * sC_l, mask=ok, other=0.0).to(tl.float32)
-    gv = tl.load(dy_base + p[:, None] * sdy_l, mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    return gv * Cv[:, None]
+def _g_tile(g_base, D, p, ok, mask_d):
+    """g at raster positions p (zero where not ok), a (BLOCK_C, BLOCK_D) fp32 tile."""
+    return tl.load(g_base + p[:, None] * D, mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _edge_fold(dy_vec, C_base, sdy_l, sC_l, row, cols, d, W, mask_d, left, right, COL_STEP: tl.constexpr,
+def _edge_fold(g_vec, D, row, cols, d, W, mask_d, left, right, COL_STEP: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """The columns that the clamp of tap column offset dc = COL_STEP·d moved onto column 0 (dc < 0: columns
     [0, −dc)) or column W−1 (dc > 0: [W − dc, W)), summed from source row `row` and placed at that column of
@@ -168,18 +168,18 @@ def _edge_fold(dy_vec, C_base, sdy_l, sC_l, row, cols, d, W, mask_d, left, right
     fold = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     if COL_STEP < 0:
         if left:
-            edge = _edge_sum(dy_vec, C_base, row * W, tl.minimum(-dc, W), sdy_l, sC_l, mask_d, BLOCK_D)
+            edge = _edge_sum(g_vec, row * W, tl.minimum(-dc, W), D, mask_d, BLOCK_D)
             fold = tl.where((cols == 0)[:, None], edge[None, :], 0.0)
     if COL_STEP > 0:
         if right:
             n = tl.minimum(dc, W)
-            edge = _edge_sum(dy_vec, C_base, row * W + W - n, n, sdy_l, sC_l, mask_d, BLOCK_D)
+            edge = _edge_sum(g_vec, row * W + W - n, n, D, mask_d, BLOCK_D)
             fold = tl.where((cols == W - 1)[:, None], edge[None, :], 0.0)
     return fold
 
 
 @triton.jit
-def _border_rows_fold(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d, cols, mask_c, mask_d, H, W, left, right,
+def _border_rows_fold(g_base, g_vec, D, r, d, cols, mask_c, mask_d, H, W, left, right,
                       ROW_STEP: tl.constexpr, COL_STEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """For the first and last row: the source rows other than r − dr that the clamp of tap (dr, dc) moved
     onto row r (the box [lo, hi] of `_box_range`), each gathered like the main row, column folds included."""
@@ -191,87 +191,79 @@ def _border_rows_fold(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d, cols, mask_c, 
     fold = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     for sr in range(lo, hi + 1):
         if sr != r - dr:  # the main gather has that one
-            fold += _g_tile(dy_base, C_base, sdy_l, sC_l, sr * W + src_c, ok_c, mask_d)
+            fold += _g_tile(g_base, D, sr * W + src_c, ok_c, mask_d)
             if COL_STEP != 0:
-                fold += _edge_fold(dy_vec, C_base, sdy_l, sC_l, sr, cols, d, W, mask_d, left, right, COL_STEP,
-                                   BLOCK_C, BLOCK_D)
+                fold += _edge_fold(g_vec, D, sr, cols, d, W, mask_d, left, right, COL_STEP, BLOCK_C, BLOCK_D)
     return fold
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _fusion_bwd_state_kernel(
-    C_ptr, dy_ptr, wa_ptr, dh_ptr,
-    sC_b, sC_l, sdy_b, sdy_l, sdy_d,
+    g_ptr, wa_ptr, dh_ptr,
     D, H, W, dil_packed, n_ctiles, rows,
     NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dh = the fusion's adjoint applied to g = dy·C, for `rows` rows × BLOCK_C columns × BLOCK_D channels of
-    image b."""
+    """dh = the fusion's adjoint applied to g = dy·C (written by the parameter kernel, contiguous (B, L, D)),
+    for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b (NDIL ≥ 1)."""
     pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
     dh_base = dh_ptr + b * H * W * D + offs_d[None, :]
-    dy_vec = dy_ptr + b * sdy_b + offs_d * sdy_d
-    dy_base = dy_vec[None, :]
-    C_base = C_ptr + b * sC_b
+    g_vec = g_ptr + b * H * W * D + offs_d
+    g_base = g_vec[None, :]
     left = ct == 0  # this tile holds column 0
     right = (ct + 1) * BLOCK_C >= W  # ... and column W-1
     r0 = band * rows
     for r in range(r0, tl.minimum(r0 + rows, H)):
         pos = r * W + cols
-        if NDIL == 0:
-            Cv = tl.load(C_base + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
-            dh = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32) * Cv[:, None]
-        else:
-            # main gathers: tap (dr, dc) sends g at (r − dr, c − dc) to (r, c) when that position exists —
-            # straight-line code, so all taps' loads are in flight together
-            dh = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        # main gathers: tap (dr, dc) sends g at (r − dr, c − dc) to (r, c) when that position exists —
+        # straight-line code, so all taps' loads are in flight together
+        dh = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(NDIL):
+            d = (dil_packed >> (8 * k)) & 255
+            for a in tl.static_range(KS):
+                sr = r - (a - KS // 2) * d
+                row_ok = (sr >= 0) & (sr < H)
+                for c in tl.static_range(KS):
+                    if k == 0 or a != KS // 2 or c != KS // 2:
+                        src_c = cols - (c - KS // 2) * d
+                        ok = mask_c & (src_c >= 0) & (src_c < W) & row_ok
+                        w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                        dh += w[None, :] * _g_tile(g_base, D, sr * W + src_c, ok, mask_d)
+        # the halo folded back: columns clamped onto column 0 / W-1 (edge tiles only) ...
+        if left | right:
             for k in tl.static_range(NDIL):
                 d = (dil_packed >> (8 * k)) & 255
                 for a in tl.static_range(KS):
                     sr = r - (a - KS // 2) * d
-                    row_ok = (sr >= 0) & (sr < H)
-                    for c in tl.static_range(KS):
-                        if k == 0 or a != KS // 2 or c != KS // 2:
-                            src_c = cols - (c - KS // 2) * d
-                            ok = mask_c & (src_c >= 0) & (src_c < W) & row_ok
-                            w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
-                            dh += w[None, :] * _g_tile(dy_base, C_base, sdy_l, sC_l, sr * W + src_c, ok, mask_d)
-            # the halo folded back: columns clamped onto column 0 / W-1 (edge tiles only) ...
-            if left | right:
-                for k in tl.static_range(NDIL):
-                    d = (dil_packed >> (8 * k)) & 255
-                    for a in tl.static_range(KS):
-                        sr = r - (a - KS // 2) * d
-                        if (sr >= 0) & (sr < H):
-                            for c in tl.static_range(KS):
-                                if c != KS // 2:
-                                    w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d,
-                                                other=0.0)
-                                    dh += w[None, :] * _edge_fold(dy_vec, C_base, sdy_l, sC_l, sr, cols, d, W,
-                                                                  mask_d, left, right, c - KS // 2, BLOCK_C,
-                                                                  BLOCK_D)
-            # ... and rows clamped onto the first / last row
-            if (r == 0) | (r == H - 1):
-                for k in tl.static_range(NDIL):
-                    d = (dil_packed >> (8 * k)) & 255
-                    for a in tl.static_range(KS):
-                        if a != KS // 2:
-                            for c in tl.static_range(KS):
+                    if (sr >= 0) & (sr < H):
+                        for c in tl.static_range(KS):
+                            if c != KS // 2:
                                 w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
-                                dh += w[None, :] * _border_rows_fold(dy_base, dy_vec, C_base, sdy_l, sC_l, r, d,
-                                                                     cols, mask_c, mask_d, H, W, left, right,
-                                                                     a - KS // 2, c - KS // 2, BLOCK_C, BLOCK_D)
+                                dh += w[None, :] * _edge_fold(g_vec, D, sr, cols, d, W, mask_d, left, right,
+                                                              c - KS // 2, BLOCK_C, BLOCK_D)
+        # ... and rows clamped onto the first / last row
+        if (r == 0) | (r == H - 1):
+            for k in tl.static_range(NDIL):
+                d = (dil_packed >> (8 * k)) & 255
+                for a in tl.static_range(KS):
+                    if a != KS // 2:
+                        for c in tl.static_range(KS):
+                            w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                            dh += w[None, :] * _border_rows_fold(g_base, g_vec, D, r, d, cols, mask_c, mask_d,
+                                                                 H, W, left, right, a - KS // 2, c - KS // 2,
+                                                                 BLOCK_C, BLOCK_D)
         tl.store(dh_base + pos[:, None] * D, dh.to(dh_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _fusion_bwd_param_kernel(
-    h_ptr, C_ptr, dy_ptr, wa_ptr, dC_part_ptr, G_part_ptr,
+    h_ptr, C_ptr, dy_ptr, wa_ptr, g_ptr, dC_part_ptr, G_part_ptr,
     sC_b, sC_l, sdy_b, sdy_l, sdy_d,
     Bsz, D, H, W, dil_packed, n_ctiles, rows,
     NDIL: tl.constexpr, KS: tl.constexpr, NTAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """fp32 partials of dC = Σ_channels dy·h' (over this block's channels) and of the weight gradient's
-    G[tap] = Σ_p g[p]·h[tap source of p] (over this program's positions), from one gather of h per tap."""
+    G[tap] = Σ_p g[p]·h[tap source of p] (over this program's positions), from one gather of h per tap; and
+    g = dy·C itself (contiguous (B, L, D), the state dtype), which the dh kernel gathers."""
     pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
     L = H * W
     h_base = h_ptr + b * L * D + offs_d[None, :]
@@ -282,8 +274,10 @@ def _fusion_bwd_param_kernel(
         pos = r * W + cols
         dyc = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32)
         Cv = tl.load(C_ptr + b * sC_b + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
+        g = dyc * Cv[:, None]
+        tl.store(g_ptr + b * L * D + pos[:, None] * D + offs_d[None, :], g.to(g_ptr.dtype.element_ty), mask=m)
         hf, G = _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, G,
-                              dyc * Cv[:, None], NDIL, KS, True, BLOCK_C, BLOCK_D)
+                              g, NDIL, KS, True, BLOCK_C, BLOCK_D)
         tl.store(dC_part_ptr + (pid_d * Bsz + b) * L + pos, tl.sum(dyc * hf, axis=1), mask=mask_c)
     part = (b * tl.num_programs(0) + pid) * NTAP * D + offs_d  # (B, programs over positions, NTAP, D)
     for tap in tl.static_range(NTAP):
@@ -298,6 +292,8 @@ def _fusion_bwd_param_kernel(
 # 8 they spill registers (ptxas, sm_90)
 FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (64, 32, 8))
 BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8))
+# the dh kernel holds one load per tap in flight but no per-tap accumulators
+STATE_CONFIGS = ((16, 64, 4), (8, 64, 4), (32, 32, 4), (8, 128, 4), (32, 64, 8))
 INTERPRETER_CONFIG = (8, 16, 1)  # tile in the CPU interpreter (the kernel tests lower it)
 ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8 programs (tests set it)
 _TUNED: dict[str, tuple[int, int, int]] = {}
@@ -402,17 +398,8 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     dev = x.device
     wa = _mixed_weights(weight, alpha)
     packed, NTAP = pack_dilations(dilations), K * ks * ks
-    dh = torch.empty(Bsz, L, Dm, device=dev, dtype=h.dtype)
+    g = torch.empty(Bsz, L, Dm, device=dev, dtype=h.dtype)  # dy·C; for an empty dilation list it is dh
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
-    strides = (C.stride(0), C.stride(1), dy.stride(0), dy.stride(1), dy.stride(2))
-
-    def run_state(cfg):
-        grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
-        _fusion_bwd_state_kernel[grid](
-            C, dy, wa, dh, *strides, Dm, H, W, packed, n_ctiles, rows,
-            NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
-        )
-
     out = {}
 
     def run_param(cfg):
@@ -420,12 +407,27 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
         out["dC_part"] = torch.empty(grid[1], Bsz, L, device=dev, dtype=torch.float32)
         out["G_part"] = torch.empty(Bsz, grid[0], max(NTAP, 1), Dm, device=dev, dtype=torch.float32)
         _fusion_bwd_param_kernel[grid](
-            h, C, dy, wa, out["dC_part"], out["G_part"], *strides, Bsz, Dm, H, W, packed, n_ctiles, rows,
+            h, C, dy, wa, g, out["dC_part"], out["G_part"],
+            C.stride(0), C.stride(1), dy.stride(0), dy.stride(1), dy.stride(2),
+            Bsz, Dm, H, W, packed, n_ctiles, rows,
             NDIL=K, KS=ks, NTAP=NTAP, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
         )
 
-    run_state(_pick_config("fusion_bwd_state", key, _candidates(BWD_CONFIGS, Dm, W), run_state))
     run_param(_pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param))
+    if K:
+        dh = torch.empty_like(g)
+
+        def run_state(cfg):
+            grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
+            _fusion_bwd_state_kernel[grid](
+                g, wa, dh, Dm, H, W, packed, n_ctiles, rows,
+                NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
+            )
+
+        run_state(_pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state))
+        g = None  # freed before the scan backward
+    else:
+        dh = g
     dx, ddt, dA, dB, dbias, dD = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
     dC = out["dC_part"].sum(0)[:, :, None].to(C.dtype)  # (channel blocks, B, L) -> (B, L, 1)
     if K:
