@@ -14,10 +14,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.yaml")
 
 
+class CLI(LightningCLI):
+    """LightningCLI that leaves a `--ckpt_path` file to the trainer, which reads it through `src.checkpoints`
+    (weights only: a file holding code is refused with one line). Lightning's CLI would first unpickle it
+    itself to copy its hyper-parameters over the config."""
+
+    def _parse_ckpt_path(self) -> None:
+        pass
+
+
 def cli(args=None, run: bool = True) -> LightningCLI:
     uses_config = any(a == "--config" or a.startswith("--config=") for a in (sys.argv[1:] if args is None else args))
     parser_kwargs = {"default_config_files": [] if uses_config else [DEFAULT_CONFIG]}
-    return LightningCLI(
+    return CLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -28,11 +37,15 @@ def cli(args=None, run: bool = True) -> LightningCLI:
 
 
 def _root_cause(e: BaseException) -> BaseException:
-    """The first exception of a chain: jsonargparse wraps errors raised while building classes."""
+    """The first exception of a chain: jsonargparse wraps errors raised while building classes. A chain
+    cut with `raise ... from None` ends there: that error was raised to replace the one before it."""
     seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    while id(e) not in seen:
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+        if cause is None:
+            break
+        e = cause
     return e
 
 

@@ -61,7 +61,9 @@ def build_backbone(configs: list[str | Path]) -> nn.Module:
 
 def load_checkpoint(backbone: nn.Module, ckpt: str | Path) -> None:
     """Weights of a Lightning checkpoint (`backbone.*` keys) or of a raw backbone state dict."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    from src.checkpoints import load_checkpoint as read_checkpoint
+
+    state = read_checkpoint(ckpt)  # weights only: a file holding code is refused before it runs
     state = state.get("state_dict", state)
     own = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     backbone.load_state_dict(own or state)

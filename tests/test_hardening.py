@@ -91,3 +91,75 @@ def test_failed_save_leaves_previous_file_and_no_temp(tmp_path, monkeypatch):
     stale.write_bytes(b"partial")
     write_atomically(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+class RunsCode:
+    """Unpickling this calls exec, which writes a marker file: what a crafted checkpoint can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.fixture
+def crafted_checkpoint(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {"backbone.head.weight": torch.zeros(2, 2)}, "hyper_parameters": RunsCode(marker)}, path)
+    return path, marker
+
+
+def test_crafted_checkpoint_is_refused_without_running(crafted_checkpoint):
+    from ablations.erf import load_checkpoint as erf_load
+    from src.models.spatial_mamba import load_pretrained, spatial_mamba_digits
+
+    path, marker = crafted_checkpoint
+    with pytest.raises(CheckpointError, match=r"refused: it holds Python objects \(exec\) that could run code"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_pretrained(spatial_mamba_digits(backend="torch"), path)
+    with pytest.raises(CheckpointError, match="refused"):
+        erf_load(torch.nn.Linear(2, 2), path)
+    with pytest.raises(CheckpointError, match="refused"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert not marker.exists()
+    with open(path, "wb") as f:  # a bare pickle (no zip container) too
+        pickle.dump(RunsCode(marker), f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"PK\x03\x04 not really", "not a readable PyTorch file")])
+def test_empty_or_corrupt_checkpoint_is_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def run_main_inprocess(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """main.main() with argv; (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["main.py", *args])
+    monkeypatch.delenv("SPATIAL_MAMBA_TRACEBACK", raising=False)
+    code = 0
+    try:
+        main.main()
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+
+
+def test_ckpt_path_with_code_is_refused_in_one_line(tmp_path, monkeypatch, capsys, crafted_checkpoint):
+    path, marker = crafted_checkpoint
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main_inprocess(monkeypatch, capsys, "validate", "--ckpt_path", str(path), *QUIET,
+                                   "--trainer.limit_val_batches=1")
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith(f"error: checkpoint {str(path)!r} refused: it holds Python objects")
+    assert not marker.exists()

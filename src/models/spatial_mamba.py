@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from src.checkpoints import load_checkpoint
 from src.kernels import BACKENDS, SCANS, structure_aware_ssm
 
 TOTAL_STRIDE = 32
@@ -447,7 +448,7 @@ def load_pretrained(model: SpatialMamba, path: str | os.PathLike, strict: bool =
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained checkpoint not found: {path!r}")
-    state_dict = extract_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    state_dict = extract_state_dict(load_checkpoint(path))  # weights only: a file holding code is refused
     if is_official_state_dict(state_dict):
         state_dict = convert_official_state_dict(state_dict)
     own = model.state_dict()
