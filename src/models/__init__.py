@@ -1,4 +1,5 @@
 from .classifier import ImageClassifier
+from .segmenter import SemanticSegmenter
 from .spatial_mamba import (
     SpatialMamba,
     convert_official_state_dict,
@@ -11,6 +12,7 @@ from .spatial_mamba import (
 
 __all__ = [
     "ImageClassifier",
+    "SemanticSegmenter",
     "SpatialMamba",
     "convert_official_state_dict",
     "load_pretrained",
