@@ -15,9 +15,13 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.yaml")
 
 
 class CLI(LightningCLI):
-    """LightningCLI that leaves a `--ckpt_path` file to the trainer, which reads it through `src.checkpoints`
-    (weights only: a file holding code is refused with one line). Lightning's CLI would first unpickle it
-    itself to copy its hyper-parameters over the config."""
+    """LightningCLI whose config is the record of a run, also with `--ckpt_path`.
+
+    Lightning's CLI unpickles a `--ckpt_path` file itself and copies the hyper-parameters stored in it over the
+    config, so a new value on the command line (`--model.init_args.lr` on resume) was silently replaced by the
+    checkpoint's. Here the file is read only by the trainer, through `src.checkpoints` (weights only), and the
+    config is used as given: `ImageClassifier` lists the values that differ from the checkpoint's, checks the
+    backbone's architecture against it and applies new optimiser values on resume."""
 
     def _parse_ckpt_path(self) -> None:
         pass

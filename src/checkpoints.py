@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 # harmless types a checkpoint may hold besides tensors and plain values: constructing them runs no code
 SAFE_GLOBALS = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
@@ -59,6 +60,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except (RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch file (truncated or corrupt?): {first}") from None
+
+
+def check_architecture(saved: dict, current: dict, path: str | os.PathLike, ignore: tuple[str, ...] = (),
+                       key_prefix: str = "model.init_args.backbone.init_args.") -> None:
+    """Stop with one line naming every knob whose value in the checkpoint (`saved`) differs from the model's
+    (`current`): weights of another architecture would load into the wrong function, or not at all. `backend`
+    computes the same function and may differ (it is logged). Knobs that only one side records are not compared
+    (older checkpoints, newer knobs)."""
+    differ = [f"{key_prefix}{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in current
+              if k in saved and k != "backend" and k not in ignore and plain(saved[k]) != plain(current[k])]
+    if differ:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is of another architecture: {'; '.join(differ)} "
+                              "(set these to the checkpoint's values)")
+    if saved.get("backend", current.get("backend")) != current.get("backend"):
+        rank_zero_info(f"checkpoint {os.fspath(path)!r} was written with backend {saved['backend']!r}, running with "
+                       f"{current['backend']!r} (the same function)")
+
+
+def plain(value: Any) -> Any:
+    """Lists and tuples as lists (nested), for comparing a config's values with those stored in a checkpoint."""
+    return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -153,13 +153,77 @@ def run_main_inprocess(monkeypatch, capsys, *args) -> tuple[int, str]:
 
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+ONE_BATCH = 0.17  # of the 6 digits validation batches (an integer 1 would be parsed as the fraction 1.0: all)
 
 
 def test_ckpt_path_with_code_is_refused_in_one_line(tmp_path, monkeypatch, capsys, crafted_checkpoint):
     path, marker = crafted_checkpoint
     monkeypatch.chdir(tmp_path)
     code, err = run_main_inprocess(monkeypatch, capsys, "validate", "--ckpt_path", str(path), *QUIET,
-                                   "--trainer.limit_val_batches=1")
+                                   f"--trainer.limit_val_batches={ONE_BATCH}")
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith(f"error: checkpoint {str(path)!r} refused: it holds Python objects")
     assert not marker.exists()
+
+
+BACKBONE = "--model.init_args.backbone.init_args."
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """last.ckpt of 2 steps of the default digits run (backend torch, batches of 8, one validation batch), lr 3e-3."""
+    folder = tmp_path_factory.mktemp("run")
+    cli = main.cli(["fit", *QUIET, f"--trainer.default_root_dir={folder}", "--trainer.max_steps=2",
+                    f"--trainer.limit_val_batches=0.03", f"{BACKBONE}backend=torch", "--data.init_args.batch_size=8"])
+    path = folder / "checkpoints" / "last.ckpt"
+    assert cli.trainer.global_step == 2 and path.is_file()
+    return path
+
+
+def test_checkpoint_records_architecture_and_refuses_another(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    arch = load_checkpoint(trained_checkpoint)["architecture"]
+    assert arch["dims"] == [16, 32, 64, 128] and arch["dilations"] == [1, 3, 5] and arch["scan"] == "row"
+    assert arch["backend"] == "torch" and arch["num_classes"] == 10 and arch["fusion_kernel_size"] == 3
+    monkeypatch.chdir(tmp_path)
+    # same shapes, another function: dilations and scan order
+    code, err = run_main_inprocess(monkeypatch, capsys, "validate", "--ckpt_path", str(trained_checkpoint), *QUIET,
+                                   f"{BACKBONE}dilations=[1, 2, 3]", f"{BACKBONE}scan=cross")
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("error: checkpoint") and "is of another architecture" in line, err
+    assert f"{BACKBONE[2:]}dilations: checkpoint [1, 3, 5], config [1, 2, 3]" in line and "scan: checkpoint 'row'" in line
+    assert "mlp_ratio" not in line
+
+
+def test_other_backend_is_allowed_and_reported(trained_checkpoint, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO"):
+        cli = main.cli(["validate", "--ckpt_path", str(trained_checkpoint), *QUIET, f"--trainer.limit_val_batches={ONE_BATCH}",
+                        f"{BACKBONE}backend=auto"])
+    assert "val/acc1" in cli.trainer.callback_metrics
+    assert "written with backend 'torch', running with 'auto'" in caplog.text
+
+
+def test_resume_takes_new_optimiser_values(trained_checkpoint, tmp_path, monkeypatch, caplog):
+    """`--model.init_args.lr` on resume was replaced by the checkpoint's value (LightningCLI copied the stored
+    hyper-parameters over the command line, and the restored scheduler kept the old base lr)."""
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO"):
+        cli = main.cli(["fit", "--ckpt_path", str(trained_checkpoint), *QUIET, f"--trainer.default_root_dir={tmp_path}",
+                        "--trainer.max_steps=3", "--trainer.limit_val_batches=0", f"{BACKBONE}backend=torch",
+                        "--data.init_args.batch_size=8",
+                        "--model.init_args.lr=1e-3", "--model.init_args.weight_decay=0.01"])
+    assert cli.trainer.global_step == 3 and cli.model.hparams.lr == 1e-3
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == [1e-3, 1e-3]
+    groups = cli.trainer.optimizers[0].param_groups
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert groups[0]["lr"] == pytest.approx(1e-3 * scheduler.lr_lambdas[0](scheduler.last_epoch))
+    assert "peak lr 0.003 -> 0.001" in caplog.text and "weight_decay 0.05 -> 0.01" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["validate", "predict"])
+def test_evaluating_random_weights_warns(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED weights"):
+        main.cli([command, *QUIET, f"--trainer.limit_val_batches={ONE_BATCH}", f"--trainer.limit_predict_batches={ONE_BATCH}",
+                  f"{BACKBONE}backend=torch"])

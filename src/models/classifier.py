@@ -34,7 +34,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.checkpoints import AtomicCheckpointIO
+from src.checkpoints import AtomicCheckpointIO, check_architecture, plain
 from src.data.imagefolder import PredictionCSVWriter
 from src.tb import log_hparams
 
@@ -145,6 +145,7 @@ class ImageClassifier(L.LightningModule):
             self.ema_loss = MeanMetric()
         self.lr_scale = 1.0
         self._rng_to_restore = None
+        self._trained = False  # weights from a checkpoint or from training steps (not only the initialisation)
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
@@ -213,6 +214,7 @@ class ImageClassifier(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        self._trained = True
         if self.ema is not None:  # here, not in on_train_batch_end: checkpoints saved then must include it
             self.ema.update(self.backbone)
 
@@ -307,12 +309,55 @@ class ImageClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            self._apply_optimiser_values()
+
+    def _apply_optimiser_values(self) -> None:
+        """A resumed optimiser and scheduler hold the checkpoint's lr, betas, eps and weight decay; the config's
+        values (and the lr scaled by this run's global batch) replace them, so a new `--model.init_args.lr` on
+        resume takes effect. Warm-up length, min_lr and max_epochs act through the schedule, rebuilt from the config."""
+        hp, optimizer = self.hparams, self.optimizers(use_pl_optimizer=False)
+        schedulers = self.lr_schedulers()
+        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+        lr, changed = hp.lr * self.lr_scale, []
+        for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0)):
+            for key, value in (("weight_decay", weight_decay), ("betas", tuple(hp.betas)), ("eps", hp.eps)):
+                if plain(group[key]) != plain(value):
+                    changed.append(f"{key} {group[key]} -> {value}")
+                    group[key] = value
+        if scheduler is not None and any(base != lr for base in scheduler.base_lrs):
+            changed.append(f"peak lr {scheduler.base_lrs[0]:.4g} -> {lr:.4g}")
+            scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+            for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if changed:
+            rank_zero_info("resumed with the config's optimiser values instead of the checkpoint's: " + ", ".join(sorted(set(changed))))
+
+    def _warn_if_untrained(self) -> None:
+        if not self._trained and not getattr(self.backbone, "pretrained", None):
+            rank_zero_warn(
+                f"{self.trainer.state.fn.value} runs on RANDOMLY INITIALISED weights: no --ckpt_path and no "
+                "model.init_args.backbone.init_args.pretrained were given, so its results mean nothing"
+            )
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self._warn_if_untrained()
+
+    def on_test_start(self) -> None:
+        self._warn_if_untrained()
+
+    def on_predict_start(self) -> None:
+        self._warn_if_untrained()
+
     def configure_callbacks(self):
         return [FitSummary(), PredictionCSVWriter()]
 
     # ---- checkpoints: EMA weights are in state_dict (ema.module.*); add RNG streams and MESA ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # plain types and tensors only: LightningCLI reads checkpoints with torch.load(weights_only=True)
+        # plain types and tensors only: checkpoints are read with torch.load(weights_only=True) (src.checkpoints)
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         state = {"python": random.getstate(), "torch": torch.get_rng_state(),
                  "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
@@ -323,12 +368,27 @@ class ImageClassifier(L.LightningModule):
             states = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(states, state)  # every rank's stream, written once by rank 0
         checkpoint["rng_states"] = states
+        if callable(getattr(self.backbone, "architecture", None)):
+            checkpoint["architecture"] = self.backbone.architecture()
         if self.hparams.mesa > 0 and self._trainer is not None:
             epochs = self.trainer.max_epochs or 0
             checkpoint["mesa"] = {"weight": self.hparams.mesa, "start_epoch": int(self.hparams.mesa_start * epochs),
                                   "active": self.mesa_active()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        path = (self.trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
+        if callable(getattr(self.backbone, "architecture", None)):
+            if "architecture" in checkpoint:
+                check_architecture(checkpoint["architecture"], self.backbone.architecture(), path)
+            else:
+                rank_zero_warn(f"{path} does not record the backbone's architecture (written by an older version); "
+                               "make sure dims/depths/dilations/scan/... in the config are the ones it was trained with")
+        saved = checkpoint.get("hyper_parameters") or {}
+        differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in self.hparams.items()
+                  if k in saved and not k.startswith("_") and plain(saved[k]) != plain(v)]
+        if differ:
+            rank_zero_info(f"the config's values are used where they differ from {path}'s: {', '.join(differ)}")
+        self._trained = True
         sd = checkpoint.get("state_dict", {})
         has_ema = any(k.startswith("ema.") for k in sd)
         if self.ema is not None and not has_ema:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from src.checkpoints import load_checkpoint
+from src.checkpoints import check_architecture, load_checkpoint
 from src.kernels import BACKENDS, SCANS, structure_aware_ssm
 
 TOTAL_STRIDE = 32
@@ -261,6 +261,14 @@ class SpatialMamba(nn.Module):
         self.features_only = features_only
         self.out_indices = tuple(out_indices) if out_indices is not None else (0, 1, 2, 3)
         self.grad_checkpointing = grad_checkpointing
+        # the knobs that define the function the weights compute: recorded in checkpoints, compared on load
+        self._architecture = dict(
+            num_classes=num_classes, in_chans=in_chans, dims=[int(d) for d in dims], depths=[int(d) for d in depths],
+            mlp_ratio=float(mlp_ratio), d_state=d_state, dilations=[int(d) for d in dilations],
+            fusion_kernel_size=fusion_kernel_size, scan=scan, features_only=features_only,
+        )
+        self.backend = backend
+        self.pretrained = pretrained
         self.stem = Stem(in_chans, dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         ssm_kwargs = dict(
@@ -296,6 +304,11 @@ class SpatialMamba(nn.Module):
         for m in self.modules():
             if isinstance(m, StructureAwareSSM):
                 m.backend = backend
+        self.backend = backend
+
+    def architecture(self) -> dict:
+        """Architecture knobs (plain values) and the kernel backend, which computes the same function."""
+        return {**self._architecture, "backend": self.backend}
 
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay: norms, biases, A_log, D and fusion mixing weights."""
@@ -448,7 +461,12 @@ def load_pretrained(model: SpatialMamba, path: str | os.PathLike, strict: bool =
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained checkpoint not found: {path!r}")
-    state_dict = extract_state_dict(load_checkpoint(path))  # weights only: a file holding code is refused
+    checkpoint = load_checkpoint(path)  # weights only: a file holding code is refused
+    if isinstance(checkpoint.get("architecture"), dict):  # this project's Lightning checkpoints
+        # another head (fine-tuning) and the features-only form (dense tasks) are meant uses of pretrained weights
+        check_architecture(checkpoint["architecture"], model.architecture(), path,
+                           ignore=("num_classes", "features_only"))
+    state_dict = extract_state_dict(checkpoint)
     if is_official_state_dict(state_dict):
         state_dict = convert_official_state_dict(state_dict)
     own = model.state_dict()
