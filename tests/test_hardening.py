@@ -153,28 +153,28 @@ def run_main_inprocess(monkeypatch, capsys, *args) -> tuple[int, str]:
 
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
-ONE_BATCH = 0.17  # of the 6 digits validation batches (an integer 1 would be parsed as the fraction 1.0: all)
+ONE_BATCH = 0.03  # of the 45 digits validation batches of 8 (an integer 1 would be parsed as the fraction 1.0: all)
+BACKBONE = "--model.init_args.backbone.init_args."
+TINY = [f"{BACKBONE}dims=[8, 16, 32, 64]", f"{BACKBONE}depths=[1, 1, 1, 1]", f"{BACKBONE}backend=torch",
+        "--data.init_args.batch_size=8"]
 
 
 def test_ckpt_path_with_code_is_refused_in_one_line(tmp_path, monkeypatch, capsys, crafted_checkpoint):
     path, marker = crafted_checkpoint
     monkeypatch.chdir(tmp_path)
-    code, err = run_main_inprocess(monkeypatch, capsys, "validate", "--ckpt_path", str(path), *QUIET,
+    code, err = run_main_inprocess(monkeypatch, capsys, "validate", "--ckpt_path", str(path), *QUIET, *TINY,
                                    f"--trainer.limit_val_batches={ONE_BATCH}")
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith(f"error: checkpoint {str(path)!r} refused: it holds Python objects")
     assert not marker.exists()
 
 
-BACKBONE = "--model.init_args.backbone.init_args."
-
-
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
-    """last.ckpt of 2 steps of the default digits run (backend torch, batches of 8, one validation batch), lr 3e-3."""
+    """last.ckpt of 2 steps of a narrow digits model (TINY), one validation batch, lr 3e-3."""
     folder = tmp_path_factory.mktemp("run")
     cli = main.cli(["fit", *QUIET, f"--trainer.default_root_dir={folder}", "--trainer.max_steps=2",
-                    f"--trainer.limit_val_batches=0.03", f"{BACKBONE}backend=torch", "--data.init_args.batch_size=8"])
+                    f"--trainer.limit_val_batches={ONE_BATCH}", *TINY])
     path = folder / "checkpoints" / "last.ckpt"
     assert cli.trainer.global_step == 2 and path.is_file()
     return path
@@ -182,11 +182,11 @@ def trained_checkpoint(tmp_path_factory):
 
 def test_checkpoint_records_architecture_and_refuses_another(trained_checkpoint, tmp_path, monkeypatch, capsys):
     arch = load_checkpoint(trained_checkpoint)["architecture"]
-    assert arch["dims"] == [16, 32, 64, 128] and arch["dilations"] == [1, 3, 5] and arch["scan"] == "row"
+    assert arch["dims"] == [8, 16, 32, 64] and arch["depths"] == [1, 1, 1, 1] and arch["dilations"] == [1, 3, 5] and arch["scan"] == "row"
     assert arch["backend"] == "torch" and arch["num_classes"] == 10 and arch["fusion_kernel_size"] == 3
     monkeypatch.chdir(tmp_path)
     # same shapes, another function: dilations and scan order
-    code, err = run_main_inprocess(monkeypatch, capsys, "validate", "--ckpt_path", str(trained_checkpoint), *QUIET,
+    code, err = run_main_inprocess(monkeypatch, capsys, "validate", "--ckpt_path", str(trained_checkpoint), *QUIET, *TINY,
                                    f"{BACKBONE}dilations=[1, 2, 3]", f"{BACKBONE}scan=cross")
     line = err.strip().splitlines()[-1]
     assert code == 2 and line.startswith("error: checkpoint") and "is of another architecture" in line, err
@@ -198,7 +198,7 @@ def test_other_backend_is_allowed_and_reported(trained_checkpoint, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     with caplog.at_level("INFO"):
         cli = main.cli(["validate", "--ckpt_path", str(trained_checkpoint), *QUIET, f"--trainer.limit_val_batches={ONE_BATCH}",
-                        f"{BACKBONE}backend=auto"])
+                        *TINY, f"{BACKBONE}backend=auto"])
     assert "val/acc1" in cli.trainer.callback_metrics
     assert "written with backend 'torch', running with 'auto'" in caplog.text
 
@@ -209,8 +209,7 @@ def test_resume_takes_new_optimiser_values(trained_checkpoint, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with caplog.at_level("INFO"):
         cli = main.cli(["fit", "--ckpt_path", str(trained_checkpoint), *QUIET, f"--trainer.default_root_dir={tmp_path}",
-                        "--trainer.max_steps=3", "--trainer.limit_val_batches=0", f"{BACKBONE}backend=torch",
-                        "--data.init_args.batch_size=8",
+                        "--trainer.max_steps=3", "--trainer.limit_val_batches=0", *TINY,
                         "--model.init_args.lr=1e-3", "--model.init_args.weight_decay=0.01"])
     assert cli.trainer.global_step == 3 and cli.model.hparams.lr == 1e-3
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
@@ -225,5 +224,36 @@ def test_resume_takes_new_optimiser_values(trained_checkpoint, tmp_path, monkeyp
 def test_evaluating_random_weights_warns(tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED weights"):
-        main.cli([command, *QUIET, f"--trainer.limit_val_batches={ONE_BATCH}", f"--trainer.limit_predict_batches={ONE_BATCH}",
-                  f"{BACKBONE}backend=torch"])
+        main.cli([command, *QUIET, f"--trainer.limit_val_batches={ONE_BATCH}", f"--trainer.limit_predict_batches={ONE_BATCH}", *TINY])
+
+
+def test_pretrained_lightning_checkpoint_of_another_architecture_is_refused(trained_checkpoint):
+    from src.models.spatial_mamba import load_pretrained, spatial_mamba_digits
+
+    tiny = {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)}
+    with pytest.raises(CheckpointError, match=r"scan: checkpoint 'row', config 'column'"):
+        load_pretrained(spatial_mamba_digits(backend="torch", scan="column", **tiny), trained_checkpoint)
+    load_pretrained(spatial_mamba_digits(backend="torch", num_classes=7, **tiny), trained_checkpoint)  # fine-tuning: new head
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    from src.models.classifier import NonFiniteLossError
+
+    monkeypatch.chdir(tmp_path)
+    cli = main.cli([*QUIET, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                    *TINY], run=False)
+    class NaNAtSecondStep(torch.nn.Module):
+        def __init__(self, criterion):
+            super().__init__()
+            self.criterion, self.calls = criterion, 0
+
+        def forward(self, logits, targets):
+            self.calls += 1
+            loss = self.criterion(logits, targets)
+            return loss * float("nan") if self.calls == 2 else loss
+
+    cli.model.criterion = NaNAtSecondStep(cli.model.criterion)
+    with pytest.raises(NonFiniteLossError, match=r"the training loss is nan at optimizer step 2 .*try a lower model"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2 and not list(tmp_path.rglob("*.ckpt"))
+    assert issubclass(NonFiniteLossError, RuntimeError)  # main prints it as one line
