@@ -257,3 +257,63 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2 and not list(tmp_path.rglob("*.ckpt"))
     assert issubclass(NonFiniteLossError, RuntimeError)  # main prints it as one line
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from src.data.imagefolder import ImageFolderDataset
+
+    levels = torch.tensor([[0, 257 * 64], [257 * 128, 65535]], dtype=torch.int32).repeat_interleave(4, 0)
+    Image.fromarray(levels.numpy().astype("uint16")).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode.startswith("I")  # read as 16-bit
+    rgb, _ = ImageFolderDataset([str(tmp_path / "deep.png")], [0]).load(0)
+    assert rgb.mode == "RGB" and [rgb.getpixel((x, 0)) for x in (0, 1)] == [(0, 0, 0), (64, 64, 64)]
+    assert [rgb.getpixel((x, 4)) for x in (0, 1)] == [(128, 128, 128), (255, 255, 255)]
+
+
+def test_class_folders_with_symlink_loops_list_each_file_once(tmp_path):
+    from PIL import Image
+
+    from src.data.imagefolder import scan_class_folders, scan_images
+
+    cat = tmp_path / "train" / "cat"
+    (cat / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        Image.new("RGB", (4, 4)).save(cat / name)
+    (cat / "sub" / "loop").symlink_to(cat)  # cat/sub/loop -> cat: endless when links are followed blindly
+    (cat / "again").symlink_to(cat / "sub")
+    (cat / "a_link.png").symlink_to(cat / "a.png")
+    classes, files = scan_class_folders(str(tmp_path / "train"))
+    assert classes == ["cat"] and [Path(p).relative_to(cat).as_posix() for p in files[0]] == ["a.png", "again/b.png"]
+    assert len(scan_images(str(tmp_path / "train"))) == 2
+
+
+def test_predict_on_digits_writes_predictions(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        main.cli(["predict", *QUIET, *TINY, f"--trainer.limit_predict_batches={ONE_BATCH}",
+                  "--data.init_args.predict_output=out/digits.csv"])
+    rows = (tmp_path / "out" / "digits.csv").read_text().splitlines()
+    assert rows[0] == "path,class_index,class_name,probability" and len(rows) == 1 + 8
+    assert rows[1].startswith("val/0000,")
+    code, err = run_main_inprocess(monkeypatch, capsys, "predict", *QUIET, *TINY,
+                                   "--data.init_args.predict_output=out/digits.csv")
+    assert code == 2 and "error: data.init_args.predict_output 'out/digits.csv' exists" in err
+
+
+def test_predict_with_a_data_module_without_output_is_refused(tmp_path, monkeypatch):
+    import lightning as L
+
+    from src.data import DigitsDataModule
+    from src.models import ImageClassifier, spatial_mamba_digits
+
+    class NoOutput(L.LightningDataModule):
+        def predict_dataloader(self):
+            return DigitsDataModule(batch_size=8).predict_dataloader()
+
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    model = ImageClassifier(spatial_mamba_digits(backend="torch", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)), num_classes=10)
+    with pytest.raises(ValueError, match="predict writes its results to data.init_args.predict_output, which NoOutput"):
+        trainer.predict(model, datamodule=NoOutput())

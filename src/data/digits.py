@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from src.data.imagefolder import check_output_file
+
 DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
@@ -36,6 +38,19 @@ class _Augmented(Dataset):
         return img[0], self.labels[i]
 
 
+class _Named(Dataset):
+    """(image, name) pairs for `predict`: the name goes to the prediction CSV's path column."""
+
+    def __init__(self, images: torch.Tensor, names: list[str]):
+        self.images, self.names = images, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.names[i]
+
+
 class DigitsDataModule(L.LightningDataModule):
     """scikit-learn's digits as a small image-classification task (10 classes).
 
@@ -47,6 +62,9 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: seed of that split; keep it fixed to compare runs.
         augment: small random rotation/shift/scale of training images.
         num_workers: DataLoader worker processes (0 is fastest for this in-memory set on a laptop).
+        predict_output: CSV written by `predict` (the validation images, named `val/<index>`): path, class
+            index, class name, probability. An existing file is refused unless `predict_overwrite` is true.
+        predict_overwrite: replace an existing `predict_output`.
     """
 
     mean, std = 0.3, 0.4  # of the upscaled digits scaled to [0, 1]
@@ -60,6 +78,8 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: int = 0,
         augment: bool = True,
         num_workers: int = 0,
+        predict_output: str = "predictions.csv",
+        predict_overwrite: bool = False,
     ):
         super().__init__()
         if image_size < 8 or image_size % 32:
@@ -72,6 +92,9 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":  # before any work: an output that exists, is a folder or cannot be written
+            check_output_file(self.hparams.predict_output, self.hparams.predict_overwrite,
+                              "data.init_args.predict_output", "--data.init_args.predict_overwrite true")
         if self.train_set is not None:
             return
         from sklearn.datasets import load_digits
@@ -113,4 +136,5 @@ class DigitsDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        images = self.val_set.tensors[0]
+        return self._loader(_Named(images, [f"val/{i:04d}" for i in range(len(images))]), shuffle=False)

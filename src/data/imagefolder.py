@@ -11,7 +11,8 @@ random erasing; test: resize → center crop). What this module adds around it:
   whole validation set, not over a set padded with repeats;
 - bad data: missing folders, empty classes and train/val class mismatches are one-line errors;
   unreadable images (corrupt, truncated) are logged and replaced by the next readable one (or raise,
-  `on_bad_image: error`); grayscale, CMYK, palette and RGBA images are converted to RGB;
+  `on_bad_image: error`); grayscale, CMYK, palette and RGBA images are converted to RGB (16-bit ones scaled,
+  not clipped); class folders are walked following links, each folder and file once;
 - the class names are saved in every checkpoint (`state_dict`) and restored with it, so `predict` names
   classes without the training folder.
 """
@@ -59,6 +60,35 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def walk_images(folder: str) -> list[str]:
+    """Sorted image paths under `folder` at any depth, following symlinks to folders, each file once: a folder
+    already walked (a symlink loop, or a second link to it) is not entered again, and files are told apart by
+    their real path (two links to one image count once)."""
+    paths, seen_folders, seen_files = [], set(), set()
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_folders:
+            dirnames[:] = []
+            continue
+        seen_folders.add((st.st_dev, st.st_ino))
+        dirnames.sort()  # walk order decides which of two links to one file is kept: make it the sorted one
+        for name in sorted(names):
+            path = os.path.join(dirpath, name)
+            if _is_image(name) and os.path.realpath(path) not in seen_files:
+                seen_files.add(os.path.realpath(path))
+                paths.append(path)
+    return sorted(paths)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit integer images (16-bit PNG and TIFF: modes I;16*, and I read as 16-bit) are scaled
+    from 0..65535 to 0..255; Pillow's own conversion clips them at 255, which turns most pixels white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        levels = np.asarray(img).astype(np.float32) * (255 / 65535)  # (H, W)
+        img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def scan_class_folders(folder: str) -> tuple[list[str], list[list[str]]]:
     """Sorted class names under `folder` and, per class, the sorted image paths inside it (recursively)."""
     if not os.path.isdir(folder):
@@ -70,11 +100,7 @@ def scan_class_folders(folder: str) -> tuple[list[str], list[list[str]]]:
         raise FileNotFoundError(f"no class folders in {folder!r} (expected {folder}/<class>/*.JPEG)")
     files = []
     for name in classes:
-        paths = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, _, names in os.walk(os.path.join(folder, name), followlinks=True)
-            for f in names if _is_image(f)
-        )
+        paths = walk_images(os.path.join(folder, name))
         if not paths:
             raise ValueError(
                 f"class folder {os.path.join(folder, name)!r} has no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
@@ -88,7 +114,7 @@ def scan_images(folder: str) -> list[str]:
     """Sorted image paths anywhere under `folder` (for predict)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data.predict_root not found: {folder!r}")
-    paths = sorted(os.path.join(d, f) for d, _, names in os.walk(folder, followlinks=True) for f in names if _is_image(f))
+    paths = walk_images(folder)
     if not paths:
         raise ValueError(f"data.predict_root {folder!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return paths
@@ -137,7 +163,7 @@ class ImageFolderDataset(Dataset):
             path = self.paths[i].decode()
             try:
                 with Image.open(path) as img:
-                    return img.convert("RGB"), i  # decodes fully: truncated files fail here
+                    return to_rgb(img), i  # decodes fully: truncated files fail here
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if self.on_bad_image == "error":
                     raise RuntimeError(f"unreadable image {path!r}: {e}") from None
@@ -443,6 +469,15 @@ class PredictionCSVWriter(BasePredictionWriter):
     def __init__(self):
         super().__init__(write_interval="batch")
         self.rows: list[tuple] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        data = trainer.datamodule
+        if stage == "predict" and data is not None and "predict_output" not in getattr(data, "hparams", {}):
+            raise ValueError(
+                f"predict writes its results to data.init_args.predict_output, which {type(data).__name__} does not "
+                "have; use a data module that has it (src.data.ImageFolderDataModule with predict_root, "
+                "src.data.DigitsDataModule)"
+            )
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self.rows = []
