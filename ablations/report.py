@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from run import AXES  # noqa: E402
+from axes import AXES  # noqa: E402
 
 ERF_AXES = ("dilation", "scan")
 ERF_STAGES = (1, 4)

@@ -24,14 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+from axes import AXES  # this folder is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# variants of each axis, in the order of the report; each is the YAML fragment ablations/<axis>/<variant>.yaml
-AXES = {
-    "dilation": ["none", "1", "1-3", "1-3-5", "1-3-5-7", "1-2-3", "1-3-5-k5"],
-    "scan": ["row", "row_reversed", "column", "bidirectional", "cross"],
-    "backend": ["torch", "triton", "fused"],
-}
 DEFAULT_EPOCHS = 5  # dilation axis, 7 variants × 3 seeds on 2 CPU cores in < 30 min (ablations/RESULTS.md)
 FINISHED = "Finished fit"  # first words of the closing line of a successful `main.py fit`
 
