@@ -17,13 +17,13 @@ git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
 
 if [ "$what" = "quick" ] || [ "$what" = "full" ]; then
   start=$(date +%s)
-  python -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+  python -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests 2>&1 | tee "$OUT/gpu_tests.log"
   echo "pytest -m gpu: $(( $(date +%s) - start )) s from a cold start" | tee -a "$OUT/gpu_tests.log"
 fi
 if [ "$what" = "quick" ] || [ "$what" = "bench" ]; then
-  python benchmarks/ops.py --quick --skip-torch --profile --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+  python benchmarks/ops.py --quick --skip-torch --profile --host --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
 elif [ "$what" = "full" ] || [ "$what" = "speed" ]; then
-  python benchmarks/ops.py --skip-torch --profile --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+  python benchmarks/ops.py --skip-torch --profile --host --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
   python benchmarks/throughput.py --models t,convnext_tiny,swin_tiny_patch4_window7_224 --backends fused \
     --precisions bf16 --modes eager,compiled 2>&1 | tee "$OUT/throughput.log"
 fi

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import torch
 import triton
@@ -97,6 +98,8 @@ def profile_kernels(Bsz=128, D=128, H=56, W=56, dtype=torch.bfloat16) -> list[tu
     reps = 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
+            for a in args:  # no gradient accumulation kernels in the profile
+                a.grad = None
             structure_aware_ssm_fused(*args, DILATIONS, H, W, "row").backward(dy)
         torch.cuda.synchronize()
     rows = [(e.key, e.count // reps, e.device_time_total / reps / 1e3) for e in prof.key_averages()
@@ -104,11 +107,52 @@ def profile_kernels(Bsz=128, D=128, H=56, W=56, dtype=torch.bfloat16) -> list[tu
     return sorted(rows, key=lambda r: -r[2])
 
 
+def host_overhead(dtype=torch.bfloat16, reps=50, top=18) -> list[tuple[str, float]]:
+    """Host (CPU) milliseconds per forward+backward of the fused op at each stage shape — the time the Python
+    call takes to queue its kernels; where it exceeds the device time the op is launch-bound — and a
+    cProfile of the smallest shape (printed)."""
+    import cProfile
+    import pstats
+
+    out = []
+    for Bsz, D, H, W in SHAPES:
+        t = make_inputs(Bsz, D, H, W, dtype, requires_grad=True)
+        args = [t[n] for n in NAMES]
+        dy = torch.randn(Bsz, H * W, D, device="cuda", dtype=dtype)
+
+        def step():
+            for a in args:
+                a.grad = None
+            structure_aware_ssm_fused(*args, DILATIONS, H, W, "row").backward(dy)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        host_ms = (time.perf_counter() - start) / reps * 1e3
+        torch.cuda.synchronize()
+        out.append((f"B={Bsz} D={D} {H}x{W}", host_ms))
+        if (H, W) == SHAPES[-2][2:]:  # the smallest map: where launch cost matters most
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(reps):
+                step()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"\ncProfile of {reps} forward+backward at B={Bsz} D={D} {H}x{W} (bf16), by own time:")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="stage-1 shape only")
     parser.add_argument("--skip-torch", action="store_true", help="skip the (slow, memory-hungry) reference")
     parser.add_argument("--profile", action="store_true", help="per-kernel device time at stage 1 (bf16)")
+    parser.add_argument("--host", action="store_true",
+                        help="host (CPU) time per forward+backward at each shape, and a cProfile of the smallest")
     parser.add_argument("--json", default=None, help="write all rows to this file")
     args = parser.parse_args()
     bw = copy_bandwidth()
@@ -138,10 +182,16 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     kernels = profile_kernels() if args.profile else []
+    host = host_overhead() if args.host else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           copy_bandwidth_TBps=bw / 1e12, rows=rows, kernels=kernels), f, indent=1)
+                           copy_bandwidth_TBps=bw / 1e12, rows=rows, kernels=kernels, host_ms=host), f, indent=1)
+    if host:
+        print("\n| shape (fused, bf16) | host ms per forward+backward |")
+        print("|---|---:|")
+        for shape, ms in host:
+            print(f"| {shape} | {ms:.3f} |")
     if kernels:
         print("\n| kernel (fused, bf16, B=128 D=128 56x56, one forward+backward) | calls | device ms |")
         print("|---|---:|---:|")

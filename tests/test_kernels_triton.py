@@ -292,7 +292,8 @@ def test_bf16_gpu(backend, scan):
     check_against_reference(backend, t, [1, 3, 5], 9, 13, scan, TOL[torch.bfloat16])
 
 
-_N_CANDIDATES = max(len(fused_mod.FWD_CONFIGS), len(fused_mod.BWD_CONFIGS), len(fused_mod.STATE_CONFIGS))
+_N_CANDIDATES = max(len(fused_mod.FWD_CONFIGS), len(fused_mod.BWD_CONFIGS), len(fused_mod.STATE_CONFIGS),
+                    len(triton_scan.SCAN_FWD_CONFIGS), len(triton_scan.SCAN_BWD_CONFIGS))
 
 
 @requires_cuda
@@ -300,12 +301,13 @@ _N_CANDIDATES = max(len(fused_mod.FWD_CONFIGS), len(fused_mod.BWD_CONFIGS), len(
 @pytest.mark.parametrize("backend,config", [("triton", 0)] + [("fused", i) for i in range(_N_CANDIDATES)])
 def test_fp32_gpu_large_tiles(backend, config, monkeypatch):
     """Production tile sizes on a stage-1-like map (56×56) and a tail (17×23), each candidate tile of the
-    fusion kernels (the tuner may pick any)."""
+    fusion and scan kernels (the tuner may pick any)."""
     monkeypatch.setattr(triton_scan, "MAX_BLOCK_L", _DEFAULTS["MAX_BLOCK_L"])
     monkeypatch.setattr(fused_mod, "ROWS_PER_PROGRAM", None)
-    for name in ("FWD_CONFIGS", "BWD_CONFIGS", "STATE_CONFIGS"):
-        configs = getattr(fused_mod, name)
-        monkeypatch.setattr(fused_mod, name, (configs[config % len(configs)],))
+    for module, name in ((fused_mod, "FWD_CONFIGS"), (fused_mod, "BWD_CONFIGS"), (fused_mod, "STATE_CONFIGS"),
+                         (triton_scan, "SCAN_FWD_CONFIGS"), (triton_scan, "SCAN_BWD_CONFIGS")):
+        configs = getattr(module, name)
+        monkeypatch.setattr(module, name, (configs[config % len(configs)],))
     for H, W, scan in ((56, 56, "row"), (17, 23, "cross")):
         t = make_inputs(Bsz=2, D=24, H=H, W=W, K=3)
         check_against_reference(backend, t, [1, 3, 5], H, W, scan, TOL[torch.float32])

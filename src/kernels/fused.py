@@ -28,22 +28,21 @@ Backward, given dy, with g = dy·C:
 Nothing uses atomics: the op gives the same bits on every run.
 
 Block sizes: a few candidate tiles per kernel; the first call for a shape times them and keeps the fastest,
-on disk too (`_pick_config`), so later processes do not time or compile the others again.
+on disk too (`tuning.pick_config`), so later processes do not time or compile the others again.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .triton_scan import _num_sms, scan_backward, scan_forward, state_dtype, triton_interpreted
+from .tuning import pick_config
 
 MAX_DILATIONS = 7  # dilations travel packed 8 bits each in one int64 kernel argument
 MAX_DILATION = 255
@@ -284,6 +283,54 @@ def _fusion_bwd_param_kernel(
         tl.store(G_part_ptr + part + tap * D, tl.sum(G[tap], axis=0), mask=mask_d)
 
 
+@triton.jit
+def _mix_weights_kernel(w_ptr, alpha_ptr, wa_ptr, D, NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """wa[(k·KS + a)·KS + c, d] = alpha_k·w[k, d, a, c] in fp32 (tap-major: each tap's channels contiguous), the
+    centre taps of all dilations — one and the same element — summed into dilation 0's."""
+    offs = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = offs < D
+    centre = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(NDIL):
+        al = tl.load(alpha_ptr + k).to(tl.float32)
+        centre += al * tl.load(w_ptr + (k * D + offs) * (KS * KS) + (KS // 2) * (KS + 1), mask=m).to(tl.float32)
+    for k in tl.static_range(NDIL):
+        al = tl.load(alpha_ptr + k).to(tl.float32)
+        for a in tl.static_range(KS):
+            for c in tl.static_range(KS):
+                v = al * tl.load(w_ptr + (k * D + offs) * (KS * KS) + a * KS + c, mask=m).to(tl.float32)
+                if k == 0 and a == KS // 2 and c == KS // 2:
+                    v = centre
+                tl.store(wa_ptr + ((k * KS + a) * KS + c) * D + offs, v, mask=m)
+
+
+@triton.jit
+def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R, D,
+                        NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For one tap and block of channels, from the parameter kernel's fp32 partials G_part (R rows, taps, D):
+    G = Σ_rows in fp64 (fixed order), dweight[k, d, a, c] = alpha_k·G, and the share Σ_d w·G of dalpha_k.
+    A merged centre tap (k > 0) takes dilation 0's sums."""
+    pid_d = tl.program_id(0)
+    tap = tl.program_id(1)
+    NTAP: tl.constexpr = NDIL * KS * KS
+    k = tap // (KS * KS)
+    ac = tap % (KS * KS)
+    src = tl.where(ac == (KS // 2) * (KS + 1), ac, tap)  # centre taps: dilation 0's
+    offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = offs < D
+    rows = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float64)
+    for r0 in range(0, R, BLOCK_R):
+        rr = (r0 + rows).to(tl.int64)
+        acc += tl.load(G_part_ptr + (rr[:, None] * NTAP + src) * D + offs[None, :],
+                       mask=(rr < R)[:, None] & m[None, :], other=0.0).to(tl.float64)
+    G = tl.sum(acc, axis=0)
+    w_offs = (k * D + offs) * (KS * KS) + ac
+    al = tl.load(alpha_ptr + k).to(tl.float64)
+    tl.store(dw_ptr + w_offs, (al * G).to(dw_ptr.dtype.element_ty), mask=m)
+    wv = tl.load(w_ptr + w_offs, mask=m, other=0.0).to(tl.float64)
+    tl.store(dalpha_part_ptr + tap * tl.num_programs(0) + pid_d, tl.sum(wv * G, axis=0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers (no checks: ops.py checks shapes, dtypes and devices first)
 
@@ -296,77 +343,47 @@ BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8))
 STATE_CONFIGS = ((16, 64, 4), (8, 64, 4), (32, 32, 4), (8, 128, 4), (32, 64, 8))
 INTERPRETER_CONFIG = (8, 16, 1)  # tile in the CPU interpreter (the kernel tests lower it)
 ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8 programs (tests set it)
-_TUNED: dict[str, tuple[int, int, int]] = {}
+
+
+@functools.lru_cache(maxsize=4096)
+def _candidates_of(configs, D: int, W: int, interpreted: bool, interpreter_config):
+    if interpreted:
+        return (interpreter_config,)
+    fit = tuple((bc, bd, nw) for bc, bd, nw in configs
+                if bc <= max(8, triton.next_power_of_2(W)) and bd <= max(16, triton.next_power_of_2(D)))
+    return fit or (configs[0],)
 
 
 def _candidates(configs, D: int, W: int):
-    if triton_interpreted():
-        return [INTERPRETER_CONFIG]
-    fit = [(bc, bd, nw) for bc, bd, nw in configs
-           if bc <= max(8, triton.next_power_of_2(W)) and bd <= max(16, triton.next_power_of_2(D))]
-    return fit or [configs[0]]
+    return _candidates_of(tuple(configs), D, W, triton_interpreted(), INTERPRETER_CONFIG)
 
 
-def _cache_file() -> Path:
-    root = os.environ.get("SPATIAL_MAMBA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spatial_mamba")
-    return Path(root) / "kernel_tuning.json"
-
-
-def _pick_config(name: str, key: tuple, candidates, run) -> tuple[int, int, int]:
-    """The fastest candidate for this kernel and shape: timed once (a few short runs of each) on the first
-    call, then kept in memory and in a JSON file (one entry per device, Triton version, kernel and shape).
-    Without a GPU, while a CUDA graph is captured, or with SPATIAL_MAMBA_TUNE=0: the first candidate."""
-    if len(candidates) == 1 or os.environ.get("SPATIAL_MAMBA_TUNE", "1") == "0" or \
-            torch.cuda.is_current_stream_capturing():
-        return candidates[0]
-    full = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|{name}|{key}"
-    if full in _TUNED:
-        return _TUNED[full]
-    path = _cache_file()
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
-    if full in stored and tuple(stored[full]) in candidates:
-        _TUNED[full] = tuple(stored[full])
-        return _TUNED[full]
-    from triton.testing import do_bench
-
-    times = {cfg: do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median") for cfg in candidates}
-    best = min(times, key=times.get)
-    _TUNED[full] = best
-    try:  # written atomically: concurrent processes (DDP ranks) never read half a file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        stored[full] = list(best)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(stored, f, indent=0)
-        os.replace(f.name, path)
-    except OSError:
-        pass  # an unwritable cache only costs the timing again in the next process
-    return best
-
-
-def _grid(Bsz: int, D: int, H: int, W: int, cfg, device) -> tuple[tuple[int, int, int], int, int]:
-    """(grid, columns tiles, rows per program) for a tile config."""
+@functools.lru_cache(maxsize=4096)
+def _grid_of(Bsz: int, D: int, H: int, W: int, cfg, n_sms: int, rows_per_program):
     bc, bd, _ = cfg
     n_ctiles, n_dblk = triton.cdiv(W, bc), triton.cdiv(D, bd)
-    if ROWS_PER_PROGRAM is not None:
-        rows = ROWS_PER_PROGRAM
+    if rows_per_program is not None:
+        rows = rows_per_program
     else:
-        bands = min(H, triton.cdiv(8 * _num_sms(device), n_ctiles * n_dblk * Bsz))
+        bands = min(H, triton.cdiv(8 * n_sms, n_ctiles * n_dblk * Bsz))
         rows = triton.cdiv(H, bands)
     return (n_ctiles * triton.cdiv(H, rows), n_dblk, Bsz), n_ctiles, rows
 
 
+def _grid(Bsz: int, D: int, H: int, W: int, cfg, device) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, columns tiles, rows per program) for a tile config (pure arithmetic, cached: a call costs the
+    host little more than its launches)."""
+    return _grid_of(Bsz, D, H, W, tuple(cfg), _num_sms(device), ROWS_PER_PROGRAM)
+
+
 def _mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """(K·k·k, D) fp32 taps alpha_i·w_i, tap-major so each tap's channels are contiguous; the centre taps of
-    all dilations (one and the same element) summed into dilation 0's."""
+    all dilations (one and the same element) summed into dilation 0's. One launch (`_mix_weights_kernel`)."""
     K, D, ks, _ = weight.shape
-    wa = (weight.float() * alpha.float()[:, None, None, None]).permute(0, 2, 3, 1).contiguous()  # (K, k, k, D)
-    if K > 1:
-        wa[0, ks // 2, ks // 2] = wa[:, ks // 2, ks // 2].sum(0)
-    return wa.view(K * ks * ks, D)
+    wa = torch.empty(K * ks * ks, D, device=weight.device, dtype=torch.float32)
+    if K:
+        _mix_weights_kernel[(triton.cdiv(D, 256),)](weight, alpha, wa, D, NDIL=K, KS=ks, BLOCK_D=256)
+    return wa
 
 
 def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions):
@@ -387,7 +404,7 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
         )
 
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
-    run(_pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run))
+    run(pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run))
     return y, h
 
 
@@ -413,7 +430,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
             NDIL=K, KS=ks, NTAP=NTAP, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
         )
 
-    run_param(_pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param))
+    run_param(pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param))
     if K:
         dh = torch.empty_like(g)
 
@@ -424,7 +441,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
                 NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
             )
 
-        run_state(_pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state))
+        run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state))
         g = None  # freed before the scan backward
     else:
         dh = g
@@ -433,11 +450,15 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     if K:
         # fp64 from the fp32 partials on: dalpha = Σ w·G often cancels (terms of both signs), so its rounding
         # error would otherwise be that of the largest terms, not of the result
-        G = out["G_part"].double().sum((0, 1)).view(K, ks, ks, Dm)  # (B, programs, taps, D) -> (K, k, k, D)
-        G[1:, ks // 2, ks // 2] = G[0, ks // 2, ks // 2]  # the merged centre tap
-        G = G.permute(0, 3, 1, 2)  # (K, D, k, k)
-        dweight = (alpha.double()[:, None, None, None] * G).to(weight.dtype)
-        dalpha = (weight.double() * G).sum((1, 2, 3)).to(alpha.dtype)
+        G_part = out["G_part"]
+        dweight = torch.empty_like(weight)
+        n_dblk = triton.cdiv(Dm, 32)
+        dalpha_part = torch.empty(NTAP, n_dblk, device=dev, dtype=torch.float64)
+        _weight_grad_kernel[(n_dblk, NTAP)](
+            G_part, weight, alpha, dweight, dalpha_part, G_part.shape[0] * G_part.shape[1], Dm,
+            NDIL=K, KS=ks, BLOCK_R=32, BLOCK_D=32,
+        )
+        dalpha = dalpha_part.view(K, -1).sum(1).to(alpha.dtype)
     else:
         dweight, dalpha = torch.zeros_like(weight), torch.zeros_like(alpha)
     return dx, ddt, dA, dB, dC, dD, dbias, dweight, dalpha

@@ -177,11 +177,14 @@ def _fused_setup_context(ctx, inputs, output):
     x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan = inputs
     y, h = output
     ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)  # h gets no gradient: no zero-filled (B, L, D) tensor for it
     ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, weight, alpha, h)
     ctx.dilations, ctx.H, ctx.W, ctx.scan = list(dilations), H, W, scan
 
 
 def _fused_backward(ctx, dy, _dh):
+    if dy is None:  # y did not reach the loss
+        return (None,) * 13
     x, dt, A, B, C, D, dt_bias, weight, alpha, h = ctx.saved_tensors
     grads = structure_aware_ssm_fused_backward(
         dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, ctx.dilations, ctx.H, ctx.W, ctx.scan
