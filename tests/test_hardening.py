@@ -317,3 +317,60 @@ def test_predict_with_a_data_module_without_output_is_refused(tmp_path, monkeypa
     model = ImageClassifier(spatial_mamba_digits(backend="torch", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)), num_classes=10)
     with pytest.raises(ValueError, match="predict writes its results to data.init_args.predict_output, which NoOutput"):
         trainer.predict(model, datamodule=NoOutput())
+
+
+def _classifier(**kwargs):
+    from src.models import ImageClassifier
+
+    return ImageClassifier(torch.nn.Linear(4, 10), num_classes=10, **kwargs)
+
+
+def _backbone(**kwargs):
+    from src.models.spatial_mamba import spatial_mamba_digits
+
+    return spatial_mamba_digits(backend="torch", **kwargs)
+
+
+def _digits(**kwargs):
+    from src.data import DigitsDataModule
+
+    return DigitsDataModule(**kwargs)
+
+
+def _folders(**kwargs):
+    from src.data import ImageFolderDataModule
+
+    return ImageFolderDataModule(**kwargs)
+
+
+@pytest.mark.parametrize("build,kwargs,message", [
+    (_classifier, {"weight_decay": -0.1}, "model.init_args.weight_decay must be >= 0, got -0.1"),
+    (_classifier, {"betas": (1.5, 0.9)}, r"model.init_args.betas must be two numbers in \[0, 1\), got \[1.5, 0.9\]"),
+    (_classifier, {"eps": 0.0}, "model.init_args.eps must be > 0, got 0.0"),
+    (_classifier, {"warmup_epochs": -1.0}, "model.init_args.warmup_epochs must be >= 0"),
+    (_classifier, {"label_smoothing": 1.5}, r"model.init_args.label_smoothing must be in \[0, 1\), got 1.5"),
+    (_classifier, {"mixup": -0.2}, "model.init_args.mixup must be >= 0"),
+    (_classifier, {"mixup_prob": 2.0}, r"model.init_args.mixup_prob must be a probability in \[0, 1\], got 2.0"),
+    (_classifier, {"mesa_start": float("nan")}, "model.init_args.mesa_start must be a probability"),
+    (_classifier, {"mixup_mode": "pairs"}, "model.init_args.mixup_mode must be 'batch', 'pair' or 'elem'"),
+    (_backbone, {"mlp_ratio": 0.0}, "mlp_ratio must be > 0, got 0.0"),
+    (_backbone, {"in_chans": 0}, "in_chans must be >= 1, got 0"),
+    (_backbone, {"num_classes": -1}, "num_classes must be >= 0"),
+    (_digits, {"batch_size": 0}, "data.init_args.batch_size must be >= 1, got 0"),
+    (_digits, {"num_workers": -1}, "data.init_args.num_workers must be >= 0, got -1"),
+    (_folders, {"hflip": 1.5}, r"data.init_args.hflip must be a probability in \[0, 1\], got 1.5"),
+    (_folders, {"re_prob": -0.1}, "data.init_args.re_prob must be a probability"),
+    (_folders, {"scale": (0.9, 0.1)}, r"data.init_args.scale must be \(min, max\) with 0.0 < min <= max <= 1.0, got \[0.9, 0.1\]"),
+    (_folders, {"ratio": (0.0, 1.0)}, r"data.init_args.ratio must be \(min, max\)"),
+    (_folders, {"std": (0.2, 0.0, 0.2)}, "data.init_args.mean/std must be three numbers each"),
+    (_folders, {"val_batch_size": 0}, "data.init_args.val_batch_size must be >= 1 or null"),
+])
+def test_numeric_knobs_are_range_checked_where_declared(build, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build(**kwargs)
+
+
+def test_out_of_range_knob_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main_inprocess(monkeypatch, capsys, "fit", *QUIET, "--model.init_args.label_smoothing=1.5")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: model.init_args.label_smoothing must be in [0, 1)")

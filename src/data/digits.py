@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from src.checks import non_negative, require
 from src.data.imagefolder import check_output_file
 
 DIGITS_CLASSES = [str(i) for i in range(10)]
@@ -86,6 +87,9 @@ class DigitsDataModule(L.LightningDataModule):
             raise ValueError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        require(batch_size >= 1, "data.init_args.batch_size", ">= 1", batch_size)
+        require(channels >= 1, "data.init_args.channels", ">= 1", channels)
+        non_negative("data.init_args.num_workers", num_workers)
         self.save_hyperparameters()
         self.num_classes = 10
         self.classes = DIGITS_CLASSES

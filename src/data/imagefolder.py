@@ -33,6 +33,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from src.checks import increasing_pair, non_negative, probability, require
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -326,6 +328,18 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"data.on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         if re_mode not in ("pixel", "rand", "const"):
             raise ValueError(f"data.re_mode must be 'pixel', 'rand' or 'const', got {re_mode!r}")
+        key = "data.init_args."
+        require(val_batch_size is None or val_batch_size >= 1, key + "val_batch_size", ">= 1 or null", val_batch_size)
+        non_negative(key + "num_workers", num_workers)
+        require(prefetch_factor is None or prefetch_factor >= 1, key + "prefetch_factor", ">= 1 or null", prefetch_factor)
+        increasing_pair(key + "scale", scale, high=1.0)
+        increasing_pair(key + "ratio", ratio)
+        for name, value in (("hflip", hflip), ("re_prob", re_prob)):
+            probability(key + name, value)
+        non_negative(key + "color_jitter", color_jitter)
+        non_negative(key + "re_count", re_count)
+        require(len(mean) == 3 and len(std) == 3 and all(s > 0 for s in std), key + "mean/std",
+                "three numbers each (RGB), std > 0", [list(mean), list(std)])
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.classes: list[str] = []

@@ -35,6 +35,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.checkpoints import AtomicCheckpointIO, check_architecture, plain
+from src.checks import non_negative, positive, probability, require
 from src.data.imagefolder import PredictionCSVWriter
 from src.tb import log_hparams
 
@@ -122,6 +123,18 @@ class ImageClassifier(L.LightningModule):
                 raise ValueError(f"model.init_args.{name} must be in [0, lr={lr}], got {value}")
         if lr_base_batch is not None and lr_base_batch < 1:
             raise ValueError(f"model.init_args.lr_base_batch must be a positive number of images, got {lr_base_batch}")
+        key = "model.init_args."
+        require(num_classes >= 2, key + "num_classes", ">= 2 (a classifier needs two classes)", num_classes)
+        non_negative(key + "weight_decay", weight_decay)
+        require(len(betas) == 2 and all(0 <= b < 1 for b in betas), key + "betas", "two numbers in [0, 1)", list(betas))
+        positive(key + "eps", eps)
+        non_negative(key + "warmup_epochs", warmup_epochs)
+        require(0 <= label_smoothing < 1, key + "label_smoothing", "in [0, 1)", label_smoothing)
+        for name, value in (("mixup", mixup), ("cutmix", cutmix), ("mesa", mesa)):
+            non_negative(key + name, value)
+        for name, value in (("mixup_prob", mixup_prob), ("mixup_switch_prob", mixup_switch_prob), ("mesa_start", mesa_start)):
+            probability(key + name, value)
+        require(mixup_mode in ("batch", "pair", "elem"), key + "mixup_mode", "'batch', 'pair' or 'elem'", mixup_mode)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.soft_target_ce = SoftTargetCrossEntropy()
         self.mixup_fn = None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from src.checkpoints import check_architecture, load_checkpoint
+from src.checks import positive, require
 from src.kernels import BACKENDS, SCANS, structure_aware_ssm
 
 TOTAL_STRIDE = 32
@@ -248,6 +249,9 @@ class SpatialMamba(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1) (the probability of dropping a block's branch), "
                              f"got {drop_path_rate}")
+        require(num_classes >= 0, "num_classes", ">= 0 (0: no head)", num_classes)
+        require(in_chans >= 1, "in_chans", ">= 1", in_chans)
+        positive("mlp_ratio", mlp_ratio)
         if out_indices is not None:
             out_indices = [int(i) for i in out_indices]
             if not features_only:
