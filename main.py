@@ -7,6 +7,7 @@ LightningCLI in subclass mode: any LightningModule and LightningDataModule can b
 
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -25,6 +26,33 @@ class CLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         pass
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
+            continue_last_run(self.config.fit)
+
+
+def continue_last_run(config) -> None:
+    """`fit --ckpt_path last` where the logger numbers its runs (`version_0`, `version_1`, ...) and checkpoints are
+    kept in the run's folder (no fixed `dirpath`): log to the newest run that holds a last checkpoint, so Lightning
+    finds that checkpoint and the run goes on in its own folder (it would look in a new, empty version folder and
+    start from scratch)."""
+    logger = config.trainer.get("logger")
+    if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
+        return
+    if logger.init_args.get("version") is not None:
+        return
+    if any(getattr(c, "init_args", None) and c.init_args.get("dirpath") for c in config.trainer.get("callbacks") or []):
+        return
+    folder = Path(logger.init_args.get("save_dir") or ".") / (logger.init_args.get("name") or "")
+    runs = []
+    for run in folder.glob("version_*"):
+        number = run.name.removeprefix("version_")
+        saved = [p.stat().st_mtime for p in (run / "checkpoints").glob("*last*.ckpt")]
+        if number.isdigit() and saved:
+            runs.append((max(saved), int(number)))
+    if runs:
+        logger.init_args.version = max(runs)[1]
 
 
 def cli(args=None, run: bool = True) -> LightningCLI:

@@ -374,3 +374,17 @@ def test_out_of_range_knob_is_one_line_from_the_cli(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     code, err = run_main_inprocess(monkeypatch, capsys, "fit", *QUIET, "--model.init_args.label_smoothing=1.5")
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: model.init_args.label_smoothing must be in [0, 1)")
+
+
+def test_fit_ckpt_path_last_continues_the_last_run_of_the_default_config(tmp_path, monkeypatch):
+    """Runs of the default config log to logs/default/version_N: `--ckpt_path last` looked only in a new, empty
+    version folder and started from scratch."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.limit_val_batches=0", *TINY]
+    first = main.cli(["fit", *args, "--trainer.max_steps=2"])
+    assert first.trainer.logger.version == 0 and first.trainer.global_step == 2
+    resumed = main.cli(["fit", *args, "--trainer.max_steps=3", "--ckpt_path", "last"])
+    assert resumed.trainer.ckpt_path == str(tmp_path / "logs/default/version_0/checkpoints/last.ckpt")
+    assert resumed.trainer.logger.version == 0 and resumed.trainer.global_step == 3
+    assert sorted(p.name for p in (tmp_path / "logs" / "default").iterdir()) == ["version_0"]
