@@ -218,6 +218,30 @@ def test_flop_formulas_are_counted():
     assert counter.get_total_flops() == (7 + 2 * 2 * 9 + 3) * per_element + 4 * 7 * per_element
 
 
+def test_eager_path_equals_registered_op():
+    """Eager calls run the op's forward/backward functions under a plain autograd.Function (less host time);
+    they must give the registered op's outputs and gradients bit for bit, and a dispatch mode (here
+    FlopCounterMode) must still see the registered op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    H, W = 4, 5
+    t = make_inputs(Bsz=2, D=3, H=H, W=W, K=2)
+    results = []
+    for via_op in (False, True):
+        tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+        if via_op:
+            y = torch.ops.spatial_mamba.structure_aware_ssm_fused(*_op_args("fused", tk, [1, 2], H, W, "row"))[0]
+        else:
+            y = structure_aware_ssm_fused(*(tk[n] for n in NAMES), [1, 2], H, W, "row")
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [tk[n].grad for n in NAMES])
+    for name, a, b in zip(("y",) + NAMES, *results):
+        assert torch.equal(a, b), name
+    with FlopCounterMode(display=False) as counter:
+        structure_aware_ssm_fused(*(t[n] for n in NAMES), [1, 2], H, W, "row")
+    assert counter.get_total_flops() > 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # clear errors from the Python wrappers
 
