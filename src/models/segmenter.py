@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
+from src.checkpoints import AtomicCheckpointIO, check_architecture
 from src.models.upernet import FCNHead, UperNetHead, resize
 from src.tb import log_hparams
 
@@ -149,6 +150,8 @@ class SemanticSegmenter(L.LightningModule):
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill mid-save keeps the previous file
         data = self.trainer.datamodule if self._trainer is not None else None
         data_classes = getattr(data, "num_classes", None)
         if data_classes is not None and data_classes != self.hparams.num_classes:
@@ -246,6 +249,16 @@ class SemanticSegmenter(L.LightningModule):
         for image, size in zip(images, sizes.tolist()):  # each image back to its own original size
             masks.append(self.predict_probs(image[None], size).argmax(1)[0].to(torch.uint8).cpu())
         return {"masks": masks, "paths": list(paths)}
+
+    # ---- checkpoints: the backbone's architecture is recorded and checked on load ----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if callable(getattr(self.backbone, "architecture", None)):
+            checkpoint["architecture"] = self.backbone.architecture()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if callable(getattr(self.backbone, "architecture", None)) and "architecture" in checkpoint:
+            path = (self.trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
+            check_architecture(checkpoint["architecture"], self.backbone.architecture(), path)
 
     # ---- fit start, optimiser, schedule ----
     def on_fit_start(self) -> None:
