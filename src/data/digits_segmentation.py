@@ -61,14 +61,14 @@ class DigitsSegmentationDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 16,
+        batch_size: int = 8,
         val_batch_size: int = 50,
         image_size: int = 64,
         channels: int = 3,
-        train_images: int = 2000,
+        train_images: int = 4000,
         val_images: int = 200,
-        max_digits: int = 3,
-        digit_size: tuple[int, int] = (20, 32),
+        max_digits: int = 2,
+        digit_size: tuple[int, int] = (24, 36),
         ink_threshold: float = 0.3,
         val_fraction: float = 0.25,
         seed: int = 0,
