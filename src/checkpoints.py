@@ -41,6 +41,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` allowed; an empty, corrupt or unsafe
     file is a `CheckpointError` naming the file and what is wrong with it."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder; give a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     if os.path.getsize(path) == 0:
