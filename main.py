@@ -81,6 +81,12 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def main() -> None:
     try:
         if len(sys.argv) > 1 and sys.argv[1] == "flops":
@@ -91,9 +97,9 @@ def main() -> None:
             cli()
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
         # bad input (config value, image size, checkpoint, data path): one line, not a stack trace
-        if os.environ.get("SPATIAL_MAMBA_TRACEBACK") == "1":
-            raise
         root = _root_cause(e)
+        if os.environ.get("SPATIAL_MAMBA_TRACEBACK") == "1" or _out_of_memory(root):
+            raise  # out of memory is not bad input: it keeps its traceback (where it ran out, how much was asked)
         # KeyError's str() adds quotes; its argument need not be a string (KeyError(5))
         message = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line

@@ -388,3 +388,17 @@ def test_fit_ckpt_path_last_continues_the_last_run_of_the_default_config(tmp_pat
     assert resumed.trainer.ckpt_path == str(tmp_path / "logs/default/version_0/checkpoints/last.ckpt")
     assert resumed.trainer.logger.version == 0 and resumed.trainer.global_step == 3
     assert sorted(p.name for p in (tmp_path / "logs" / "default").iterdir()) == ["version_0"]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: out of memory")])
+def test_out_of_memory_keeps_its_traceback(monkeypatch, error):
+    """The one-line handler is for bad input; running out of memory is not, and was printed as `error: ...`."""
+    def failing_cli():
+        raise error
+
+    monkeypatch.setattr(main, "cli", failing_cli)
+    monkeypatch.setattr(sys, "argv", ["main.py", "fit"])
+    monkeypatch.delenv("SPATIAL_MAMBA_TRACEBACK", raising=False)
+    with pytest.raises(type(error), match="out of memory"):
+        main.main()
