@@ -171,12 +171,12 @@ def test_ckpt_path_with_code_is_refused_in_one_line(tmp_path, monkeypatch, capsy
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
-    """last.ckpt of 2 steps of a narrow digits model (TINY), one validation batch, lr 3e-3."""
+    """last.ckpt of 1 step of a narrow digits model (TINY), one validation batch, lr 3e-3."""
     folder = tmp_path_factory.mktemp("run")
-    cli = main.cli(["fit", *QUIET, f"--trainer.default_root_dir={folder}", "--trainer.max_steps=2",
+    cli = main.cli(["fit", *QUIET, f"--trainer.default_root_dir={folder}", "--trainer.max_steps=1",
                     f"--trainer.limit_val_batches={ONE_BATCH}", *TINY])
     path = folder / "checkpoints" / "last.ckpt"
-    assert cli.trainer.global_step == 2 and path.is_file()
+    assert cli.trainer.global_step == 1 and path.is_file()
     return path
 
 
@@ -209,9 +209,9 @@ def test_resume_takes_new_optimiser_values(trained_checkpoint, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with caplog.at_level("INFO"):
         cli = main.cli(["fit", "--ckpt_path", str(trained_checkpoint), *QUIET, f"--trainer.default_root_dir={tmp_path}",
-                        "--trainer.max_steps=3", "--trainer.limit_val_batches=0", *TINY,
+                        "--trainer.max_steps=2", "--trainer.limit_val_batches=0", *TINY,
                         "--model.init_args.lr=1e-3", "--model.init_args.weight_decay=0.01"])
-    assert cli.trainer.global_step == 3 and cli.model.hparams.lr == 1e-3
+    assert cli.trainer.global_step == 2 and cli.model.hparams.lr == 1e-3
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.base_lrs == [1e-3, 1e-3]
     groups = cli.trainer.optimizers[0].param_groups
@@ -382,11 +382,11 @@ def test_fit_ckpt_path_last_continues_the_last_run_of_the_default_config(tmp_pat
     monkeypatch.chdir(tmp_path)
     args = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--trainer.limit_val_batches=0", *TINY]
-    first = main.cli(["fit", *args, "--trainer.max_steps=2"])
-    assert first.trainer.logger.version == 0 and first.trainer.global_step == 2
-    resumed = main.cli(["fit", *args, "--trainer.max_steps=3", "--ckpt_path", "last"])
+    first = main.cli(["fit", *args, "--trainer.max_steps=1"])
+    assert first.trainer.logger.version == 0 and first.trainer.global_step == 1
+    resumed = main.cli(["fit", *args, "--trainer.max_steps=2", "--ckpt_path", "last"])
     assert resumed.trainer.ckpt_path == str(tmp_path / "logs/default/version_0/checkpoints/last.ckpt")
-    assert resumed.trainer.logger.version == 0 and resumed.trainer.global_step == 3
+    assert resumed.trainer.logger.version == 0 and resumed.trainer.global_step == 2
     assert sorted(p.name for p in (tmp_path / "logs" / "default").iterdir()) == ["version_0"]
 
 
