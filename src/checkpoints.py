@@ -64,6 +64,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch file (truncated or corrupt?): {first}") from None
 
 
+def check_checkpoint_folder(folder: str | os.PathLike) -> None:
+    """Refuse, before training, a checkpoint folder that cannot be created or written: the first save, an epoch
+    or more later, would fail and lose that work."""
+    existing = os.path.abspath(os.fspath(folder))
+    while not os.path.exists(existing):  # the nearest part that exists must be a folder we can write in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"checkpoints cannot be written to {os.fspath(folder)!r} ({existing!r} is not a writable folder); set the "
+            "ModelCheckpoint dirpath, trainer.default_root_dir or the logger's save_dir to a writable place"
+        )
+
+
 def check_architecture(saved: dict, current: dict, path: str | os.PathLike, ignore: tuple[str, ...] = (),
                        key_prefix: str = "model.init_args.backbone.init_args.") -> None:
     """Stop with one line naming every knob whose value in the checkpoint (`saved`) differs from the model's

@@ -1,6 +1,7 @@
 """Misuse and faults: checkpoints that are killed mid-save, crafted to run code, or of another model; resume
 with new optimiser values; evaluation without weights; NaN losses; odd image files and folders."""
 
+import json
 import os
 import pickle
 import signal
@@ -402,3 +403,14 @@ def test_out_of_memory_keeps_its_traceback(monkeypatch, error):
     monkeypatch.delenv("SPATIAL_MAMBA_TRACEBACK", raising=False)
     with pytest.raises(type(error), match="out of memory"):
         main.main()
+
+
+def test_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, monkeypatch):
+    """A checkpoint folder under a file: the first save, after an epoch of training, failed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "taken/ckpt", "every_n_epochs": 2}}
+    cli = main.cli([*QUIET, "--trainer.max_steps=1", f"--trainer.callbacks+={json.dumps(callback)}", *TINY], run=False)
+    with pytest.raises(PermissionError, match=r"checkpoints cannot be written to .*taken.* is not a writable folder"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0

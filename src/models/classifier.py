@@ -34,7 +34,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.checkpoints import AtomicCheckpointIO, check_architecture, plain
+from src.checkpoints import AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain
 from src.checks import non_negative, positive, probability, require
 from src.data.imagefolder import PredictionCSVWriter
 from src.tb import log_hparams
@@ -165,6 +165,10 @@ class ImageClassifier(L.LightningModule):
         if self._trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             # atomic saves (a kill mid-save keeps the previous file) and weights-only loads, in every config
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit" and self._trainer is not None and self.trainer.is_global_zero:
+            for callback in self.trainer.checkpoint_callbacks:  # their folders are resolved by now (callback setup)
+                if callback.dirpath and "://" not in str(callback.dirpath):
+                    check_checkpoint_folder(callback.dirpath)
         data_classes = getattr(self.trainer.datamodule, "num_classes", 0) if self._trainer is not None else 0
         if data_classes and data_classes != self.hparams.num_classes:
             raise ValueError(
