@@ -9,26 +9,29 @@ rows. At row r a tap (dr, dc) reads the contiguous channel vectors of h at row c
 per row — and columns clamp(c + dc), so the replicate clamp costs a few integer operations per position
 and tap, shared by BLOCK_D channels, and every load is a contiguous (16-byte) vector. The rows a program
 walks overlap in their taps, so most of them come from the L1/L2 caches. The centre taps of all dilations
-read the same element and are merged into one weight (`_mixed_weights`).
+read the same element and are merged into one weight (`_mixed_weights`, one small kernel).
 
-Backward, given dy, with g = dy·C:
-  dh = fusion transposed applied to g. Tap (dr, dc) sends g at p to dh at clamp(p + (dr, dc)); so dh at q
-       gathers g over the positions p with clamp(p + offset) = q: one position q − offset inside the map
-       (zero outside it: the gather over the zero-padded domain), plus, on the border rows and columns, the
-       positions whose shifted index was clamped onto q — the halo folded back. Rows: a scalar box
-       [lo, hi] per row and tap (`_box_range`, more than one row only on the first and last row). Columns:
-       the shifted gather, plus for column 0 (tap dc < 0) the sum of g over columns [0, −dc) and for column
-       W−1 (dc > 0) over [W−dc, W) (`_edge_sum`, only in the tiles holding those columns). One kernel, no
-       separate border launches.
-  dweight_i[tap] = alpha_i·G[tap], dalpha_i = Σ w_i·G with G[tap] = Σ_q h[q]·(that tap's folded gather at q)
-       — from the same tiles as dh: the h tile at q is loaded once; per-program fp32 partials (one
-       accumulator tile per tap, reduced once at the end), summed in a fixed order.
-  dC = Σ_channels dy·h' (h' recomputed from h), per channel block partials.
+Backward, given dy, in kernel order:
+  parameter kernel (`_fusion_bwd_param_kernel`): g = dy·C, written once (state dtype) for the dh kernel;
+       dC = Σ_channels dy·h' (h' recomputed from h), per channel block partials; and the weight gradient's
+       G[tap] = Σ_p g[p]·h[tap source of p] from one gather of h per tap, per-program fp32 partials (one
+       accumulator tile per tap, reduced once at the end).
+  `_weight_grad_kernel`: G summed over the partials in fp64 in a fixed order; dweight_i[tap] = alpha_i·G[tap]
+       and dalpha_i = Σ w_i·G (fp64: it often cancels).
+  dh kernel (`_fusion_bwd_state_kernel`): the fusion transposed applied to g. Tap (dr, dc) sends g at p to dh
+       at clamp(p + (dr, dc)); so dh at q gathers g over the positions p with clamp(p + offset) = q: one
+       position q − offset inside the map (zero outside it: the gather over the zero-padded domain), plus, on
+       the border rows and columns, the positions whose shifted index was clamped onto q — the halo folded
+       back. Rows: a scalar box [lo, hi] per row and tap (`_box_range`, more than one row only on the first
+       and last row). Columns: the shifted gather, plus for column 0 (tap dc < 0) the sum of g over columns
+       [0, −dc) and for column W−1 (dc > 0) over [W−dc, W) (`_edge_sum`, only in the tiles holding those
+       columns). One kernel, no separate border launches; one load per tap (g precomputed).
   Then the scan backward (triton_scan) with dh, which also adds D·dy into dx and returns dD = Σ dy·x.
 Nothing uses atomics: the op gives the same bits on every run.
 
 Block sizes: a few candidate tiles per kernel; the first call for a shape times them and keeps the fastest,
-on disk too (`tuning.pick_config`), so later processes do not time or compile the others again.
+on disk too (`tuning.pick_config`), so later processes do not time or compile the others again. Launch
+geometry is cached per shape: a forward+backward costs the host well under a millisecond.
 """
 
 from __future__ import annotations
