@@ -143,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", help="Lightning checkpoint (default: random initialisation)")
     p.add_argument("--config", action="append", default=[],
                    help="config(s) describing the model, merged in order (default with --ckpt: the run's config.yaml)")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="PNG to write (an existing file is refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--image-size", type=int, default=160)
     p.add_argument("--images", type=int, default=32, help="digits validation images averaged over")
     p.add_argument("--stage", type=int, default=4, choices=[1, 2, 3, 4], help="feature map whose centre is used")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = p.parse_args(argv)
     try:
+        from src.data.imagefolder import check_output_file
+
+        check_output_file(args.out, args.overwrite, "--out", "--overwrite")  # before the model runs
         configs = args.config
         if not configs:
             if not args.ckpt:
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ckpt:
             load_checkpoint(backbone, args.ckpt)
         erf = effective_receptive_field(backbone, digits_images(args.images, args.image_size), [args.stage])[args.stage]
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stats = erf_stats(erf)

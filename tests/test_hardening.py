@@ -414,3 +414,15 @@ def test_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, monke
     with pytest.raises(PermissionError, match=r"checkpoints cannot be written to .*taken.* is not a writable folder"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0
+
+
+def test_erf_tool_refuses_an_existing_output_before_any_work(tmp_path, capsys, monkeypatch):
+    from ablations import erf
+
+    out = tmp_path / "erf.png"
+    out.write_bytes(b"a figure the user keeps")
+    monkeypatch.setattr(erf, "build_backbone", lambda configs: pytest.fail("the model was built before the check"))
+    assert erf.main(["--config", str(ROOT / "configs" / "default.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {str(out)!r} exists and would be overwritten; pass --overwrite"), err
+    assert out.read_bytes() == b"a figure the user keeps"
