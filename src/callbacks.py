@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from src.checks import non_negative, require
 from src.kernels import resolve_backend
 from src.models.flops import count_macs, count_params
 from src.tb import log_hparams
@@ -75,6 +76,9 @@ class ExperimentMetrics(Callback):
         infer_batches: int = 10,
         image_size: int | None = None,
     ):
+        non_negative("ExperimentMetrics warmup_steps", warmup_steps)
+        require(infer_batches >= 1, "ExperimentMetrics infer_batches", ">= 1", infer_batches)
+        require(image_size is None or image_size >= 32, "ExperimentMetrics image_size", ">= 32 or null", image_size)
         self.axis, self.variant = axis, variant
         self.warmup_steps, self.infer_batches, self.image_size = warmup_steps, infer_batches, image_size
         self.params = self.macs = None

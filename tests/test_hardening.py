@@ -344,6 +344,12 @@ def _folders(**kwargs):
     return ImageFolderDataModule(**kwargs)
 
 
+def _metrics(**kwargs):
+    from src.callbacks import ExperimentMetrics
+
+    return ExperimentMetrics(**kwargs)
+
+
 @pytest.mark.parametrize("build,kwargs,message", [
     (_classifier, {"weight_decay": -0.1}, "model.init_args.weight_decay must be >= 0, got -0.1"),
     (_classifier, {"betas": (1.5, 0.9)}, r"model.init_args.betas must be two numbers in \[0, 1\), got \[1.5, 0.9\]"),
@@ -365,6 +371,8 @@ def _folders(**kwargs):
     (_folders, {"ratio": (0.0, 1.0)}, r"data.init_args.ratio must be \(min, max\)"),
     (_folders, {"std": (0.2, 0.0, 0.2)}, "data.init_args.mean/std must be three numbers each"),
     (_folders, {"val_batch_size": 0}, "data.init_args.val_batch_size must be >= 1 or null"),
+    (_metrics, {"infer_batches": 0}, "ExperimentMetrics infer_batches must be >= 1, got 0"),
+    (_metrics, {"warmup_steps": -1}, "ExperimentMetrics warmup_steps must be >= 0, got -1"),
 ])
 def test_numeric_knobs_are_range_checked_where_declared(build, kwargs, message):
     with pytest.raises(ValueError, match=message):
