@@ -53,12 +53,20 @@ def sync(device):
 
 
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool, warmup: int, steps: int,
-            train: bool) -> tuple[float, float]:
-    """(img/s, peak GB) of training steps or inference passes."""
+            train: bool, whole_graph: bool = False) -> tuple[float, float, float]:
+    """(img/s, peak GB, compile s) of training steps or inference passes. Compiled Spatial-Mamba models use
+    their regional compile (`SpatialMamba.compile`: one graph per stage shape) unless whole_graph; compile s =
+    the first step's wall time (tracing, compiling, kernel tile tuning) less one timed step's."""
+    from src.models.spatial_mamba import SpatialMamba
+
     model = model.to(device).train(train)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    fn = torch.compile(model) if compiled else model
+    fn = model
+    if compiled and isinstance(model, SpatialMamba) and not whole_graph:
+        model.compile()  # in place
+    elif compiled:
+        fn = torch.compile(model)
     x = torch.randn(batch, 3, size, size, device=device)
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
@@ -78,7 +86,11 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    t_first = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t_first
+    for _ in range(warmup - 1):
         step()
     sync(device)
     if device.type == "cuda":
@@ -89,7 +101,7 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-    return batch * steps / seconds, peak
+    return batch * steps / seconds, peak, max(first - seconds / steps, 0.0)
 
 
 def run_one(name, backend, prec, mode, args, device) -> dict:
@@ -100,9 +112,10 @@ def run_one(name, backend, prec, mode, args, device) -> dict:
         try:
             torch.manual_seed(0)
             model = build(name, backend)
-            ips, peak = measure(model, device, args.batch, args.size, DTYPES[prec], mode == "compiled",
-                                args.warmup, args.steps, train)
+            ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], mode == "compiled",
+                                       args.warmup, args.steps, train, args.whole_graph)
             row[f"{key}_ips"] = ips
+            row[f"{key}_compile_s"] = first
             if train:
                 row["peak_gb"] = peak
         except torch.OutOfMemoryError:
@@ -123,9 +136,12 @@ def run_one(name, backend, prec, mode, args, device) -> dict:
 
 
 def table(rows: list[dict], baselines: dict) -> str:
-    head = "| model | backend | precision | mode | train img/s | infer img/s | peak train GB | train ÷ ConvNeXt-T | train ÷ Swin-T | note |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| model | backend | precision | mode | train img/s | infer img/s | peak train GB | train ÷ ConvNeXt-T | "
+            "train ÷ Swin-T | compile s (train / infer) | note |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
+        compile_s = (f"{r.get('train_compile_s', float('nan')):.0f} / {r.get('infer_compile_s', float('nan')):.0f}"
+                     if r["mode"] == "compiled" else "-")
         ratios = []
         for base in ("convnext_tiny", "swin_tiny_patch4_window7_224"):
             b = baselines.get((base, r["precision"], r["mode"]))
@@ -133,7 +149,7 @@ def table(rows: list[dict], baselines: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['precision']} | {r['mode']} | {r.get('train_ips', float('nan')):.0f} | "
             f"{r.get('infer_ips', float('nan')):.0f} | {r.get('peak_gb', float('nan')):.1f} | {ratios[0]} | {ratios[1]} | "
-            f"{r.get('note', '')} |"
+            f"{compile_s} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 
@@ -145,6 +161,8 @@ def main() -> None:
     p.add_argument("--backends", default="auto")
     p.add_argument("--precisions", default="bf16")
     p.add_argument("--modes", default="compiled", help="eager,compiled")
+    p.add_argument("--whole-graph", action="store_true",
+                   help="compile Spatial-Mamba as one graph (default: regional, one graph per stage shape)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)
