@@ -363,8 +363,12 @@ def test_ade20k_folder_end_to_end_fit_test_predict_and_resume(tmp_path, monkeypa
     assert 0 <= float(ref.trainer.callback_metrics["val/mIoU"]) <= 1
     assert "val/aAcc" in ref.trainer.callback_metrics
     assert any(k.startswith("val_iou/class_") for k in ref.trainer.callback_metrics)
-    events = list((tmp_path / "a" / "logs").rglob("events.out.tfevents*"))
-    assert events and any(e.stat().st_size > 0 for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "a" / "logs").rglob("events.out.tfevents*")))).Reload()
+    grids = events.Images("val/grid")  # input | ground truth | prediction of the 3 validation images (widest 96)
+    assert [g.step for g in grids] == [2, 4] and grids[0].width == 3 * 96 and grids[0].height == 50 + 64 + 45
+    assert [round(e.value, 6) for e in events.Scalars("val/mIoU")][-1] == round(float(ref.trainer.callback_metrics["val/mIoU"]), 6)
 
     # the same run stopped after step 2 and resumed from its last.ckpt ends with the same weights
     (tmp_path / "b").mkdir()

@@ -85,9 +85,9 @@ class RandomRescale(_PairTransform):
 
 
 class RandomCropCatMax(_PairTransform):
-    """Random crop of `size` (or the whole side where the image is smaller); up to 10 draws until no
-    class covers more than `cat_max_ratio` of the crop's labelled pixels (a crop with a single class
-    present is accepted, as is the last draw)."""
+    """Random crop of `size` (or the whole side where the image is smaller), drawn again (up to `tries`
+    times, the last draw kept) until the crop holds at least two classes and none covers `cat_max_ratio`
+    or more of its labelled pixels."""
 
     def __init__(self, size: Sequence[int] = (512, 512), cat_max_ratio: float = 0.75,
                  ignore_index: int = IGNORE_INDEX, tries: int = 10):
@@ -149,8 +149,8 @@ class RescaleImage(_PairTransform):
 
 class PhotometricDistortion(_PairTransform):
     """Each with probability 0.5: brightness + U(-32, 32) (0..255 scale), contrast × U(0.5, 1.5) (before or
-    after the colour changes, at random), saturation × U(0.5, 1.5), hue + U(-18°, 18°)·2 (±0.1 of the hue
-    circle). Images only (uint8 in, uint8 out); masks pass unchanged."""
+    after the colour changes, at random), saturation × U(0.5, 1.5) (blend with the grey image), hue shifted
+    by U(-0.1, 0.1) of the colour circle (±36°). Images only (uint8 in, uint8 out); masks pass unchanged."""
 
     def __init__(self, brightness_delta: float = 32, contrast: Sequence[float] = (0.5, 1.5),
                  saturation: Sequence[float] = (0.5, 1.5), hue_delta: float = 0.1):

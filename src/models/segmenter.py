@@ -36,10 +36,11 @@ STRIDE = 32
 
 def color_palette(num_classes: int) -> np.ndarray:
     """(256, 3) uint8 colours: class c gets a fixed, well-spread colour (bits of c spread over R, G, B, the
-    PASCAL VOC scheme); entries past num_classes (the ignore label 255 included) are black."""
+    PASCAL VOC scheme; class 0 is black), entries past num_classes are black, the ignore label 255 white."""
     palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[255] = 255
     for c in range(min(num_classes, 255)):
-        label, r, g, b = c + 1, 0, 0, 0  # c + 1: class 0 is not black
+        label, r, g, b = c, 0, 0, 0
         for shift in range(7, -1, -1):
             r |= ((label >> 0) & 1) << shift
             g |= ((label >> 1) & 1) << shift
