@@ -1,5 +1,5 @@
-"""Regional compilation of the backbone (`SpatialMamba.compile`): in place, one graph per stage shape shared by
-the blocks of that stage, same outputs as eager. Dynamo's "eager" backend keeps it fast on a CPU: what is
+"""Compilation of the backbone (`SpatialMamba.compile`, in place): the whole forward as one graph by default;
+regional (one graph per stage shape shared by the blocks of that stage) on request, same outputs as eager. Dynamo's "eager" backend keeps it fast on a CPU: what is
 checked is the graph capture and reuse, not Inductor's code."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_regional_compile_shares_one_graph_per_stage_and_matches_eager():
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = _model(), _model()
-    compiled.compile(backend="eager")
+    compiled.compile(backend="eager", regional=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoint keys unchanged
     x = torch.randn(2, 3, 64, 64)
     eager.train()
@@ -38,11 +38,11 @@ def test_regional_compile_shares_one_graph_per_stage_and_matches_eager():
     assert counters["stats"]["unique_graphs"] == 8
 
 
-def test_whole_graph_compile_still_available():
+def test_whole_graph_compile_is_the_default():
     torch._dynamo.reset()
     counters.clear()
     model = _model().eval()
-    model.compile(backend="eager", regional=False)
+    model.compile(backend="eager")
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert counters["stats"]["unique_graphs"] == 1

@@ -315,13 +315,13 @@ class SpatialMamba(nn.Module):
     # quietly run the block eagerly
     RECOMPILE_LIMIT = 32
 
-    def compile(self, *args, regional: bool = True, **kwargs) -> None:
-        """`torch.compile` in place (parameter names unchanged). Regional (default): each block, the stem and
-        each downsample is compiled on its own; the blocks of a stage have the same shapes, so dynamo compiles
-        one graph per stage and reuses it for every block of that stage — a cold compile of T takes a fraction
-        of the whole-graph time for the same step time. `regional=False` compiles the whole forward as one
-        graph. Other arguments go to `torch.compile` (e.g. mode="max-autotune"); shapes are static unless
-        `dynamic` is given."""
+    def compile(self, *args, regional: bool = False, **kwargs) -> None:
+        """`torch.compile` in place (parameter names unchanged), by default the whole forward as one graph.
+        regional=True compiles each block, the stem and each downsample on its own: the blocks of a stage have
+        the same shapes, so dynamo compiles one graph per stage and reuses it for every block of that stage.
+        Measured on an H100 (T, bf16, batch 128): regional compiled its training graphs in 120 s and trained at
+        1357 img/s, the whole graph at 1707 img/s — the default. Other arguments go to `torch.compile` (e.g.
+        mode="max-autotune"); regional shapes are static unless `dynamic` is given."""
         if not regional:
             super().compile(*args, **kwargs)
             return
