@@ -53,20 +53,13 @@ def sync(device):
 
 
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool, warmup: int, steps: int,
-            train: bool, regional: bool = False) -> tuple[float, float, float]:
-    """(img/s, peak GB, compile s) of training steps or inference passes. Compiled Spatial-Mamba models use
-    `SpatialMamba.compile` (in place; regional: one graph per stage shape); compile s = the first step's wall
+            train: bool) -> tuple[float, float, float]:
+    """(img/s, peak GB, compile s) of training steps or inference passes; compile s = the first step's wall
     time (tracing, compiling, kernel tile tuning) less one timed step's."""
-    from src.models.spatial_mamba import SpatialMamba
-
     model = model.to(device).train(train)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    fn = model
-    if compiled and isinstance(model, SpatialMamba):
-        model.compile(regional=regional)  # in place
-    elif compiled:
-        fn = torch.compile(model)
+    fn = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, size, size, device=device)
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
@@ -113,7 +106,7 @@ def run_one(name, backend, prec, mode, args, device) -> dict:
             torch.manual_seed(0)
             model = build(name, backend)
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], mode == "compiled",
-                                       args.warmup, args.steps, train, args.regional)
+                                       args.warmup, args.steps, train)
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
             if train:
@@ -161,8 +154,6 @@ def main() -> None:
     p.add_argument("--backends", default="auto")
     p.add_argument("--precisions", default="bf16")
     p.add_argument("--modes", default="compiled", help="eager,compiled")
-    p.add_argument("--regional", action="store_true",
-                   help="compile Spatial-Mamba per block (one graph per stage shape) instead of as one graph")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)

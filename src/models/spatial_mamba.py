@@ -310,29 +310,6 @@ class SpatialMamba(nn.Module):
                 m.backend = backend
         self.backend = backend
 
-    # graphs a compiled block may need: 4 stage shapes × train / eval (grad mode) × a few batch sizes (the last,
-    # smaller batch of an epoch; validation's) — over dynamo's default of 8 per code object, past which it would
-    # quietly run the block eagerly
-    RECOMPILE_LIMIT = 32
-
-    def compile(self, *args, regional: bool = False, **kwargs) -> None:
-        """`torch.compile` in place (parameter names unchanged), by default the whole forward as one graph.
-        regional=True compiles each block, the stem and each downsample on its own: the blocks of a stage have
-        the same shapes, so dynamo compiles one graph per stage and reuses it for every block of that stage.
-        Measured on an H100 (T, bf16, batch 128): regional compiled its training graphs in 120 s and trained at
-        1357 img/s, the whole graph at 1707 img/s — the default. Other arguments go to `torch.compile` (e.g.
-        mode="max-autotune"); regional shapes are static unless `dynamic` is given."""
-        if not regional:
-            super().compile(*args, **kwargs)
-            return
-        # static shapes: the stages differ in size, and dynamo's automatic dynamic shapes would turn the second
-        # stage's graph into a symbolic one whose guards then fail on the next block (a graph per block again)
-        kwargs.setdefault("dynamic", False)
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), self.RECOMPILE_LIMIT))
-        for module in (self.stem, *self.downsamples, *(block for stage in self.stages for block in stage)):
-            module.compile(*args, **kwargs)
-
     def architecture(self) -> dict:
         """Architecture knobs (plain values) and the kernel backend, which computes the same function."""
         return {**self._architecture, "backend": self.backend}
@@ -358,10 +335,7 @@ class SpatialMamba(nn.Module):
         """The stage maps (B, C_i, H/2^(i+2), W/2^(i+2)), strides 4, 8, 16, 32: all four, or with
         features_only those of `out_indices` (LayerNorm-ed)."""
         self.check_input(x)
-        # (B, C, H, W) -> (B, H, W, C), contiguous: free for channels-last images (the permute is then a
-        # contiguous view); otherwise one copy — and every block of a stage sees the same strides, so a
-        # compiled stage needs one graph, not one for its first block and one for the rest
-        x = self.stem(x).permute(0, 2, 3, 1).contiguous()
+        x = self.stem(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
         features = []
         last = self.out_indices[-1] if self.features_only else 3
         for i, stage in enumerate(self.stages[: last + 1]):
@@ -375,7 +349,7 @@ class SpatialMamba(nn.Module):
             elif i in self.out_indices:
                 features.append(self.feature_norms[str(i)](x).permute(0, 3, 1, 2))
             if i < last:
-                x = self.downsamples[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
+                x = self.downsamples[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return features
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
