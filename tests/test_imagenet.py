@@ -27,12 +27,7 @@ T_CONFIG = ROOT / "configs" / "imagenet" / "spatial_mamba_t.yaml"
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_digits_folder(root: Path, classes: int = 4, train_per_class: int = 12, val_per_class: int = 6,

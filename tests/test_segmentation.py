@@ -28,12 +28,7 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 TINY = dict(dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], backend="torch")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_segmenter(num_classes: int = 5, **kwargs) -> SemanticSegmenter:
