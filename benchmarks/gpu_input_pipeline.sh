@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU machine (16 cores, 1 GPU, no internet; repo installed with `pip install --no-deps -e .`):
+# Input pipeline and the T recipe on one GPU machine (16 cores, 1 GPU, no internet; repo installed with `pip install --no-deps -e .`):
 #   1. writes an ImageNet-like JPEG class-folder set from scikit-learn's sample photographs (100 classes,
 #      10,000 train + 2,000 val images),
 #   2. measures decode + augmentation throughput per input-pipeline option (benchmarks/data.py),
@@ -45,7 +45,7 @@ cp -r "$RUN/logs/imagenet_spatial_mamba_t/version_"* "$OUT/" 2>/dev/null   # Ten
 ls -la "$RUN/logs/imagenet_spatial_mamba_t/checkpoints" 2>&1 | tee -a "$OUT/fit_t.log"
 
 {
-  echo "## Issue 6: input pipeline and T recipe on one GPU"
+  echo "## Input pipeline and T recipe on one GPU"
   cat "$OUT/env.txt"; echo
   sed -n '/^Input pipeline/,$p' "$OUT/data_bench.log"; echo
   grep -E "THROUGHPUT|global batch|Finished fit|fit exit code" "$OUT/fit_t.log"

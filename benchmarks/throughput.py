@@ -7,7 +7,7 @@ measured in the same run as baselines.
     python benchmarks/throughput.py --config configs/spatial_mamba_t.yaml
     python benchmarks/throughput.py --cpu                            # quick look on a CPU (tiny batch)
 
-Protocol (ARCHITECTURE §4): batch 128, 224², 10 warm-up + 30 timed steps, AMP. Prints a table and,
+Protocol: batch 128, 224², 10 warm-up + 30 timed steps, AMP. Prints a table and,
 with --record, appends it to benchmarks/RESULTS.md with date, device, versions and commit.
 """
 
