@@ -11,7 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import main
-from tests.test_imagenet import ROOT, SUBPROCESS_ENV, make_digits_folder, one_thread, tiny_recipe_config  # noqa: F401
+from tests.test_imagenet import ROOT, SUBPROCESS_ENV, make_digits_folder, tiny_recipe_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class DumpEachRank(Callback):
