@@ -11,6 +11,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from src.errors import reports_user_errors
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.yaml")
 
@@ -68,44 +70,22 @@ def cli(args=None, run: bool = True) -> LightningCLI:
     )
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    """The first exception of a chain: jsonargparse wraps errors raised while building classes. A chain
-    cut with `raise ... from None` ends there: that error was raised to replace the one before it."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
-        if cause is None:
-            break
-        e = cause
-    return e
+@reports_user_errors
+def run_command(argv: list[str]) -> None:
+    if argv and argv[0] == "flops":
+        from src.models.flops import flops_main
 
-
-def _out_of_memory(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        flops_main(argv[1:], cli)
+    else:
+        cli()
 
 
 def main() -> None:
-    try:
-        if len(sys.argv) > 1 and sys.argv[1] == "flops":
-            from src.models.flops import flops_main
-
-            flops_main(sys.argv[2:], cli)
-        else:
-            cli()
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
-        # bad input (config value, image size, checkpoint, data path): one line, not a stack trace
-        root = _root_cause(e)
-        if os.environ.get("SPATIAL_MAMBA_TRACEBACK") == "1" or _out_of_memory(root):
-            raise  # out of memory is not bad input: it keeps its traceback (where it ran out, how much was asked)
-        # KeyError's str() adds quotes; its argument need not be a string (KeyError(5))
-        message = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
-        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep its last line
-            message = message.strip().splitlines()[-1]
-        print(f"error: {message} [{type(root).__name__}; SPATIAL_MAMBA_TRACEBACK=1 shows where]", file=sys.stderr)
-        sys.exit(2)
+    """Bad input (a `src.errors.UserError`: config value, data path, checkpoint, output file) ends with one
+    line `error: ...` and exit code 2; anything else, out of memory included, keeps its traceback."""
+    code = run_command(sys.argv[1:])
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.data.digits import DigitsDataModule  # noqa: E402
+from src.errors import UserError, reports_user_errors  # noqa: E402
 from src.kernels import BACKENDS  # noqa: E402
 from src.models.spatial_mamba import spatial_mamba_digits, spatial_mamba_t  # noqa: E402
 
@@ -381,33 +382,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.backends = [b for b in args.backends.split(",") if b]
     for b in [args.reference] + args.backends:
         if b not in BACKENDS:
-            raise SystemExit(f"error: unknown backend {b!r}; expected one of {', '.join(BACKENDS)}")
+            raise UserError(f"unknown backend {b!r}; expected one of {', '.join(BACKENDS)}")
     if not args.backends:
-        raise SystemExit("error: --backends names no backend")
+        raise UserError("--backends names no backend")
     if args.steps < 1:
-        raise SystemExit(f"error: --steps must be ≥ 1, got {args.steps}")
+        raise UserError(f"--steps must be ≥ 1, got {args.steps}")
     try:
         args.checkpoints = sorted({int(s) for s in args.checkpoints.split(",") if s})
     except ValueError:
-        raise SystemExit(f"error: --checkpoints must be comma-separated integers, got {args.checkpoints!r}") from None
+        raise UserError(f"--checkpoints must be comma-separated integers, got {args.checkpoints!r}") from None
     if not args.checkpoints or not all(0 <= c <= args.steps for c in args.checkpoints):
-        raise SystemExit(f"error: --checkpoints must lie in 0..{args.steps} (--steps), got {args.checkpoints}")
+        raise UserError(f"--checkpoints must lie in 0..{args.steps} (--steps), got {args.checkpoints}")
     if args.seeds < 0 or args.seeds == 1:
-        raise SystemExit(f"error: --seeds must be 0 (no seed runs) or ≥ 2 (a spread needs 2 runs), got {args.seeds}")
+        raise UserError(f"--seeds must be 0 (no seed runs) or ≥ 2 (a spread needs 2 runs), got {args.seeds}")
     if args.k < 1 or args.k_bf16 < 1:
-        raise SystemExit(f"error: --k and --k-bf16 must be ≥ 1, got {args.k} and {args.k_bf16}")
+        raise UserError(f"--k and --k-bf16 must be ≥ 1, got {args.k} and {args.k_bf16}")
     return args
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = (args.precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
     if not precisions or set(precisions) - {"fp32", "bf16"}:
-        raise SystemExit(f"error: --precisions takes fp32 and/or bf16, got {args.precisions!r}")
+        raise UserError(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
     with_seeds = args.seed_runs and args.seeds > 0
     if with_seeds and args.amp and not all(bf16_supported(b, device) for b in [args.reference] + args.backends):
-        raise SystemExit("error: --amp with a Triton backend needs a CUDA GPU (the Triton interpreter has no bf16)")
+        raise UserError("--amp with a Triton backend needs a CUDA GPU (the Triton interpreter has no bf16)")
     for b in args.backends:
         if "bf16" in precisions and not bf16_supported(b, device):
             print(f"note: bf16 check of {b} skipped: on a CPU the Triton interpreter has no bf16 (run on a CUDA GPU)")

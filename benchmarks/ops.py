@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
 import triton
 from triton.testing import do_bench
 
+from src.errors import reports_user_errors
 from src.kernels.ops import structure_aware_ssm_fused, structure_aware_ssm_triton
 from src.kernels.reference import structure_aware_ssm_ref
 
@@ -146,7 +148,8 @@ def host_overhead(dtype=torch.bfloat16, reps=50, top=18) -> list[tuple[str, floa
     return out
 
 
-def main():
+@reports_user_errors
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="stage-1 shape only")
     parser.add_argument("--skip-torch", action="store_true", help="skip the (slow, memory-hungry) reference")
@@ -209,4 +212,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,16 +11,19 @@ channels-last images. Prints img/s, ms per step and the peak of allocated GPU me
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
+from src.errors import UserError, reports_user_errors
 from src.models.segmenter import SemanticSegmenter
 from src.models.spatial_mamba import VARIANTS, SpatialMamba
 
 DROP_PATH = {"tiny": 0.2, "small": 0.3, "base": 0.5}  # the recipe's (configs/ade20k/*.yaml)
 
 
+@reports_user_errors
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", choices=["t", "s", "b"], default="t")
@@ -31,7 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("error: this benchmark needs a CUDA GPU")
+        raise UserError("this benchmark needs a CUDA GPU")
     name = {"t": "tiny", "s": "small", "b": "base"}[args.variant]
     torch.manual_seed(0)
     arch = {k: v for k, v in VARIANTS[name].items() if k != "drop_path_rate"}
@@ -66,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

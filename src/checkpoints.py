@@ -29,12 +29,18 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from src.errors import InputNotFoundError, NotWritableError, UserError
+
 # harmless types a checkpoint may hold besides tensors and plain values: constructing them runs no code
 SAFE_GLOBALS = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used as given: empty, corrupt, holding code, or of another model."""
+
+
+class CheckpointKeysError(CheckpointError, KeyError):
+    """A checkpoint whose tensor names do not fit the model (missing or unexpected keys)."""
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -44,7 +50,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is a folder; give a checkpoint file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+        raise InputNotFoundError(f"checkpoint not found: {path!r}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes); was its save interrupted?")
     try:
@@ -71,7 +77,7 @@ def check_checkpoint_folder(folder: str | os.PathLike) -> None:
     while not os.path.exists(existing):  # the nearest part that exists must be a folder we can write in
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(
+        raise NotWritableError(
             f"checkpoints cannot be written to {os.fspath(folder)!r} ({existing!r} is not a writable folder); set the "
             "ModelCheckpoint dirpath, trainer.default_root_dir or the logger's save_dir to a writable place"
         )

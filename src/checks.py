@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from src.errors import UserError
+
 
 def require(ok: bool, key: str, expected: str, value) -> None:
     """Raise `ValueError("<key> must be <expected>, got <value>")` unless `ok`."""
     if not ok:
-        raise ValueError(f"{key} must be {expected}, got {value!r}")
+        raise UserError(f"{key} must be {expected}, got {value!r}")
 
 
 def probability(key: str, value: float) -> None:

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import main
+from src.checkpoints import CheckpointKeysError
+from src.errors import UserError
 from src.models.spatial_mamba import load_pretrained, spatial_mamba_digits
 
 ROOT = Path(main.__file__).parent
@@ -117,10 +119,12 @@ def test_bad_input_gives_one_line(tmp_path, args, message):
     assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr
 
 
-@pytest.mark.parametrize("error,line", [(KeyError(5), "error: 5 [KeyError;"), (KeyError("dims"), "error: dims [KeyError;"),
-                                        (ValueError(("a", 1)), "error: ('a', 1) [ValueError;")])
+@pytest.mark.parametrize("error,line", [
+    (CheckpointKeysError(5), "error: 5"), (CheckpointKeysError("dims"), "error: dims"),
+    (UserError(("a", 1)), "error: ('a', 1)"), (UserError("two\nlines"), "error: two lines"), (UserError(), "error: UserError"),
+])
 def test_error_handler_takes_any_exception_argument(monkeypatch, capsys, error, line):
-    """The one-line error handler itself never fails, whatever the exception carries."""
+    """The one-line error handler itself never fails, whatever the user error carries, and prints one line."""
     def failing_cli():
         raise error
 
@@ -130,4 +134,39 @@ def test_error_handler_takes_any_exception_argument(monkeypatch, capsys, error, 
     with pytest.raises(SystemExit) as exit_info:
         main.main()
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith(line)
+    assert capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   ValueError("not enough values to unpack"), KeyError("stages.0"), AssertionError()])
+def test_errors_that_are_not_bad_input_keep_their_traceback(monkeypatch, capsys, error):
+    """Only `src.errors.UserError` is printed as `error: ...`: a kernel bug or a failed assertion raised anywhere
+    (also by the library) propagates with its traceback instead of being dressed as a config error."""
+    def failing_cli():
+        raise error
+
+    monkeypatch.setattr(main, "cli", failing_cli)
+    monkeypatch.setattr(sys, "argv", ["main.py", "fit"])
+    monkeypatch.delenv("SPATIAL_MAMBA_TRACEBACK", raising=False)
+    with pytest.raises(type(error)):
+        main.main()
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_user_error_wrapped_by_another_is_found_and_traceback_on_request(monkeypatch, capsys):
+    """jsonargparse raises its own error `from` the one of the class it built; SPATIAL_MAMBA_TRACEBACK=1 re-raises."""
+    def failing_cli():
+        try:
+            raise UserError("drop_path_rate must be in [0, 1)")
+        except UserError as e:
+            raise ValueError("Does not validate against any of the Union subtypes") from e
+
+    monkeypatch.setattr(main, "cli", failing_cli)
+    monkeypatch.setattr(sys, "argv", ["main.py", "fit"])
+    monkeypatch.delenv("SPATIAL_MAMBA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit):
+        main.main()
+    assert capsys.readouterr().err == "error: drop_path_rate must be in [0, 1)\n"
+    monkeypatch.setenv("SPATIAL_MAMBA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="Union subtypes"):
+        main.main()

@@ -113,3 +113,11 @@ def test_main_fails_and_names_the_tensor_when_a_backend_is_off(monkeypatch, tmp_
     assert result["checks"][1]["worst"] == "head.bias"
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("training-equivalence: FAIL (auto fp32 step 1: head.bias")
+
+
+def test_bad_arguments_end_with_one_line_and_exit_code_2(capsys):
+    """The script's argument errors take the project's one error path (`error: ...`, exit 2, as main.py's)."""
+    assert loss_curve.main(["--model", "digits", "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "error: --steps must be ≥ 1, got 0\n"
+    assert loss_curve.main(["--model", "digits", "--backends", "torch,nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown backend 'nope'; expected one of torch, ")

@@ -38,6 +38,7 @@ from src.data.imagefolder import (
     check_output_file,
     scan_images,
 )
+from src.errors import DataError, InputNotFoundError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -192,26 +193,26 @@ def load_pair(image_path: str, mask_path: str | None, num_classes: int, reduce_z
         with Image.open(image_path) as img:
             image = np.asarray(img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
-        raise RuntimeError(f"unreadable image {image_path!r}: {e}") from None
+        raise DataError(f"unreadable image {image_path!r}: {e}") from None
     if mask_path is None:
         return torch.from_numpy(image.copy()).permute(2, 0, 1), None
     try:
         with Image.open(mask_path) as m:
             if m.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"annotation {mask_path!r} is a {m.mode} image; expected a single-channel PNG "
-                                 "of class indices (mode L or P)")
+                raise UserError(f"annotation {mask_path!r} is a {m.mode} image; expected a single-channel PNG "
+                                "of class indices (mode L or P)")
             mask = np.asarray(m)
     except (OSError, SyntaxError) as e:
-        raise RuntimeError(f"unreadable annotation {mask_path!r}: {e}") from None
+        raise DataError(f"unreadable annotation {mask_path!r}: {e}") from None
     if mask.shape != image.shape[:2]:
-        raise ValueError(f"annotation {mask_path!r} is {mask.shape[1]}×{mask.shape[0]} but its image "
-                         f"{image_path!r} is {image.shape[1]}×{image.shape[0]}; they must have the same size")
+        raise UserError(f"annotation {mask_path!r} is {mask.shape[1]}×{mask.shape[0]} but its image "
+                        f"{image_path!r} is {image.shape[1]}×{image.shape[0]}; they must have the same size")
     highest = num_classes if reduce_zero_label else num_classes - 1
     bad = np.unique(mask[(mask > highest) & (mask != IGNORE_INDEX)])
     if len(bad):
-        raise ValueError(f"annotation {mask_path!r} has labels {bad[:5].tolist()} outside 0..{highest} "
-                         f"(and {IGNORE_INDEX} = ignore) for {num_classes} classes"
-                         + (" with reduce_zero_label" if reduce_zero_label else ""))
+        raise UserError(f"annotation {mask_path!r} has labels {bad[:5].tolist()} outside 0..{highest} "
+                        f"(and {IGNORE_INDEX} = ignore) for {num_classes} classes"
+                        + (" with reduce_zero_label" if reduce_zero_label else ""))
     mask = mask.astype(np.int64)
     if reduce_zero_label:  # 0 ("other") -> ignore, 1..K -> 0..K-1, 255 stays ignore
         mask = np.where(mask == 0, IGNORE_INDEX + 1, mask) - 1
@@ -224,17 +225,17 @@ def scan_pairs(root: str, split: str) -> tuple[list[str], list[str]]:
     image_dir, ann_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
     for folder in (image_dir, ann_dir):
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"ADE20K folder not found: {folder!r} (expected {root}/images/{split}/*.jpg "
-                                    f"and {root}/annotations/{split}/*.png)")
+            raise InputNotFoundError(f"ADE20K folder not found: {folder!r} (expected {root}/images/{split}/*.jpg "
+                                     f"and {root}/annotations/{split}/*.png)")
     images = sorted(e.path for e in os.scandir(image_dir)
                     if e.name.lower().endswith((".jpg", ".jpeg", ".png")) and not e.name.startswith("."))
     if not images:
-        raise FileNotFoundError(f"no images (.jpg) in {image_dir!r}")
+        raise InputNotFoundError(f"no images (.jpg) in {image_dir!r}")
     masks = []
     for path in images:
         mask = os.path.join(ann_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         if not os.path.isfile(mask):
-            raise FileNotFoundError(f"image {path!r} has no annotation: expected {mask!r}")
+            raise InputNotFoundError(f"image {path!r} has no annotation: expected {mask!r}")
         masks.append(mask)
     return images, masks
 
@@ -338,15 +339,15 @@ class ADE20KDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if len(crop_size) != 2 or any(int(s) < 32 or int(s) % 32 for s in crop_size):
-            raise ValueError(f"data.crop_size must be (height, width), multiples of 32, got {list(crop_size)}")
+            raise UserError(f"data.crop_size must be (height, width), multiples of 32, got {list(crop_size)}")
         if not 0 < ratio_range[0] <= ratio_range[1]:
-            raise ValueError(f"data.ratio_range must be (low, high) with 0 < low <= high, got {list(ratio_range)}")
+            raise UserError(f"data.ratio_range must be (low, high) with 0 < low <= high, got {list(ratio_range)}")
         if not 0 < cat_max_ratio <= 1 or not 0 <= hflip <= 1:
-            raise ValueError(f"data.cat_max_ratio must be in (0, 1] and hflip in [0, 1], got {cat_max_ratio}, {hflip}")
+            raise UserError(f"data.cat_max_ratio must be in (0, 1] and hflip in [0, 1], got {cat_max_ratio}, {hflip}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"data.class_names has {len(class_names)} names for num_classes={num_classes}")
+            raise UserError(f"data.class_names has {len(class_names)} names for num_classes={num_classes}")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.classes = list(class_names) if class_names else [f"class_{c:03d}" for c in range(num_classes)]
@@ -375,24 +376,24 @@ class ADE20KDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage == "predict":
             if hp.predict_root is None or hp.predict_output is None:
-                raise ValueError("predict needs data.init_args.predict_root (a folder of images) and "
+                raise UserError("predict needs data.init_args.predict_root (a folder of images) and "
                                  "data.init_args.predict_output (a folder for the masks)")
             if os.path.isfile(hp.predict_output):
-                raise ValueError(f"data.init_args.predict_output {hp.predict_output!r} is a file; give a folder")
+                raise UserError(f"data.init_args.predict_output {hp.predict_output!r} is a file; give a folder")
             if os.path.isdir(hp.predict_output) and os.listdir(hp.predict_output) and not hp.predict_overwrite:
-                raise FileExistsError(f"data.init_args.predict_output {hp.predict_output!r} is not empty; pass "
-                                      "--data.init_args.predict_overwrite true or choose another folder")
+                raise OutputExistsError(f"data.init_args.predict_output {hp.predict_output!r} is not empty; pass "
+                                        "--data.init_args.predict_overwrite true or choose another folder")
             check_output_file(os.path.join(hp.predict_output, "probe"), True, "data.init_args.predict_output", "")
             self.predict_set = PredictImages(scan_images(hp.predict_root), self.test_transform())
             return
         if self.val_set is not None:
             return
         if hp.root is None:
-            raise ValueError("data.init_args.root is not set: give the ADE20K folder holding images/ and "
-                             "annotations/ (--data.init_args.root /data/ADEChallengeData2016)")
+            raise UserError("data.init_args.root is not set: give the ADE20K folder holding images/ and "
+                            "annotations/ (--data.init_args.root /data/ADEChallengeData2016)")
         if not os.path.isdir(hp.root):
-            raise FileNotFoundError(f"data.root not found: {hp.root!r} (expected {hp.root}/images/"
-                                    f"{hp.train_split}/*.jpg and {hp.root}/annotations/{hp.train_split}/*.png)")
+            raise InputNotFoundError(f"data.root not found: {hp.root!r} (expected {hp.root}/images/"
+                                     f"{hp.train_split}/*.jpg and {hp.root}/annotations/{hp.train_split}/*.png)")
         args = (hp.num_classes, hp.reduce_zero_label)
         if stage in (None, "fit"):
             self.train_set = SegmentationDataset(*scan_pairs(hp.root, hp.train_split), self.train_transform(), *args,
@@ -413,8 +414,8 @@ class ADE20KDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
         if len(self.train_set) < self.hparams.batch_size * world:
-            raise ValueError(f"{len(self.train_set)} training images are fewer than one global batch "
-                             f"({self.hparams.batch_size} × {world} devices); lower data.batch_size")
+            raise UserError(f"{len(self.train_set)} training images are fewer than one global batch "
+                            f"({self.hparams.batch_size} × {world} devices); lower data.batch_size")
         sampler = ResumableSampler(self.train_set, world, rank, seed=self._seed(), drop_last=True)
         loader = ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
                                  **self._loader_kwargs())

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from src.checks import non_negative, require
 from src.data.imagefolder import check_output_file
+from src.errors import UserError
 
 DIGITS_CLASSES = [str(i) for i in range(10)]
 
@@ -84,9 +85,9 @@ class DigitsDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if image_size < 8 or image_size % 32:
-            raise ValueError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+            raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+            raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         require(batch_size >= 1, "data.init_args.batch_size", ">= 1", batch_size)
         require(channels >= 1, "data.init_args.channels", ">= 1", channels)
         non_negative("data.init_args.num_workers", num_workers)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from src.errors import UserError
+
 DIGITS_SEGMENTATION_CLASSES = ["background"] + [f"digit_{d}" for d in range(10)]
 
 
@@ -76,13 +78,13 @@ class DigitsSegmentationDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if image_size < 32 or image_size % 32:
-            raise ValueError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+            raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
         if not 4 <= digit_size[0] <= digit_size[1] <= image_size:
-            raise ValueError(f"data.digit_size must be (smallest, largest) with 4 <= smallest <= largest <= "
-                             f"image_size={image_size}, got {list(digit_size)}")
+            raise UserError(f"data.digit_size must be (smallest, largest) with 4 <= smallest <= largest <= "
+                            f"image_size={image_size}, got {list(digit_size)}")
         if not 0 < val_fraction < 1 or max_digits < 1 or not 0 < ink_threshold < 1:
-            raise ValueError(f"data.val_fraction and ink_threshold must be in (0, 1) and max_digits >= 1, "
-                             f"got {val_fraction}, {ink_threshold}, {max_digits}")
+            raise UserError(f"data.val_fraction and ink_threshold must be in (0, 1) and max_digits >= 1, "
+                            f"got {val_fraction}, {ink_threshold}, {max_digits}")
         self.save_hyperparameters()
         self.num_classes = len(DIGITS_SEGMENTATION_CLASSES)
         self.classes = DIGITS_SEGMENTATION_CLASSES

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from src.checks import increasing_pair, non_negative, probability, require
+from src.errors import InputNotFoundError, NotWritableError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,16 @@ def check_output_file(path: str, overwrite: bool, key: str, overwrite_flag: str)
     """Refuse, before any work, an output path that would lose data or fail at the end: an existing file
     (unless `overwrite`), a folder, or a location that cannot be written."""
     if os.path.isdir(path):
-        raise ValueError(f"{key} {path!r} is a folder; give a file name")
+        raise UserError(f"{key} {path!r} is a folder; give a file name")
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{key} {path!r} exists and would be overwritten; pass {overwrite_flag} "
-                              "or choose another file")
+        raise OutputExistsError(f"{key} {path!r} exists and would be overwritten; pass {overwrite_flag} "
+                                "or choose another file")
     folder = os.path.dirname(os.path.abspath(path))
     existing = folder
     while not os.path.exists(existing):  # the nearest folder that exists must let us create the rest
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{key} {path!r} cannot be written ({existing!r} is not a writable folder)")
+        raise NotWritableError(f"{key} {path!r} cannot be written ({existing!r} is not a writable folder)")
 
 
 def _is_image(name: str) -> bool:
@@ -94,17 +95,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def scan_class_folders(folder: str) -> tuple[list[str], list[list[str]]]:
     """Sorted class names under `folder` and, per class, the sorted image paths inside it (recursively)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"image folder not found: {folder!r} (expected <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG)"
         )
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"no class folders in {folder!r} (expected {folder}/<class>/*.JPEG)")
+        raise InputNotFoundError(f"no class folders in {folder!r} (expected {folder}/<class>/*.JPEG)")
     files = []
     for name in classes:
         paths = walk_images(os.path.join(folder, name))
         if not paths:
-            raise ValueError(
+            raise UserError(
                 f"class folder {os.path.join(folder, name)!r} has no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
                 "remove it or add images"
             )
@@ -115,10 +116,10 @@ def scan_class_folders(folder: str) -> tuple[list[str], list[list[str]]]:
 def scan_images(folder: str) -> list[str]:
     """Sorted image paths anywhere under `folder` (for predict)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data.predict_root not found: {folder!r}")
+        raise InputNotFoundError(f"data.predict_root not found: {folder!r}")
     paths = walk_images(folder)
     if not paths:
-        raise ValueError(f"data.predict_root {folder!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"data.predict_root {folder!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 
@@ -319,15 +320,15 @@ class ImageFolderDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if image_size < 32 or image_size % 32:
-            raise ValueError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+            raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+            raise UserError(f"data.batch_size must be positive, got {batch_size}")
         if not 0 < crop_pct <= 1:
-            raise ValueError(f"data.crop_pct must be in (0, 1], got {crop_pct}")
+            raise UserError(f"data.crop_pct must be in (0, 1], got {crop_pct}")
         if on_bad_image not in ("skip", "error"):
-            raise ValueError(f"data.on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+            raise UserError(f"data.on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         if re_mode not in ("pixel", "rand", "const"):
-            raise ValueError(f"data.re_mode must be 'pixel', 'rand' or 'const', got {re_mode!r}")
+            raise UserError(f"data.re_mode must be 'pixel', 'rand' or 'const', got {re_mode!r}")
         key = "data.init_args."
         require(val_batch_size is None or val_batch_size >= 1, key + "val_batch_size", ">= 1 or null", val_batch_size)
         non_negative(key + "num_workers", num_workers)
@@ -375,7 +376,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage == "predict":
             if hp.predict_root is None:
-                raise ValueError("predict needs data.init_args.predict_root (a folder of images)")
+                raise UserError("predict needs data.init_args.predict_root (a folder of images)")
             check_output_file(hp.predict_output, hp.predict_overwrite, "data.init_args.predict_output",
                               "--data.init_args.predict_overwrite true")
             train = os.path.join(hp.root or "", hp.train_dir)
@@ -386,10 +387,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.val_set is not None:
             return
         if hp.root is None:
-            raise ValueError("data.init_args.root is not set: give the folder holding train/ and val/ "
-                             "(--data.init_args.root /path/to/imagenet)")
+            raise UserError("data.init_args.root is not set: give the folder holding train/ and val/ "
+                            "(--data.init_args.root /path/to/imagenet)")
         if not os.path.isdir(hp.root):
-            raise FileNotFoundError(f"data.root not found: {hp.root!r} (expected {hp.root}/train/<class>/*.JPEG)")
+            raise InputNotFoundError(f"data.root not found: {hp.root!r} (expected {hp.root}/train/<class>/*.JPEG)")
         if stage in (None, "fit"):
             classes, files = scan_class_folders(os.path.join(hp.root, hp.train_dir))
             self.classes = classes
@@ -404,7 +405,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         index = {c: i for i, c in enumerate(self.classes)}
         extra = [c for c in val_classes if c not in index]
         if extra:
-            raise ValueError(
+            raise UserError(
                 f"{len(extra)} class folders of {os.path.join(hp.root, hp.val_dir)!r} are not training classes: "
                 f"{extra[:5]}{' ...' if len(extra) > 5 else ''} (train and val need the same class folder names)"
             )
@@ -434,7 +435,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
         if len(self.train_set) < self.batch_size * world:
-            raise ValueError(
+            raise UserError(
                 f"{len(self.train_set)} training images are fewer than one global batch "
                 f"({self.batch_size} × {world} devices); lower data.batch_size"
             )
@@ -468,7 +469,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         saved = list(state.get("classes", []))
         if self.classes and saved and saved != self.classes and (self.train_set is not None or self.val_set is not None):
             diff = sorted(set(saved) ^ set(self.classes))
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint was trained on {len(saved)} classes, {self.hparams.root!r} has {len(self.classes)}; "
                 f"differing names: {diff[:5]}{' ...' if len(diff) > 5 else ''}"
             )
@@ -487,7 +488,7 @@ class PredictionCSVWriter(BasePredictionWriter):
     def setup(self, trainer, pl_module, stage: str) -> None:
         data = trainer.datamodule
         if stage == "predict" and data is not None and "predict_output" not in getattr(data, "hparams", {}):
-            raise ValueError(
+            raise UserError(
                 f"predict writes its results to data.init_args.predict_output, which {type(data).__name__} does not "
                 "have; use a data module that has it (src.data.ImageFolderDataModule with predict_root, "
                 "src.data.DigitsDataModule)"

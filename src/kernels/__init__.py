@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from src.errors import UserError
+
 from .reference import SCANS, structure_aware_ssm_ref
 
 BACKENDS = ("torch", "triton", "fused", "auto")
@@ -25,11 +27,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs on `device`: `auto` becomes `fused` on CUDA and `torch` elsewhere; a Triton
     backend on a CPU tensor is an error unless TRITON_INTERPRET=1 (the Triton interpreter)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         return "fused" if device.type == "cuda" else "torch"
     if backend in ("triton", "fused") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError(
+        raise UserError(
             f"backend {backend!r} needs a CUDA GPU (tensors are on {device}); use backend 'torch' or 'auto', "
             "or set TRITON_INTERPRET=1 to run the Triton kernels on the CPU (slow, for tests)"
         )
@@ -58,7 +60,7 @@ def structure_aware_ssm(
     if backend == "torch":
         return structure_aware_ssm_ref(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
     if A.shape[-1] != 1:
-        raise ValueError(f"backend {backend!r} supports d_state=1 only (got {A.shape[-1]}); use backend 'torch'")
+        raise UserError(f"backend {backend!r} supports d_state=1 only (got {A.shape[-1]}); use backend 'torch'")
     from . import ops  # imports Triton: only when a Triton backend runs
 
     fn = ops.structure_aware_ssm_triton if backend == "triton" else ops.structure_aware_ssm_fused

@@ -37,6 +37,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from src.checkpoints import AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain
 from src.checks import non_negative, positive, probability, require
 from src.data.imagefolder import PredictionCSVWriter
+from src.errors import UserError
 from src.tb import log_hparams
 
 
@@ -106,23 +107,23 @@ class ImageClassifier(L.LightningModule):
         self.backbone = backbone
         head = getattr(backbone, "num_classes", num_classes)
         if head != num_classes:
-            raise ValueError(
+            raise UserError(
                 f"model.init_args.num_classes={num_classes} but the backbone's head has {head} classes; "
                 "set both to the number of classes of the data"
             )
         if mesa > 0 and not ema_decay:
-            raise ValueError(f"model.init_args.mesa={mesa} distils from the EMA model; set model.init_args.ema_decay too")
+            raise UserError(f"model.init_args.mesa={mesa} distils from the EMA model; set model.init_args.ema_decay too")
         if ema_decay is not None and not 0 < ema_decay < 1:
-            raise ValueError(f"model.init_args.ema_decay must be in (0, 1) or null, got {ema_decay}")
+            raise UserError(f"model.init_args.ema_decay must be in (0, 1) or null, got {ema_decay}")
         if dist_bn not in ("reduce", "broadcast", ""):
-            raise ValueError(f"model.init_args.dist_bn must be 'reduce', 'broadcast' or '', got {dist_bn!r}")
+            raise UserError(f"model.init_args.dist_bn must be 'reduce', 'broadcast' or '', got {dist_bn!r}")
         if not lr > 0:
-            raise ValueError(f"model.init_args.lr must be > 0 (the peak learning rate), got {lr}")
+            raise UserError(f"model.init_args.lr must be > 0 (the peak learning rate), got {lr}")
         for name, value in (("warmup_lr", warmup_lr), ("min_lr", min_lr)):
             if not 0 <= value <= lr:
-                raise ValueError(f"model.init_args.{name} must be in [0, lr={lr}], got {value}")
+                raise UserError(f"model.init_args.{name} must be in [0, lr={lr}], got {value}")
         if lr_base_batch is not None and lr_base_batch < 1:
-            raise ValueError(f"model.init_args.lr_base_batch must be a positive number of images, got {lr_base_batch}")
+            raise UserError(f"model.init_args.lr_base_batch must be a positive number of images, got {lr_base_batch}")
         key = "model.init_args."
         require(num_classes >= 2, key + "num_classes", ">= 2 (a classifier needs two classes)", num_classes)
         non_negative(key + "weight_decay", weight_decay)
@@ -171,14 +172,14 @@ class ImageClassifier(L.LightningModule):
                     check_checkpoint_folder(callback.dirpath)
         data_classes = getattr(self.trainer.datamodule, "num_classes", 0) if self._trainer is not None else 0
         if data_classes and data_classes != self.hparams.num_classes:
-            raise ValueError(
+            raise UserError(
                 f"the data has {data_classes} classes but model.init_args.num_classes={self.hparams.num_classes}; "
                 "set model.init_args.num_classes and the backbone's num_classes to the number of class folders"
             )
         if stage == "fit" and self.mixup_fn is not None:
             batch = self._batch_size()
             if batch is not None and batch % 2:
-                raise ValueError(f"mixup/cutmix mixes each batch with its flip and needs an even data.batch_size, got {batch}")
+                raise UserError(f"mixup/cutmix mixes each batch with its flip and needs an even data.batch_size, got {batch}")
         use = self.hparams.compile
         if use is None:
             use = self.device.type == "cuda" or (self._trainer is not None and self.trainer.strategy.root_device.type == "cuda")
@@ -299,7 +300,7 @@ class ImageClassifier(L.LightningModule):
         if hp.lr_base_batch is not None:
             batch = self._batch_size()
             if batch is None:
-                raise ValueError("model.init_args.lr_base_batch needs a datamodule with a batch_size to scale the lr by")
+                raise UserError("model.init_args.lr_base_batch needs a datamodule with a batch_size to scale the lr by")
             world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
             global_batch = batch * world * accumulate
             self.lr_scale = global_batch / hp.lr_base_batch
@@ -433,8 +434,9 @@ class ImageClassifier(L.LightningModule):
             torch.cuda.set_rng_state(state["cuda"])
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite: the run cannot recover from here."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training loss became NaN or infinite: the run cannot recover from here. A user error (one line, exit 2):
+    what fixes it is a setting (learning rate, warm-up, clipping, precision)."""
 
 
 class StopOnNonFiniteLoss(Callback):

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from src.checkpoints import AtomicCheckpointIO, check_architecture
+from src.errors import UserError
 from src.models.upernet import FCNHead, UperNetHead, resize
 from src.tb import log_hparams
 
@@ -120,27 +121,27 @@ class SemanticSegmenter(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         dims, out_indices = getattr(backbone, "dims", None), getattr(backbone, "out_indices", None)
         if not getattr(backbone, "features_only", False) or dims is None or out_indices is None:
-            raise ValueError(
+            raise UserError(
                 "model.init_args.backbone must return stage maps: set the backbone's features_only: true "
                 "(a SpatialMamba with features_only exposes dims and out_indices)"
             )
         in_channels = [dims[i] for i in out_indices]
         if len(in_channels) < 2:
-            raise ValueError(f"UperNet needs at least 2 stage maps, the backbone's out_indices are {list(out_indices)}")
+            raise UserError(f"UperNet needs at least 2 stage maps, the backbone's out_indices are {list(out_indices)}")
         if num_classes < 1 or num_classes > 255 or (0 <= ignore_index < num_classes):
-            raise ValueError(f"model.init_args.num_classes must be in 1..255 and ignore_index ({ignore_index}) "
-                             f"outside 0..num_classes-1, got num_classes={num_classes}")
+            raise UserError(f"model.init_args.num_classes must be in 1..255 and ignore_index ({ignore_index}) "
+                            f"outside 0..num_classes-1, got num_classes={num_classes}")
         if not 0 <= aux_index < len(in_channels):
-            raise ValueError(f"model.init_args.aux_index must index the backbone's {len(in_channels)} maps, got {aux_index}")
+            raise UserError(f"model.init_args.aux_index must index the backbone's {len(in_channels)} maps, got {aux_index}")
         if not lr > 0 or min_lr < 0 or min_lr > lr:
-            raise ValueError(f"model.init_args.lr must be > 0 and min_lr in [0, lr], got lr={lr}, min_lr={min_lr}")
+            raise UserError(f"model.init_args.lr must be > 0 and min_lr in [0, lr], got lr={lr}, min_lr={min_lr}")
         if warmup_iters < 0 or not 0 < warmup_ratio <= 1:
-            raise ValueError(f"model.init_args.warmup_iters must be >= 0 and warmup_ratio in (0, 1], "
-                             f"got {warmup_iters}, {warmup_ratio}")
+            raise UserError(f"model.init_args.warmup_iters must be >= 0 and warmup_ratio in (0, 1], "
+                            f"got {warmup_iters}, {warmup_ratio}")
         if not test_scales or any(s <= 0 for s in test_scales):
-            raise ValueError(f"model.init_args.test_scales must be positive scale factors, got {list(test_scales)}")
+            raise UserError(f"model.init_args.test_scales must be positive scale factors, got {list(test_scales)}")
         if aux_weight < 0 or not 0 <= dropout < 1:
-            raise ValueError(f"model.init_args.aux_weight must be >= 0 and dropout in [0, 1), got {aux_weight}, {dropout}")
+            raise UserError(f"model.init_args.aux_weight must be >= 0 and dropout in [0, 1), got {aux_weight}, {dropout}")
         self.backbone = backbone
         self.decode_head = UperNetHead(in_channels, num_classes, decode_channels, pool_scales, dropout)
         self.aux_head = FCNHead(in_channels[aux_index], num_classes, aux_channels, 1, dropout) if aux_weight > 0 else None
@@ -156,8 +157,8 @@ class SemanticSegmenter(L.LightningModule):
         data = self.trainer.datamodule if self._trainer is not None else None
         data_classes = getattr(data, "num_classes", None)
         if data_classes is not None and data_classes != self.hparams.num_classes:
-            raise ValueError(f"the data has {data_classes} classes but model.init_args.num_classes="
-                             f"{self.hparams.num_classes}; set them equal")
+            raise UserError(f"the data has {data_classes} classes but model.init_args.num_classes="
+                            f"{self.hparams.num_classes}; set them equal")
         names = getattr(data, "classes", None)
         if names and len(names) == self.hparams.num_classes:
             self.class_names = list(names)

@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from src.checkpoints import check_architecture, load_checkpoint
+from src.checkpoints import CheckpointError, CheckpointKeysError, check_architecture, load_checkpoint
 from src.checks import positive, require
+from src.errors import InputNotFoundError, UserError
 from src.kernels import BACKENDS, SCANS, structure_aware_ssm
 
 TOTAL_STRIDE = 32
@@ -38,9 +39,9 @@ class StateFusion(nn.Module):
     def __init__(self, dim: int, dilations: Sequence[int] = (1, 3, 5), kernel_size: int = 3):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"fusion kernel_size must be a positive odd number, got {kernel_size}")
+            raise UserError(f"fusion kernel_size must be a positive odd number, got {kernel_size}")
         if any(int(d) < 1 for d in dilations):
-            raise ValueError(f"fusion dilations must be positive integers, got {list(dilations)}")
+            raise UserError(f"fusion dilations must be positive integers, got {list(dilations)}")
         self.dilations = tuple(int(d) for d in dilations)
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.ones(len(self.dilations), dim, kernel_size, kernel_size))
@@ -68,11 +69,11 @@ class StructureAwareSSM(nn.Module):
     ):
         super().__init__()
         if scan not in SCANS:
-            raise ValueError(f"unknown scan {scan!r}; expected one of {tuple(SCANS)}")
+            raise UserError(f"unknown scan {scan!r}; expected one of {tuple(SCANS)}")
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+            raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if d_state < 1:
-            raise ValueError(f"d_state must be >= 1, got {d_state}")
+            raise UserError(f"d_state must be >= 1, got {d_state}")
         self.d_inner = d_inner = expand * dim
         self.d_state = d_state
         self.dt_rank = dt_rank = math.ceil(dim / 16)
@@ -243,11 +244,11 @@ class SpatialMamba(nn.Module):
         super().__init__()
         dims, depths = list(dims), list(depths)
         if len(dims) != 4 or len(depths) != 4:
-            raise ValueError(f"dims and depths need 4 entries (one per stage), got dims={dims} depths={depths}")
+            raise UserError(f"dims and depths need 4 entries (one per stage), got dims={dims} depths={depths}")
         if any(int(d) != d or d < 0 for d in depths) or any(int(d) != d or d < 1 for d in dims):
-            raise ValueError(f"depths must be integers >= 0 and dims integers >= 1, got depths={depths} dims={dims}")
+            raise UserError(f"depths must be integers >= 0 and dims integers >= 1, got depths={depths} dims={dims}")
         if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1) (the probability of dropping a block's branch), "
+            raise UserError(f"drop_path_rate must be in [0, 1) (the probability of dropping a block's branch), "
                              f"got {drop_path_rate}")
         require(num_classes >= 0, "num_classes", ">= 0 (0: no head)", num_classes)
         require(in_chans >= 1, "in_chans", ">= 1", in_chans)
@@ -255,10 +256,10 @@ class SpatialMamba(nn.Module):
         if out_indices is not None:
             out_indices = [int(i) for i in out_indices]
             if not features_only:
-                raise ValueError(f"out_indices={out_indices} selects feature maps; it needs features_only=True")
+                raise UserError(f"out_indices={out_indices} selects feature maps; it needs features_only=True")
             if not out_indices or out_indices != sorted(set(out_indices)) or not set(out_indices) <= {0, 1, 2, 3}:
-                raise ValueError(f"out_indices must be increasing stage indices from 0..3 (strides 4, 8, 16, 32), "
-                                 f"got {out_indices}")
+                raise UserError(f"out_indices must be increasing stage indices from 0..3 (strides 4, 8, 16, 32), "
+                                f"got {out_indices}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.dims = dims
@@ -304,7 +305,7 @@ class SpatialMamba(nn.Module):
     def set_backend(self, backend: str) -> None:
         """Switch the kernel backend of every block (the parameters stay as they are)."""
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+            raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         for m in self.modules():
             if isinstance(m, StructureAwareSSM):
                 m.backend = backend
@@ -320,12 +321,12 @@ class SpatialMamba(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+            raise UserError(f"expected images of shape (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise UserError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
         H, W = x.shape[-2:]
         if H % TOTAL_STRIDE or W % TOTAL_STRIDE:
-            raise ValueError(
+            raise UserError(
                 f"image size {H}×{W} is not a multiple of {TOTAL_STRIDE} (the backbone's total stride); "
                 f"resize or pad it, e.g. to {math.ceil(H / TOTAL_STRIDE) * TOTAL_STRIDE}×"
                 f"{math.ceil(W / TOTAL_STRIDE) * TOTAL_STRIDE}"
@@ -444,7 +445,7 @@ def convert_official_state_dict(state_dict: dict) -> dict:
     for prefix, parts in kernels.items():
         missing = [name for name in _OFFICIAL_FUSION_KERNELS if name not in parts]
         if missing:
-            raise KeyError(f"checkpoint has state fusion kernels of {prefix} but lacks {missing}")
+            raise CheckpointKeysError(f"checkpoint has state fusion kernels of {prefix} but lacks {missing}")
         out[f"{prefix}.weight"] = torch.stack([parts[name][:, 0] for name in _OFFICIAL_FUSION_KERNELS])
     return out
 
@@ -464,7 +465,7 @@ def load_pretrained(model: SpatialMamba, path: str | os.PathLike, strict: bool =
     number of classes is left at its initialisation (fine-tuning); any other mismatch is an error."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path!r}")
+        raise InputNotFoundError(f"pretrained checkpoint not found: {path!r}")
     checkpoint = load_checkpoint(path)  # weights only: a file holding code is refused
     if isinstance(checkpoint.get("architecture"), dict):  # this project's Lightning checkpoints
         # another head (fine-tuning) and the features-only form (dense tasks) are meant uses of pretrained weights
@@ -482,14 +483,14 @@ def load_pretrained(model: SpatialMamba, path: str | os.PathLike, strict: bool =
     missing = sorted(set(own) - set(state_dict) - set(skipped))
     unexpected = sorted(set(state_dict) - set(own))
     if strict and (missing or unexpected):
-        raise KeyError(
+        raise CheckpointKeysError(
             f"checkpoint {path!r} does not fit this model: missing keys {_abbrev(missing)}, "
             f"unexpected keys {_abbrev(unexpected)} (check dims/depths/dilations/d_state against the checkpoint)"
         )
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
              for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"checkpoint {path!r} has tensors of the wrong shape: {_abbrev(wrong)}")
+        raise CheckpointError(f"checkpoint {path!r} has tensors of the wrong shape: {_abbrev(wrong)}")
     model.load_state_dict(state_dict, strict=False)
 
 
