@@ -29,9 +29,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import yaml  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from src.checkpoints import CheckpointKeysError  # noqa: E402
+from src.checkpoints import load_checkpoint as read_checkpoint  # noqa: E402
+from src.data.imagefolder import check_output_file  # noqa: E402
+from src.errors import InputNotFoundError, UserError, reports_user_errors  # noqa: E402
 
 LOG_FLOOR = 1e-8  # heat maps show |grad| / max on a log scale down to this (paths through the scan are ~1e-7)
 
@@ -51,7 +52,7 @@ def build_backbone(configs: list[str | Path]) -> nn.Module:
         cfg = _merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
     spec = cfg.get("model", {}).get("init_args", {}).get("backbone")
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"no model.init_args.backbone.class_path in {[str(c) for c in configs]}")
+        raise UserError(f"no model.init_args.backbone.class_path in {[str(c) for c in configs]}")
     module, _, name = spec["class_path"].rpartition(".")
     kwargs = {k: v for k, v in (spec.get("init_args") or {}).items() if k != "pretrained"}
     if "backend" in kwargs:
@@ -61,12 +62,14 @@ def build_backbone(configs: list[str | Path]) -> nn.Module:
 
 def load_checkpoint(backbone: nn.Module, ckpt: str | Path) -> None:
     """Weights of a Lightning checkpoint (`backbone.*` keys) or of a raw backbone state dict."""
-    from src.checkpoints import load_checkpoint as read_checkpoint
-
     state = read_checkpoint(ckpt)  # weights only: a file holding code is refused before it runs
     state = state.get("state_dict", state)
     own = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    backbone.load_state_dict(own or state)
+    try:
+        backbone.load_state_dict(own or state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors: weights of another model
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointKeysError(f"checkpoint {str(ckpt)!r} does not fit the model of the config: {first}") from None
 
 
 def digits_images(n: int = 32, image_size: int = 160) -> torch.Tensor:
@@ -138,6 +141,7 @@ def save_erf_grid(rows: dict[str, dict[str, torch.Tensor]], path: str | Path) ->
     plt.close(fig)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ablations/erf.py", description="Effective receptive field PNG of a model.")
     p.add_argument("--ckpt", help="Lightning checkpoint (default: random initialisation)")
@@ -150,28 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", type=int, default=4, choices=[1, 2, 3, 4], help="feature map whose centre is used")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     args = p.parse_args(argv)
-    try:
-        from src.data.imagefolder import check_output_file
-
-        check_output_file(args.out, args.overwrite, "--out", "--overwrite")  # before the model runs
-        configs = args.config
-        if not configs:
-            if not args.ckpt:
-                raise ValueError("give --ckpt (a run's checkpoint) and/or --config (a model config)")
-            configs = [Path(args.ckpt).resolve().parent.parent / "config.yaml"]
-        for c in configs:
-            if not Path(c).is_file():
-                raise FileNotFoundError(f"config not found: {c}")
-        if args.ckpt and not Path(args.ckpt).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
-        torch.manual_seed(args.seed)
-        backbone = build_backbone(configs)
-        if args.ckpt:
-            load_checkpoint(backbone, args.ckpt)
-        erf = effective_receptive_field(backbone, digits_images(args.images, args.image_size), [args.stage])[args.stage]
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_output_file(args.out, args.overwrite, "--out", "--overwrite")  # before the model runs
+    configs = args.config
+    if not configs:
+        if not args.ckpt:
+            raise UserError("give --ckpt (a run's checkpoint) and/or --config (a model config)")
+        configs = [Path(args.ckpt).resolve().parent.parent / "config.yaml"]
+    for c in configs:
+        if not Path(c).is_file():
+            raise InputNotFoundError(f"config not found: {c}")
+    if args.ckpt and not Path(args.ckpt).is_file():
+        raise InputNotFoundError(f"checkpoint not found: {args.ckpt}")
+    torch.manual_seed(args.seed)
+    backbone = build_backbone(configs)
+    if args.ckpt:
+        load_checkpoint(backbone, args.ckpt)
+    erf = effective_receptive_field(backbone, digits_images(args.images, args.image_size), [args.stage])[args.stage]
     stats = erf_stats(erf)
     title = f"{'trained' if args.ckpt else 'random init'}, stage {args.stage}"
     save_erf_png(erf, args.out, title)

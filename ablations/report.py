@@ -18,17 +18,15 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-from axes import AXES  # noqa: E402
+from ablations.axes import AXES
+from src.errors import UserError, reports_user_errors
 
 ERF_AXES = ("dilation", "scan")
 ERF_STAGES = (1, 4)
 
 
-class NoRuns(Exception):
-    pass
+class NoRuns(UserError):
+    """No sweep to report on: the folder is missing or holds no runs."""
 
 
 def find_runs(axis_dir: Path) -> dict[str, dict[str, Path]]:
@@ -139,7 +137,7 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
 
 def erf_section(axis_dir: Path, runs: dict[str, dict[str, Path]], n_images: int, image_size: int) -> list[str]:
     """ERF of each variant's first seed (its last checkpoint): a PNG per variant and stage, and a grid."""
-    import erf
+    from ablations import erf
 
     images = erf.digits_images(n_images, image_size)
     out_dir = axis_dir / "erf"
@@ -223,6 +221,7 @@ def write_report(axis_dir: str | Path, erf: bool | None = None, erf_images: int 
     return report
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ablations/report.py", description="Markdown table and plots of a sweep.")
     p.add_argument("axis_dir", help="a sweep's folder, e.g. logs/dilation")
@@ -231,11 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--erf-images", type=int, default=16, help="digits validation images averaged over")
     p.add_argument("--erf-image-size", type=int, default=160, help="side of those images (a multiple of 32)")
     args = p.parse_args(argv)
-    try:
-        write_report(args.axis_dir, args.erf, args.erf_images, args.erf_image_size)
-    except NoRuns as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    write_report(args.axis_dir, args.erf, args.erf_images, args.erf_image_size)
     return 0
 
 

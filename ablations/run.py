@@ -24,7 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from axes import AXES  # this folder is on sys.path when run as a script
+from ablations.axes import AXES
+from src.errors import UserError, reports_user_errors
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -32,20 +33,11 @@ DEFAULT_EPOCHS = 5  # dilation axis, 7 variants × 3 seeds on 2 CPU cores in < 3
 FINISHED = "Finished fit"  # first words of the closing line of a successful `main.py fit`
 
 
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def variant_config(axis: str, variant: str) -> Path:
     if axis not in AXES:
-        raise UsageError(f"unknown axis {axis!r}; expected one of {', '.join(AXES)}")
+        raise UserError(f"unknown axis {axis!r}; expected one of {', '.join(AXES)}")
     if variant not in AXES[axis]:
-        raise UsageError(f"unknown {axis} variant {variant!r}; expected some of {','.join(AXES[axis])}")
+        raise UserError(f"unknown {axis} variant {variant!r}; expected some of {','.join(AXES[axis])}")
     return HERE / axis / f"{variant}.yaml"
 
 
@@ -86,19 +78,19 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     if args.axis not in AXES:
-        raise UsageError(f"unknown axis {args.axis!r}; expected one of {', '.join(AXES)}")
+        raise UserError(f"unknown axis {args.axis!r}; expected one of {', '.join(AXES)}")
     args.variants = args.variants.split(",") if args.variants else list(AXES[args.axis])
     for v in args.variants:
         variant_config(args.axis, v)
     if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs == 0:
         args.epochs = None
     base = Path(args.base_config)
     if not base.is_file() and (ROOT / base).is_file():
         base = ROOT / base
     if not base.is_file():
-        raise UsageError(f"base config not found: {args.base_config!r}")
+        raise UserError(f"base config not found: {args.base_config!r}")
     args.base_config = base.resolve()
     return args, extra
 
@@ -109,7 +101,7 @@ def check_backends(args: argparse.Namespace, gpus: list[str]) -> None:
         return
     triton = [v for v in args.variants if v != "torch"]
     if triton:
-        raise UsageError(
+        raise UserError(
             f"backend variants {','.join(triton)} need a CUDA GPU (none found); run them on a GPU machine "
             "(ablations/gpu_backend_sweep.sh), pick --variants torch, or set TRITON_INTERPRET=1 (very slow)"
         )
@@ -150,13 +142,11 @@ def run_one(job: dict, slot: int, gpus: list[str], args: argparse.Namespace) -> 
     return rc == 0, time.perf_counter() - start, last
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, extra = parse(sys.argv[1:] if argv is None else argv)
-        gpus = visible_gpus()
-        check_backends(args, gpus)
-    except UsageError as e:
-        fail(str(e))
+    args, extra = parse(sys.argv[1:] if argv is None else argv)
+    gpus = visible_gpus()
+    check_backends(args, gpus)
     axis_dir = Path(args.logdir) / args.axis
     jobs, skipped = [], 0
     for variant in args.variants:
@@ -211,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }, indent=1) + "\n")
     if not args.no_report:
-        sys.path.insert(0, str(HERE))
-        import report
+        from ablations import report
 
         try:
             report.write_report(axis_dir)

@@ -93,3 +93,18 @@ def test_the_walker_finds_cycles(tmp_path):
     assert ["pkg.a", "pkg.b", "pkg.c", "pkg.a"] in cycles  # c imports a (as `from pkg import a`)
     assert ["tools.report", "tools.run", "tools.report"] in cycles
     assert not any("tools.alone" in c for c in cycles)
+
+
+def test_no_sys_path_edits_outside_benchmarks():
+    """The project is installed (`pip install -e .`): `src` and `ablations` import by name from anywhere, so no
+    module but the stand-alone benchmark scripts changes `sys.path` (assignments, insert, append, extend)."""
+    edits = []
+    for path in [ROOT / "main.py", *sorted(ROOT.glob("src/**/*.py")), *sorted(ROOT.glob("ablations/**/*.py")),
+                 *sorted(ROOT.glob("tests/**/*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+            targets = [target] if target is not None else getattr(node, "targets", [])
+            if any(ast.unparse(t).startswith("sys.path") for t in targets if t is not None):
+                edits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert edits == []
+    assert "ablations" in {p.name for p in ROOT.iterdir()} and (ROOT / "ablations" / "__init__.py").is_file()
