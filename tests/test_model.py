@@ -206,3 +206,110 @@ def test_grad_checkpointing_gives_the_same_gradients():
     b(x).square().sum().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+# ---------- the authors' checkpoints: float64 end to end, their evaluation path ----------
+
+def test_float64_model_keeps_a_in_float64():
+    """A = -exp(A_log) was computed from A_log.float(): a float64 run lost A's precision (gradcheck then fails)."""
+    torch.manual_seed(0)
+    ssm = StructureAwareSSM(4, dilations=(1, 2)).double()
+    with torch.no_grad():
+        ssm.A_log.normal_()
+    u = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+
+    def output(a_log):
+        return torch.func.functional_call(ssm, {"A_log": a_log}, (u,))
+
+    assert torch.autograd.gradcheck(output, (ssm.A_log.detach().clone().requires_grad_(),))
+
+
+def test_float64_default_dtype_builds_and_loads_every_parameter_in_float64(tmp_path):
+    """A_log was created float32 whatever the default dtype: the authors' float64 weights lost their precision."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = tiny()
+        assert {p.dtype for p in model.parameters()} == {torch.float64}
+        state = {k: v + 1e-12 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        torch.save(state, tmp_path / "weights.pth")
+        loaded = tiny(pretrained=str(tmp_path / "weights.pth"))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == state[name].dtype and torch.equal(value, state[name]), name
+
+
+@pytest.mark.parametrize("dilations,kernel_size", [((1, 3, 5), 3), ((1, 2), 3), ((2, 3), 5)])
+def test_merged_kernel_with_zero_padding_equals_the_dilated_convolutions(dilations, kernel_size):
+    """The authors' evaluation: one (k-1)·max(d)+1 kernel with zero padding = Σ alpha_i · dilated conv_i with zero
+    padding (and not the replicate-padded fusion of training, which differs near the border only)."""
+    from src.kernels.reference import merge_fusion_kernels, state_fusion_ref
+
+    torch.manual_seed(0)
+    D, H, W, k = 4, 13, 17, kernel_size
+    weight = torch.randn(len(dilations), D, k, k, dtype=torch.float64)
+    alpha = torch.randn(len(dilations), dtype=torch.float64)
+    h = torch.randn(2, D, H, W, dtype=torch.float64)
+    merged = merge_fusion_kernels(weight, alpha, dilations)
+    side = (k - 1) * max(dilations) + 1
+    assert merged.shape == (D, side, side)
+    separate = sum(a * torch.nn.functional.conv2d(h, w[:, None], dilation=d, padding=d * (k // 2), groups=D)
+                   for a, w, d in zip(alpha, weight, dilations))
+    one = torch.nn.functional.conv2d(h, merged[:, None], padding=side // 2, groups=D)
+    torch.testing.assert_close(one, separate, rtol=0, atol=1e-12)
+    zeros = state_fusion_ref(h[:, :, None].flatten(-2), weight, alpha, dilations, H, W, padding="zeros")
+    torch.testing.assert_close(zeros.view(2, D, H, W), separate, rtol=0, atol=1e-12)
+    replicate = state_fusion_ref(h[:, :, None].flatten(-2), weight, alpha, dilations, H, W).view(2, D, H, W)
+    r = max(dilations) * (k // 2)
+    torch.testing.assert_close(replicate[..., r:-r, r:-r], separate[..., r:-r, r:-r], rtol=0, atol=1e-12)
+    assert not torch.allclose(replicate, separate)
+
+
+def test_merged_kernel_has_the_authors_layout():
+    """Their 11×11 kernel for 3×3 kernels at dilations 1, 3, 5: rows/columns 4:7, 2:9:3 and 0:11:5."""
+    from src.kernels.reference import merge_fusion_kernels
+
+    weight, alpha = torch.randn(3, 2, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expected = torch.zeros(2, 11, 11, dtype=torch.float64)
+    expected[:, 4:7, 4:7] += alpha[0] * weight[0]
+    expected[:, 2:9:3, 2:9:3] += alpha[1] * weight[1]
+    expected[:, 0:11:5, 0:11:5] += alpha[2] * weight[2]
+    torch.testing.assert_close(merge_fusion_kernels(weight, alpha, (1, 3, 5)), expected, rtol=0, atol=0)
+
+
+def test_authors_evaluation_option_changes_only_eval():
+    torch.manual_seed(0)
+    ours = tiny().double()
+    theirs = tiny(fusion_eval_padding="zeros").double()
+    with torch.no_grad():
+        for m in ours.modules():
+            if hasattr(m, "state_fusion"):
+                m.state_fusion.weight.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    torch.testing.assert_close(theirs.train()(x), ours.train()(x), rtol=0, atol=0)  # training: replicate in both
+    with torch.no_grad():
+        ours_eval, theirs_eval = ours.eval()(x), theirs.eval()(x)
+    assert (ours_eval - theirs_eval).abs().max() > 1e-6
+    # one SSM: the outputs differ only within max(d)·(k // 2) = 5 pixels of the border
+    ssm_ours, ssm_theirs = ours.stages[0][0].ssm, theirs.stages[0][0].ssm
+    u = torch.randn(1, 16, 16, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = ssm_ours(u), ssm_theirs(u)
+    torch.testing.assert_close(a[:, 5:-5, 5:-5], b[:, 5:-5, 5:-5], rtol=0, atol=1e-12)
+    assert (a - b).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="fusion_eval_padding must be one of"):
+        tiny(fusion_eval_padding="reflect")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_runs_on_the_cpu(dtype):
+    """A model cast with .half() / .to(bfloat16) failed inside the reference fusion (fp32 A met fp16 kernels)."""
+    torch.manual_seed(0)
+    model = tiny(backend="torch").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = model.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol={torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype])

@@ -16,11 +16,11 @@ import torch
 
 from src.errors import UserError
 
-from .reference import SCANS, structure_aware_ssm_ref
+from .reference import FUSION_PADDINGS, SCANS, structure_aware_ssm_ref
 
 BACKENDS = ("torch", "triton", "fused", "auto")
 
-__all__ = ["BACKENDS", "SCANS", "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
+__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -53,12 +53,16 @@ def structure_aware_ssm(
     W: int,
     scan: str = "row",
     backend: str = "torch",
+    padding: str = "replicate",
 ) -> torch.Tensor:
     """y = fusion(scan(x, Δ=softplus(dt + dt_bias), A, B))·C + D·x, channels last: x, dt (B, L, D) and
-    B, C (B, L, N) -> y (B, L, D). Shapes as in `reference.py`."""
-    backend = resolve_backend(backend, x.device)
+    B, C (B, L, N) -> y (B, L, D). Shapes as in `reference.py`. The fusion pads by replication; `padding="zeros"`
+    (the authors' evaluation, `reference.state_fusion_ref`) runs on the torch reference whatever the backend."""
+    if padding not in FUSION_PADDINGS:
+        raise UserError(f"unknown fusion padding {padding!r}; expected one of {FUSION_PADDINGS}")
+    backend = "torch" if padding != "replicate" else resolve_backend(backend, x.device)
     if backend == "torch":
-        return structure_aware_ssm_ref(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
+        return structure_aware_ssm_ref(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, padding)
     if A.shape[-1] != 1:
         raise UserError(f"backend {backend!r} supports d_state=1 only (got {A.shape[-1]}); use backend 'torch'")
     from . import ops  # imports Triton: only when a Triton backend runs

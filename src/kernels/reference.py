@@ -16,16 +16,23 @@ Inside, the reference computes channels first (its helpers take x, dt (B, D, L) 
 scan returns the states h (B, D, N, L) of every token, always at its raster position, whatever order the
 scan visits the tokens in. The fusion mixes each state with its spatial neighbours:
 h' = Σ_i alpha_i · dwconv_k(replicate_pad(h), dilation d_i). The output is y = Σ_n h'_n · C_n + D · x.
+
+`padding="zeros"` is the fusion of the authors' evaluation code: the kernels merged into one kernel of side
+(k − 1)·max(d) + 1 (11 for 3×3 kernels at dilations 1, 3, 5) run with zero padding, which equals the sum of
+the dilated convolutions with zero padding. It differs from the replicate padding (their training, and
+every backend here) within max(d)·(k // 2) pixels of the border.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 SCAN_DIRECTIONS = ("row", "row_reversed", "column", "column_reversed")
+FUSION_PADDINGS = ("replicate", "zeros")
 SCANS = {
     "row": ("row",),
     "row_reversed": ("row_reversed",),
@@ -116,13 +123,33 @@ def scan_states(x, dt, A, B, dt_bias, H: int, W: int, scan: str = "row") -> torc
     return sum(selective_scan_ref(x, dt, A, B, dt_bias, H, W, d) for d in SCANS[scan])
 
 
-def state_fusion_ref(h: torch.Tensor, weight, alpha, dilations: Sequence[int], H: int, W: int) -> torch.Tensor:
-    """Structure-aware state fusion of (B, D, N, L) states; an empty dilation list returns h as is."""
+def merge_fusion_kernels(weight: torch.Tensor, alpha: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
+    """The K (D, k, k) kernels at their dilations, weighted by alpha, as one (D, S, S) kernel of side
+    S = (k − 1)·max(d) + 1: tap (u, v) of kernel i sits at (c + d_i·(u − k//2), c + d_i·(v − k//2)), c = S // 2."""
+    k = weight.shape[-1]
+    side = (k - 1) * max(dilations) + 1
+    merged = weight.new_zeros(weight.shape[1], side, side)
+    offsets = torch.arange(k, device=weight.device) - k // 2
+    for i, d in enumerate(dilations):
+        taps = side // 2 + d * offsets
+        merged[:, taps[:, None], taps[None, :]] += alpha[i] * weight[i]
+    return merged
+
+
+def state_fusion_ref(h: torch.Tensor, weight, alpha, dilations: Sequence[int], H: int, W: int,
+                     padding: str = "replicate") -> torch.Tensor:
+    """Structure-aware state fusion of (B, D, N, L) states; an empty dilation list returns h as is.
+    `padding`: "replicate" (this project, everywhere) or "zeros" (the authors' evaluation: one merged kernel)."""
+    if padding not in FUSION_PADDINGS:
+        raise ValueError(f"unknown fusion padding {padding!r}; expected one of {FUSION_PADDINGS}")
     if len(dilations) == 0:
         return h
     Bsz, D, N, L = h.shape
     k = weight.shape[-1]
     hm = h.reshape(Bsz, D * N, H, W)  # (B, D, N, L) -> (B, D·N, H, W)
+    if padding == "zeros":
+        merged = merge_fusion_kernels(weight, alpha, dilations).repeat_interleave(N, dim=0)[:, None]  # (D·N, 1, S, S)
+        return F.conv2d(hm, merged, padding=merged.shape[-1] // 2, groups=D * N).reshape(Bsz, D, N, L)
     fused = 0
     for i, d in enumerate(dilations):
         w = weight[i].repeat_interleave(N, dim=0)[:, None]  # (D·N, 1, k, k): one kernel per channel
@@ -138,11 +165,19 @@ def observe(h: torch.Tensor, C: torch.Tensor, D: torch.Tensor, x: torch.Tensor) 
 
 
 def structure_aware_ssm_ref(
-    x, dt, A, B, C, D, dt_bias, weight, alpha, dilations: Sequence[int], H: int, W: int, scan: str = "row"
+    x, dt, A, B, C, D, dt_bias, weight, alpha, dilations: Sequence[int], H: int, W: int, scan: str = "row",
+    padding: str = "replicate",
 ) -> torch.Tensor:
     """The whole op: scan -> structure-aware state fusion -> observation, channels last: x, dt (B, L, D),
-    B, C (B, L, N) -> y (B, L, D)."""
+    B, C (B, L, N) -> y (B, L, D). `padding` of the fusion as in `state_fusion_ref`.
+
+    Computed in the widest dtype of the inputs, fp32 at least (as the Triton kernels compute), so that a model
+    cast to fp16/bf16 with its A kept in fp32 runs on the CPU too; y is returned in x's dtype."""
+    tensors = (x, dt, A, B, C, D, dt_bias, weight, alpha)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+    out_dtype = x.dtype
+    x, dt, A, B, C, D, dt_bias, weight, alpha = (t.to(dtype) for t in tensors)
     x, dt, B, C = (t.transpose(1, 2) for t in (x, dt, B, C))  # (B, L, ·) -> (B, ·, L)
     h = scan_states(x, dt, A, B, dt_bias, H, W, scan)
-    h = state_fusion_ref(h, weight, alpha, dilations, H, W)
-    return observe(h, C, D, x).transpose(1, 2)
+    h = state_fusion_ref(h, weight, alpha, dilations, H, W, padding)
+    return observe(h, C, D, x).transpose(1, 2).to(out_dtype)

@@ -10,6 +10,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from src.checkpoints import CheckpointError, CheckpointKeysError, check_architecture, load_checkpoint
 from src.checks import positive, require
 from src.errors import InputNotFoundError, UserError
-from src.kernels import BACKENDS, SCANS, structure_aware_ssm
+from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, structure_aware_ssm
 
 TOTAL_STRIDE = 32
 
@@ -63,6 +64,7 @@ class StructureAwareSSM(nn.Module):
         fusion_kernel_size: int = 3,
         scan: str = "row",
         backend: str = "torch",
+        fusion_eval_padding: str = "replicate",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
@@ -74,11 +76,14 @@ class StructureAwareSSM(nn.Module):
             raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if d_state < 1:
             raise UserError(f"d_state must be >= 1, got {d_state}")
+        if fusion_eval_padding not in FUSION_PADDINGS:
+            raise UserError(f"fusion_eval_padding must be one of {FUSION_PADDINGS}, got {fusion_eval_padding!r}")
         self.d_inner = d_inner = expand * dim
         self.d_state = d_state
         self.dt_rank = dt_rank = math.ceil(dim / 16)
         self.scan = scan
         self.backend = backend
+        self.fusion_eval_padding = fusion_eval_padding
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner)
@@ -87,7 +92,8 @@ class StructureAwareSSM(nn.Module):
         self.x_proj.keep_default_init = True  # not trunc-normal like the other linears
         self.dt_proj.keep_default_init = True
         self.dt_bias = nn.Parameter(torch.empty(d_inner))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        A = torch.arange(1, d_state + 1, dtype=torch.get_default_dtype())  # the parameters' dtype: fp64 stays fp64
+        self.A_log = nn.Parameter(torch.log(A).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.state_fusion = StateFusion(d_inner, dilations, fusion_kernel_size)
         self.out_norm = nn.LayerNorm(d_inner)
@@ -107,10 +113,11 @@ class StructureAwareSSM(nn.Module):
         x = x.reshape(Bsz, H * W, self.d_inner)  # (B, L, D): a view, the conv output being channels-last
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)  # (B, L, R) -> (B, L, D)
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # fp32 at least, fp64 kept
         y = structure_aware_ssm(
-            x, dt, -torch.exp(self.A_log.float()), B, C, self.D, self.dt_bias,
+            x, dt, A, B, C, self.D, self.dt_bias,
             self.state_fusion.weight, self.state_fusion.alpha, self.state_fusion.dilations, H, W,
-            scan=self.scan, backend=self.backend,
+            scan=self.scan, backend=self.backend, padding="replicate" if self.training else self.fusion_eval_padding,
         )  # (B, L, D), channels last throughout: no transposes around the op
         y = self.out_norm(y.reshape(Bsz, H, W, self.d_inner))
         return self.out_proj(y * F.silu(z))
@@ -213,6 +220,10 @@ class SpatialMamba(nn.Module):
         scan: token order of the SSM: row (paper), row_reversed, column, column_reversed,
             bidirectional (row + reversed, states summed) or cross (all four).
         backend: kernels computing scan + fusion + observation: torch, triton, fused or auto.
+        fusion_eval_padding: padding of the state fusion in eval mode. "replicate" (default): as in training.
+            "zeros": the authors' evaluation code, which runs the fusion kernels merged into one 11×11 kernel
+            with zero padding (training pads by replication), to reproduce their published accuracies with
+            their weights; it runs on the torch reference whatever the backend. Training is unchanged.
         features_only: no head; `forward` returns LayerNorm-ed stage maps for dense heads (the timm way).
         out_indices: with features_only, the stages whose maps are returned, in order (0..3, strides 4, 8,
             16, 32); None = all four. Only the selected stages get a LayerNorm; stages after the last selected
@@ -236,6 +247,7 @@ class SpatialMamba(nn.Module):
         fusion_kernel_size: int = 3,
         scan: str = "row",
         backend: str = "torch",
+        fusion_eval_padding: Literal["replicate", "zeros"] = "replicate",
         features_only: bool = False,
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
@@ -277,7 +289,8 @@ class SpatialMamba(nn.Module):
         self.stem = Stem(in_chans, dims[0])
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         ssm_kwargs = dict(
-            d_state=d_state, dilations=dilations, fusion_kernel_size=fusion_kernel_size, scan=scan, backend=backend
+            d_state=d_state, dilations=dilations, fusion_kernel_size=fusion_kernel_size, scan=scan, backend=backend,
+            fusion_eval_padding=fusion_eval_padding,
         )
         self.stages = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths)):
