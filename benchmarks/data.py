@@ -20,8 +20,12 @@ Options of `bench` (each runs the published training augmentation or the closest
                   (per-image RandomResizedCrop bicubic + flip, RandAugment per group of 16 images,
                   normalize, per-image erasing). Needs CUDA; approximate recipe like tv-cpu.
 img/s per core = img/s / CPU processes used (workers; + 1 for the main process of gpu-nvjpeg).
+img per CPU-second = images / CPU seconds those processes used while timed (from /proc): what one busy core
+delivers. A per-core img/s above it cannot be real; such a row is flagged INCONSISTENT.
 
-`ThroughputPrinter` (a Lightning callback, used by benchmarks/gpu_input_pipeline.sh) prints training img/s per epoch.
+Timing: the workers are started and warmed up first (one batch each), then the timed phase begins with every
+worker idle and nothing prefetched and ends at its last batch, so each image counted was decoded inside the
+window, whatever the loader did before (start-up, prefetch). Every image is read once per option.
 """
 
 from __future__ import annotations
@@ -130,6 +134,10 @@ class _TensorDecode(Dataset):
 
 
 class _Bytes(Dataset):
+    """The encoded file as bytes. Not `torchvision.io.read_file`: its tensor is a private memory map of the file,
+    which PyTorch takes for an already shared storage, and sending it from a worker dups the map's file
+    descriptor, closed long before: `OSError: [Errno 9] Bad file descriptor` while pickling the storage."""
+
     def __init__(self, paths):
         self.paths = paths
 
@@ -137,9 +145,20 @@ class _Bytes(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from torchvision.io import read_file
+        with open(self.paths[i], "rb") as f:
+            return f.read()
 
-        return read_file(self.paths[i])
+
+def collate_bytes(blobs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of encoded files as ONE uint8 tensor and their sizes: one shared-memory storage (one file
+    descriptor) per batch instead of one per image."""
+    data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+    return data, torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+
+
+def split_bytes(batch: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    data, sizes = batch
+    return list(torch.split(data, sizes.tolist()))
 
 
 def _v2_train(size: int):
@@ -173,11 +192,13 @@ class GPUAugment:
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
-    def __call__(self, encoded: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, encoded: list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms import InterpolationMode, RandomResizedCrop
         from torchvision.transforms.v2 import functional as TF
 
+        if isinstance(encoded, tuple):  # (bytes, sizes) from collate_bytes
+            encoded = split_bytes(encoded)
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)  # list of (3, H, W) uint8
         crops = []
         for img in images:
@@ -191,38 +212,97 @@ class GPUAugment:
         return torch.stack([self.erase(img) for img in batch])
 
 
-def _rate(loader, images: int, warmup_batches: int = 2, step=None) -> float:
-    it = iter(loader)
-    for _ in range(warmup_batches):
-        batch = next(it)
+class _Phases(torch.utils.data.Sampler):
+    """Indices of the warm-up phase (`phase = "warm"`: the first `warm` samples) or of the timed phase (the rest)."""
+
+    def __init__(self, warm: int, total: int):
+        self.warm, self.total, self.phase = warm, total, "warm"
+
+    def __iter__(self):
+        return iter(range(self.warm) if self.phase == "warm" else range(self.warm, self.total))
+
+    def __len__(self):
+        return self.warm if self.phase == "warm" else self.total - self.warm
+
+
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds of these processes so far (Linux /proc), None where unreadable."""
+    total = 0.0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state is field 3, utime 14, stime 15
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+def measure(dataset: Dataset, batch: int, workers: int, rounds: int, collate=None, step=None,
+            pin_memory: bool = False) -> dict:
+    """Steady-state img/s of a DataLoader with `workers` processes over `dataset`.
+
+    The workers are started and warmed up first (persistent workers, one batch each: imports, caches), then
+    the timed phase starts with every worker idle and nothing prefetched, and ends when the last of its
+    `workers × rounds` batches has arrived (and, with `step`, been processed): every image counted was read,
+    decoded and augmented inside the timed window. Alongside, the CPU seconds the workers used in that window
+    (from /proc): images per worker-CPU-second is what one fully busy core delivers, an upper bound of
+    img/s per worker that no timing artefact can inflate."""
+    warm, timed = workers * batch, workers * rounds * batch
+    if len(dataset) < warm + timed:
+        raise ValueError(f"{len(dataset)} images are fewer than the {warm + timed} this measurement needs "
+                         f"({workers} workers × (1 warm-up + {rounds} timed) batches of {batch})")
+    phases = _Phases(warm, warm + timed)
+    loader = DataLoader(dataset, batch_size=batch, sampler=phases, num_workers=workers, drop_last=True,
+                        collate_fn=collate, persistent_workers=True, prefetch_factor=2, pin_memory=pin_memory)
+    sync = torch.cuda.synchronize if step is not None and torch.cuda.is_available() else (lambda: None)
+    for b in loader:  # warm-up phase: starts the workers
         if step is not None:
-            step(batch)
-    seen, start = 0, time.perf_counter()
-    for batch in it:
-        out = step(batch) if step is not None else batch
-        seen += len(out)
-        if seen >= images:
-            break
-    if step is not None and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+            step(b)
+    sync()
+    pids = [w.pid for w in loader._iterator._workers]
+    phases.phase = "timed"
+    cpu_start, main_start = _cpu_seconds(pids), time.process_time()
+    start, seen = time.perf_counter(), 0
+    for b in loader:
+        out = step(b) if step is not None else b
+        seen += len(out[0] if isinstance(out, (tuple, list)) else out)
+    sync()
+    seconds = time.perf_counter() - start
+    cpu_end, main_cpu = _cpu_seconds(pids), time.process_time() - main_start
+    del loader  # ends the workers
+    if seen != timed:
+        raise RuntimeError(f"the timed phase delivered {seen} images, expected {timed}")
+    worker_cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+    return {"images": seen, "seconds": seconds, "img_per_s": seen / seconds, "worker_cpu_s": worker_cpu,
+            "main_cpu_s": main_cpu}
 
 
-def bench(root: str, workers_list: list[int], images: int, size: int, batch: int, options: list[str]) -> list[dict]:
+def bench(root: str, workers_list: list[int], images: int, size: int, batch: int, options: list[str],
+          gpu_device: str = "cuda") -> list[dict]:
+    """One row per option × worker count (see the module docstring). `gpu_device`: where gpu-nvjpeg decodes
+    and augments ("cpu" runs the same code with torchvision's CPU decoder: a test of its plumbing)."""
     paths = _files(root)
     if not paths:
         raise FileNotFoundError(f"no JPEGs under {root}/train; run `python benchmarks/data.py make --root {root}` first")
     rng = np.random.default_rng(0)
     results = []
     for option in options:
-        if option == "gpu-nvjpeg" and not torch.cuda.is_available():
+        if option == "gpu-nvjpeg" and gpu_device.startswith("cuda") and not torch.cuda.is_available():
             print(f"{option}: skipped (no CUDA device)", flush=True)
             continue
         for workers in workers_list:
             if workers == 0:
                 continue
-            n = min(len(paths), images if workers > 1 else max(batch * 4, images // 8))
-            subset = [paths[i] for i in rng.permutation(len(paths))[: n + 3 * batch]]
+            # whole rounds (every worker the same number of batches), at least 2; one worker: 1/8 of the images
+            wanted = images if workers > 1 else images // 8
+            rounds = max(2 if workers > 1 else 4, -(-wanted // (workers * batch)))
+            need = workers * (1 + rounds) * batch
+            if need > len(paths):
+                print(f"{option:11s} workers {workers:3d}: skipped, needs {need} images, {root}/train has "
+                      f"{len(paths)}", flush=True)
+                continue
+            subset = [paths[i] for i in rng.permutation(len(paths))[:need]]  # each image read once
             collate, step = None, None
             if option == "pil-timm":
                 dataset = _Decode(subset, _timm_train(size))
@@ -231,18 +311,26 @@ def bench(root: str, workers_list: list[int], images: int, size: int, batch: int
             elif option == "tv-cpu":
                 dataset = _TensorDecode(subset, _v2_train(size))
             elif option == "gpu-nvjpeg":
-                dataset, collate, step = _Bytes(subset), list, GPUAugment(size)
+                dataset, collate, step = _Bytes(subset), collate_bytes, GPUAugment(size, gpu_device)
             else:
                 raise ValueError(f"unknown option {option!r}")
-            loader = DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False, drop_last=True,
-                                collate_fn=collate, persistent_workers=False, prefetch_factor=4,
-                                pin_memory=torch.cuda.is_available() and option != "gpu-nvjpeg")
-            rate = _rate(loader, n, step=step)
-            cores = workers + (1 if option == "gpu-nvjpeg" else 0)
+            m = measure(dataset, batch, workers, rounds, collate, step,
+                        pin_memory=torch.cuda.is_available() and option != "gpu-nvjpeg")
+            rate = m["img_per_s"]
+            cores = workers + (1 if option == "gpu-nvjpeg" else 0)  # the GPU option decodes in the main process
+            cpu = m["worker_cpu_s"] + (m["main_cpu_s"] if option == "gpu-nvjpeg" else 0.0) if m["worker_cpu_s"] else None
+            per_cpu_s = m["images"] / cpu if cpu else None
             row = {"option": option, "workers": workers, "img_per_s": round(rate, 1),
-                   "img_per_s_per_core": round(rate / cores, 1), "images": n, "size": size}
+                   "img_per_s_per_core": round(rate / cores, 1),
+                   "img_per_cpu_s": round(per_cpu_s, 1) if per_cpu_s else None,
+                   "images": m["images"], "seconds": round(m["seconds"], 3), "size": size}
+            # a core cannot deliver more than it decodes per CPU-second: a per-core rate above that is a timing error
+            row["consistent"] = per_cpu_s is None or rate / cores <= 1.1 * per_cpu_s
             results.append(row)
-            print(f"{option:11s} workers {workers:3d}: {rate:8.1f} img/s, {rate / cores:6.1f} img/s per core", flush=True)
+            print(f"{option:11s} workers {workers:3d}: {rate:8.1f} img/s, {rate / cores:6.1f} img/s per core, "
+                  f"{per_cpu_s or float('nan'):6.1f} img per CPU-second ({m['images']} images in {m['seconds']:.2f} s)"
+                  + ("" if row["consistent"] else "  INCONSISTENT: more img/s per core than per CPU-second"),
+                  flush=True)
     return results
 
 
@@ -250,8 +338,9 @@ def markdown(results: list[dict], root: str) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     lines = [f"Input pipeline, {os.cpu_count()} CPU cores, {device}, torch {torch.__version__}, "
              f"{len(_files(root))} generated JPEGs, crop {results[0]['size'] if results else '?'}:", "",
-             "| option | workers | img/s | img/s per core |", "|---|---|---|---|"]
-    lines += [f"| {r['option']} | {r['workers']} | {r['img_per_s']:.0f} | {r['img_per_s_per_core']:.0f} |" for r in results]
+             "| option | workers | img/s | img/s per core | img per CPU-second |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['option']} | {r['workers']} | {r['img_per_s']:.0f} | {r['img_per_s_per_core']:.0f} | "
+              f"{r['img_per_cpu_s'] or float('nan'):.0f} |" for r in results]
     return "\n".join(lines)
 
 
