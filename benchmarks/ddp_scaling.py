@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = ROOT / "configs" / "imagenet" / "spatial_mamba_t.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "imagenet" / "recipe.yaml"  # on its own: the T recipe
 CKPT_SUBDIR = "ckpt"  # checkpoints of every run go to <run>/ckpt (the recipe's ModelCheckpoint dirpaths are redirected)
 # `--tiny`: the recipe with a Spatial-Mamba of widths 8..64, one block per stage, 32², fp32, torch backend
 TINY = ["--model.init_args.backbone.init_args.dims", "[8, 16, 32, 64]",
@@ -122,8 +122,8 @@ def derived_config(config: Path, run_dir: Path, stage: str, warmup: int) -> Path
     trainer = cfg.setdefault("trainer", {})
     callbacks = [cb for cb in trainer.get("callbacks") or [] if "ScalingProbe" not in str(cb.get("class_path", ""))]
     for cb in callbacks:
-        if "dirpath" in (cb.get("init_args") or {}):
-            cb["init_args"]["dirpath"] = str(run_dir / CKPT_SUBDIR)
+        if str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            cb.setdefault("init_args", {})["dirpath"] = str(run_dir / CKPT_SUBDIR)
     callbacks.append({"class_path": "benchmarks.ddp_scaling.ScalingProbe",
                       "init_args": {"out": str(run_dir / f"{stage}.json"), "warmup_steps": warmup}})
     trainer["callbacks"] = callbacks

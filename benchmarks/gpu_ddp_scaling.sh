@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DDP scaling of the T recipe on one multi-GPU host (device kinds nvidia-h100-x4 / nvidia-h200-x4, or -x2 for 1 and 2 GPUs; repo
 # installed with `pip install --no-deps -e .`): DDP scaling of the Spatial-Mamba-T ImageNet recipe
-# (configs/imagenet/spatial_mamba_t.yaml: fused kernels, bf16, full augmentation, EMA, MESA) on the JPEG folder
+# (configs/imagenet/recipe.yaml, the T recipe on its own: fused kernels, bf16, full augmentation, EMA, MESA) on the JPEG folder
 # of the data benchmark, 1, 2 and 4 GPUs (as many as the host has), 2 epochs × 30 steps per rank, batch 128
 # per GPU. Prints img/s per GPU, scaling efficiency (target ≥ 90 %) and the post-run checks (identical weights
 # on all ranks, checkpoints written once, logged val metrics = 1-GPU validate of the checkpoint).

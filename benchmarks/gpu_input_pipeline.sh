@@ -3,7 +3,7 @@
 #   1. writes an ImageNet-like JPEG class-folder set from scikit-learn's sample photographs (100 classes,
 #      10,000 train + 2,000 val images),
 #   2. measures decode + augmentation throughput per input-pipeline option (benchmarks/data.py),
-#   3. trains the Spatial-Mamba-T ImageNet recipe (configs/imagenet/spatial_mamba_t.yaml: RandAugment, erasing,
+#   3. trains the Spatial-Mamba-T ImageNet recipe (configs/imagenet/recipe.yaml + spatial_mamba_t.yaml: RandAugment, erasing,
 #      mixup/cutmix, EMA, MESA, bf16, clipping, DDP strategy) for 2 epochs on 1 GPU (128 images per step,
 #      100 classes), printing training img/s per epoch.
 # About 8 minutes. Usage: bash benchmarks/gpu_input_pipeline.sh   (results under $OUT, default /tmp/input_pipeline)
@@ -34,15 +34,15 @@ timeout 240 python benchmarks/data.py bench --root "$DATA" --workers 1 8 16 --im
 echo "== 3. Spatial-Mamba-T recipe, 2 epochs, 1 GPU"
 cd "$RUN"
 START=$(date +%s)
-timeout 330 python "$REPO/main.py" fit --config "$REPO/configs/imagenet/spatial_mamba_t.yaml" \
+timeout 330 python "$REPO/main.py" fit --config "$REPO/configs/imagenet/recipe.yaml" --config "$REPO/configs/imagenet/spatial_mamba_t.yaml" \
   --data.init_args.root "$DATA" --data.init_args.num_workers 15 \
   --trainer.devices 1 --trainer.max_epochs 2 --trainer.log_every_n_steps 10 --trainer.enable_progress_bar false \
   --model.init_args.num_classes 100 --model.init_args.backbone.init_args.num_classes 100 \
   --model.init_args.warmup_epochs 1 \
   --trainer.callbacks+=benchmarks.data.ThroughputPrinter 2>&1 | tee "$OUT/fit_t.log"
 echo "fit exit code ${PIPESTATUS[0]}, wall $(( $(date +%s) - START )) s" | tee -a "$OUT/fit_t.log"
-cp -r "$RUN/logs/imagenet_spatial_mamba_t/version_"* "$OUT/" 2>/dev/null   # TensorBoard event files (no checkpoints)
-ls -la "$RUN/logs/imagenet_spatial_mamba_t/checkpoints" 2>&1 | tee -a "$OUT/fit_t.log"
+cp "$RUN/logs/imagenet/spatial_mamba_t/"events.* "$OUT/" 2>/dev/null   # TensorBoard event files (no checkpoints)
+ls -la "$RUN/logs/imagenet/spatial_mamba_t/checkpoints" 2>&1 | tee -a "$OUT/fit_t.log"
 
 {
   echo "## Input pipeline and T recipe on one GPU"

@@ -55,7 +55,7 @@ def test_checkpoint_save_load_same_logits(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("config", ["default.yaml", "ablation_dilation.yaml", "spatial_mamba_t.yaml",
-                                    "imagenet/spatial_mamba_t.yaml"])
+                                    "imagenet/recipe.yaml+imagenet/spatial_mamba_s.yaml"])
 def test_last_checkpoint_holds_the_final_epoch(tmp_path, monkeypatch, config):
     """last.ckpt is rewritten at every epoch end, also after epochs that do not improve val/acc1 (Lightning >= 2.6
     refreshes `save_last` only together with a top-k file, so the configs give last.ckpt its own callback).
@@ -65,7 +65,8 @@ def test_last_checkpoint_holds_the_final_epoch(tmp_path, monkeypatch, config):
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--model.init_args.lr=1e-12", "--model.init_args.warmup_lr=0", "--model.init_args.min_lr=0"]
     if config != "default.yaml":  # the published configs on the digits data, narrow and on the CPU
-        args = ["fit", "--config", str(ROOT / "configs" / config), *args[1:], "--data=src.data.DigitsDataModule",
+        configs = [arg for name in config.split("+") for arg in ("--config", str(ROOT / "configs" / name))]
+        args = ["fit", *configs, *args[1:], "--data=src.data.DigitsDataModule",
                 "--data.init_args.batch_size=8", "--trainer.accelerator=cpu", "--trainer.devices=1",
                 "--trainer.strategy=auto", "--trainer.precision=32-true", "--model.init_args.num_classes=10",
                 "--model.init_args.backbone.init_args.num_classes=10",
@@ -82,6 +83,8 @@ def test_last_checkpoint_holds_the_final_epoch(tmp_path, monkeypatch, config):
     assert best.monitor == "val/acc1" and "epoch00" in Path(best.best_model_path).name  # epochs 1, 2 did not improve
     last = torch.load(Path(best.dirpath) / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 2 and last["global_step"] == 6
+    if config.startswith("imagenet/"):  # the size file's run folder, fixed so that --ckpt_path last finds it
+        assert Path(best.dirpath).resolve() == (tmp_path / "logs" / "imagenet" / "spatial_mamba_s" / "checkpoints").resolve()
 
 
 def test_print_config_shows_every_model_knob(tmp_path):

@@ -19,7 +19,7 @@ import main
 from src.data.imagefolder import ImageFolderDataModule, ImageFolderDataset
 
 ROOT = Path(main.__file__).parent
-T_CONFIG = ROOT / "configs" / "imagenet" / "spatial_mamba_t.yaml"
+T_CONFIG = ROOT / "configs" / "imagenet" / "recipe.yaml"  # the recipe on its own is the T recipe
 
 
 # One intra-op thread: these tiny models gain nothing from two, and on a loaded 2-core machine OpenMP threads
@@ -61,7 +61,7 @@ def tiny_recipe_config(tmp_path: Path, data_root: Path, *, classes: int = 4, epo
         trainer["limit_train_batches"] = train_batches
     trainer["logger"]["init_args"].update(save_dir=str(tmp_path / "logs"), name=name)
     for cb in trainer["callbacks"]:
-        if "dirpath" in cb["init_args"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(tmp_path / "ckpt")
         if "every_n_train_steps" in cb["init_args"]:
             cb["init_args"]["every_n_train_steps"] = every_n_steps
@@ -229,3 +229,23 @@ def test_predict_output_checked_before_any_work(tmp_path):
         setup(blocked / "out.csv")
     assert len(setup(existing, predict_overwrite=True).predict_set) == 1
     assert len(setup(tmp_path / "new" / "deeper" / "p.csv").predict_set) == 1  # folders made at write time
+
+
+@pytest.mark.parametrize("size,variant,mesa", [("t", "tiny", 1.0), ("s", "small", 1.5), ("b", "base", 2.0)])
+def test_imagenet_configs_are_one_recipe_and_a_short_size_file(size, variant, mesa):
+    """The T/S/B recipes were three 121-line copies differing in about ten lines: the recipe is one file, a size
+    file states only the published sizes, MESA weight and run folder (and the recipe on its own is T)."""
+    from src.models.spatial_mamba import VARIANTS
+
+    published = {k: list(v) if isinstance(v, tuple) else v for k, v in VARIANTS[variant].items()}
+    size_file = ROOT / "configs" / "imagenet" / f"spatial_mamba_{size}.yaml"
+    settings = [line for line in size_file.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(settings) <= 12, settings
+    override = yaml.safe_load(size_file.read_text())
+    assert override["model"]["init_args"]["backbone"]["init_args"] == published
+    assert override["model"]["init_args"]["mesa"] == mesa
+    assert override["trainer"] == {"logger": {"init_args": {"version": f"spatial_mamba_{size}"}}}
+    recipe = yaml.safe_load(T_CONFIG.read_text())
+    assert {k: recipe["model"]["init_args"]["backbone"]["init_args"][k] for k in published} == VARIANTS["tiny"] | {
+        "dims": list(VARIANTS["tiny"]["dims"]), "depths": list(VARIANTS["tiny"]["depths"])}
+    assert not any("dirpath" in (cb.get("init_args") or {}) for cb in recipe["trainer"]["callbacks"])  # in the run folder
