@@ -79,7 +79,11 @@ def test_ddp_scaling_script_checks_on_cpu(tmp_path):
         assert r["img_per_s"] > 0 and r["weights_identical"] and r["checkpoints_once"], r
         assert r["val_agree"], r["val_detail"]
         assert "last.ckpt" in r["checkpoints"]
+    # efficiency = img/s of n devices / (n × img/s of the 1-device baseline): 1.0 for the baseline by definition,
+    # so the 2-device row is the one that checks the script's arithmetic
+    assert runs[2]["efficiency"] == pytest.approx(runs[2]["img_per_s"] / (2 * runs[1]["img_per_s"]), rel=1e-9)
     assert runs[1]["efficiency"] == 1.0
+    assert f"| {runs[2]['efficiency']:.1%} |" in out.stdout  # the Markdown table prints the same number
     assert "| 2 | 16 |" in out.stdout  # the Markdown table
 
 

@@ -142,10 +142,21 @@ def test_save_load_same_logits(tmp_path):
 
 
 def test_pretrained_head_of_other_size_is_left_initialised(tmp_path):
+    """Fine-tuning on other classes: every tensor but the head comes from the checkpoint, the head keeps the
+    initialisation the model gets without a checkpoint (the shape alone is fixed by the constructor)."""
     path = tmp_path / "model.pt"
-    torch.save(tiny(num_classes=10).state_dict(), path)
-    model = tiny(num_classes=3, pretrained=str(path))
-    assert model.head.weight.shape == (3, 64)
+    torch.manual_seed(0)
+    saved = tiny(num_classes=10).state_dict()
+    torch.save(saved, path)
+    torch.manual_seed(1)
+    fresh = tiny(num_classes=3).state_dict()
+    torch.manual_seed(1)
+    model = tiny(num_classes=3, pretrained=str(path)).state_dict()
+    assert model.keys() == saved.keys()
+    for k, v in model.items():
+        expected = fresh[k] if k.startswith("head.") else saved[k]
+        assert torch.equal(v, expected), k
+    assert not torch.equal(model["stages.0.0.ssm.in_proj.weight"], fresh["stages.0.0.ssm.in_proj.weight"])
 
 
 # --- bad input: one clear error naming what was wrong ------------------------------------------------
