@@ -414,3 +414,17 @@ def test_digits_segmentation_split_by_scan():
     assert len(data.train_scans) + len(data.val_scans) == 1797
     with pytest.raises(ValueError, match="multiple of 32"):
         DigitsSegmentationDataModule(image_size=48)
+
+
+@pytest.mark.parametrize("root,message", [
+    (None, r"data.init_args.root is not set: give the ADE20K folder holding images/ and annotations/ "
+           r"\(--data.init_args.root /data/ADEChallengeData2016\)"),
+    ("missing", r"data.root not found: '.*missing' \(expected .*missing/images/training/\*.jpg and "
+                r".*missing/annotations/training/\*.png\)"),
+])
+def test_unset_or_missing_ade20k_root_is_refused_naming_the_layout(tmp_path, root, message):
+    from src.errors import UserError
+
+    data = ADE20KDataModule(root=None if root is None else str(tmp_path / root))
+    with pytest.raises(UserError, match=message):
+        data.setup("fit")

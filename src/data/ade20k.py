@@ -35,6 +35,7 @@ from src.data.imagefolder import (
     ResumableSampler,
     ShardedEvalSampler,
     _SeededRNG,
+    check_data_root,
     check_output_file,
     scan_images,
 )
@@ -388,12 +389,8 @@ class ADE20KDataModule(L.LightningDataModule):
             return
         if self.val_set is not None:
             return
-        if hp.root is None:
-            raise UserError("data.init_args.root is not set: give the ADE20K folder holding images/ and "
-                            "annotations/ (--data.init_args.root /data/ADEChallengeData2016)")
-        if not os.path.isdir(hp.root):
-            raise InputNotFoundError(f"data.root not found: {hp.root!r} (expected {hp.root}/images/"
-                                     f"{hp.train_split}/*.jpg and {hp.root}/annotations/{hp.train_split}/*.png)")
+        check_data_root(hp.root, "the ADE20K folder holding images/ and annotations/", "/data/ADEChallengeData2016",
+                        f"{hp.root}/images/{hp.train_split}/*.jpg and {hp.root}/annotations/{hp.train_split}/*.png")
         args = (hp.num_classes, hp.reduce_zero_label)
         if stage in (None, "fit"):
             self.train_set = SegmentationDataset(*scan_pairs(hp.root, hp.train_split), self.train_transform(), *args,

@@ -59,6 +59,15 @@ def check_output_file(path: str, overwrite: bool, key: str, overwrite_flag: str)
         raise NotWritableError(f"{key} {path!r} cannot be written ({existing!r} is not a writable folder)")
 
 
+def check_data_root(root: str | None, holding: str, example: str, expected: str) -> None:
+    """Refuse, before any work, a data folder that is not set or does not exist, naming what it should hold:
+    `holding` ("the folder holding train/ and val/"), an `example` path, the `expected` files under it."""
+    if root is None:
+        raise UserError(f"data.init_args.root is not set: give {holding} (--data.init_args.root {example})")
+    if not os.path.isdir(root):
+        raise InputNotFoundError(f"data.root not found: {root!r} (expected {expected})")
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
@@ -386,11 +395,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         if self.val_set is not None:
             return
-        if hp.root is None:
-            raise UserError("data.init_args.root is not set: give the folder holding train/ and val/ "
-                            "(--data.init_args.root /path/to/imagenet)")
-        if not os.path.isdir(hp.root):
-            raise InputNotFoundError(f"data.root not found: {hp.root!r} (expected {hp.root}/train/<class>/*.JPEG)")
+        check_data_root(hp.root, "the folder holding train/ and val/", "/path/to/imagenet",
+                        f"{hp.root}/{hp.train_dir}/<class>/*.JPEG")
         if stage in (None, "fit"):
             classes, files = scan_class_folders(os.path.join(hp.root, hp.train_dir))
             self.classes = classes
