@@ -146,3 +146,15 @@ def test_backend_axis_without_gpu_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert run.main(["backend", "--logdir", str(tmp_path)]) == 2
     assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_erf_tool_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"backbone.stem.conv1.conv.weight": torch.zeros(1)}}, ckpt)
+    argv = ["--ckpt", str(ckpt), "--config", str(ROOT / "configs" / "default.yaml"), "--out", str(tmp_path / "erf.png")]
+    assert erf.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {str(ckpt)!r} does not fit the model of the config") and err.count("\n") == 1
+    assert not (tmp_path / "erf.png").exists()
