@@ -39,7 +39,6 @@ from multiprocessing import Pool
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -342,46 +341,6 @@ def markdown(results: list[dict], root: str) -> str:
     lines += [f"| {r['option']} | {r['workers']} | {r['img_per_s']:.0f} | {r['img_per_s_per_core']:.0f} | "
               f"{r['img_per_cpu_s'] or float('nan'):.0f} |" for r in results]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- training throughput callback
-class ThroughputPrinter(Callback):
-    """Prints, per training epoch, images/s over the steps after `warmup_steps` (compilation, first batches)
-    and the share of that time spent waiting for data."""
-
-    def __init__(self, warmup_steps: int = 10):
-        self.warmup_steps = warmup_steps
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.step, self.images, self.wait, self.start, self.last_end = 0, 0, 0.0, None, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        now = time.perf_counter()
-        if self.last_end is not None and self.step > self.warmup_steps:
-            self.wait += now - self.last_end
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.step += 1
-        now = time.perf_counter()
-        if self.step == self.warmup_steps:
-            self.start = now
-        elif self.step > self.warmup_steps:
-            self.images += len(batch[0]) * trainer.world_size
-        self.last_end = now
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
-            return
-        if self.start is None or self.images == 0:
-            print(f"epoch {trainer.current_epoch}: fewer than {self.warmup_steps} steps, no throughput figure", flush=True)
-            return
-        seconds = self.last_end - self.start
-        memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        print(f"THROUGHPUT epoch {trainer.current_epoch}: {self.images / seconds:.0f} img/s training "
-              f"({self.images} images in {seconds:.1f} s after {self.warmup_steps} warm-up steps), "
-              f"data wait {100 * self.wait / seconds:.1f} %, peak GPU memory {memory:.1f} GiB", flush=True)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import gc
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -27,6 +26,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
+from src.timing import StepTimer  # noqa: E402
 
 FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -47,15 +47,11 @@ def build(name: str, backend: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool, warmup: int, steps: int,
             train: bool) -> tuple[float, float, float]:
-    """(img/s, peak GB, compile s) of training steps or inference passes; compile s = the first step's wall
-    time (tracing, compiling, kernel tile tuning) less one timed step's."""
+    """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
+    untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
+    wall time (tracing, compiling, kernel tile tuning) less a steady step's."""
     model = model.to(device).train(train)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -79,22 +75,15 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    t_first = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - t_first
-    for _ in range(warmup - 1):
+    timer = StepTimer(warmup, device)
+    timer.begin()
+    for _ in range(warmup + steps):
         step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - t0
+        timer.step(batch)
+        if timer.steps == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-    return batch * steps / seconds, peak, max(first - seconds / steps, 0.0)
+    return timer.img_per_s, peak, timer.compile_s
 
 
 def run_one(name, backend, prec, mode, args, device) -> dict:

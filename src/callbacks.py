@@ -3,6 +3,10 @@
 `ExperimentMetrics` makes a run comparable with others in TensorBoard: its knobs as hyper-parameters
 (HParams tab), parameters and MACs, measured training and inference throughput, and best / final
 validation metrics, all written to the run's event file (tags `summary/*`).
+
+`TrainSpeed` (attached to every `fit` of the classifier) logs training img/s as `train/img_per_s`, the compile
+time of a compiled model as `compile_s`, and prints one line per epoch. Training img/s is defined once, in
+`src.timing`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from lightning.pytorch.callbacks import Callback
 
 from src.checks import non_negative, require
 from src.kernels import resolve_backend
-from src.models.flops import count_macs, count_params
 from src.tb import log_hparams
+from src.timing import StepTimer, synchronize
 
 # metric columns of the HParams tab; TensorBoard shows the last value of each tag in the run
 SUMMARY_METRICS = (
@@ -33,9 +37,84 @@ SUMMARY_METRICS = (
 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def batch_images(batch, world_size: int = 1) -> int:
+    """Images of one training step over all processes (the same batch size on every rank)."""
+    images = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return len(images) * world_size
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """`module` or one of its submodules was compiled in place (`nn.Module.compile`)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+class TrainSpeed(Callback):
+    """Training speed of a run (the definition of `src.timing`):
+
+    - `train/img_per_s` in TensorBoard: img/s over the timed steps of each logging interval
+      (`trainer.log_every_n_steps`);
+    - `compile_s` in TensorBoard and one printed line, once, when the model was compiled: the first training
+      step's wall time less a steady step's (the training graphs compile in the first step; the evaluation
+      graphs during the sanity check or the first validation);
+    - one printed line per epoch (rank 0): img/s, the share of the timed time spent waiting for the batch
+      (from the end of a step to the start of the next), peak GPU memory of this rank.
+
+    Args:
+        warmup_steps: first training steps of the run left out of the img/s (compilation, autotuning).
+    """
+
+    def __init__(self, warmup_steps: int = 10):
+        non_negative("TrainSpeed warmup_steps", warmup_steps)
+        self.warmup_steps = warmup_steps
+        self.timer: StepTimer | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.timer = StepTimer(self.warmup_steps, pl_module.device)
+        self.compiled, self.compile_reported = is_compiled(pl_module), False
+        self.window = (0, 0.0)  # timer.images, timer.seconds at the last logged value
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.timer.restart()
+        self.epoch_start = (self.timer.images, self.timer.seconds)
+        self.wait, self.batch_ready = 0.0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.timer.begin()  # only before the first step of the fit
+        self.batch_ready = time.perf_counter()  # the device is idle since the last boundary: the gap is waiting
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        last = self.timer._last
+        seconds = self.timer.step(batch_images(batch, trainer.world_size))
+        if seconds is not None and last is not None and self.batch_ready is not None:
+            self.wait += max(self.batch_ready - last, 0.0)
+        metrics = {}
+        images, timed = self.timer.images - self.window[0], self.timer.seconds - self.window[1]
+        if images and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            metrics["train/img_per_s"] = images / timed
+            self.window = (self.timer.images, self.timer.seconds)
+        if self.compiled and not self.compile_reported and self.timer.compile_s is not None:
+            self.compile_reported = True
+            metrics["compile_s"] = self.timer.compile_s
+            if trainer.is_global_zero:
+                print(f"compile: first training step {self.timer.first_step_s:.1f} s, steady step "
+                      f"{self.timer.steady_step_s:.3f} s: compile_s {self.timer.compile_s:.1f}", flush=True)
+        if metrics and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        images = self.timer.images - self.epoch_start[0]
+        seconds = self.timer.seconds - self.epoch_start[1]
+        if not images:
+            print(f"train speed, epoch {trainer.current_epoch}: no timed step (the first {self.warmup_steps} steps "
+                  "of the run and the first of each epoch are not timed)", flush=True)
+            return
+        memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(pl_module.device) / 2**30:.1f} GiB"
+                  if pl_module.device.type == "cuda" else "")
+        print(f"train speed, epoch {trainer.current_epoch}: {images / seconds:.0f} img/s ({images} images in "
+              f"{seconds:.1f} s), waiting for data {100 * self.wait / seconds:.1f} %{memory}", flush=True)
 
 
 def _resolved_backend(backend: str, device: torch.device) -> str:
@@ -56,8 +135,8 @@ class ExperimentMetrics(Callback):
 
     Hyper-parameters: `axis`, `variant`, the seed, the backbone's fusion / scan / backend knobs, image size,
     batch size, epochs, learning rate, parameters and MACs (one image, conv + matmul, `src.models.flops`).
-    Metrics (scalars at the last step): best and final val/acc1, training throughput (images per second
-    of the training steps — forward, backward, optimiser — after `warmup_steps`), inference throughput
+    Metrics (scalars at the last step): best and final val/acc1, training throughput (img/s as defined in
+    `src.timing`, the steps after `warmup_steps`), inference throughput
     (eval-mode forward without gradients on validation batches, after warm-up), fit wall time.
 
     Args:
@@ -85,16 +164,16 @@ class ExperimentMetrics(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.train_images, self.train_seconds, self.steps_seen = 0, 0.0, 0
+        self.timer = StepTimer(self.warmup_steps)
         self.best, self.final = None, None
-        self._batch_start = None
-        self._warmup = self.warmup_steps
         self._fit_start = time.perf_counter()
 
     # -- size, before the LightningModule's setup (which may compile the backbone)
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.params is not None:
             return
+        from src.models.flops import count_macs, count_params  # here: src.models imports this module
+
         backbone = getattr(pl_module, "backbone", pl_module)
         data = getattr(trainer.datamodule, "hparams", {})
         self.image_size = int(self.image_size or data.get("image_size") or 224)
@@ -129,23 +208,17 @@ class ExperimentMetrics(Callback):
         # Runs before the LightningModule's own on_fit_start: TensorBoard keeps the FIRST hparams record
         # of a run, so this one (with every knob) is what the HParams tab shows.
         self._reset()
-        # short runs (tests, smoke runs) still time at least one step
-        self._warmup = min(self.warmup_steps, max(0, int(trainer.estimated_stepping_batches) - 1))
+        # short runs (tests, smoke runs) still time a step: the first has no boundary before it, the second can be timed
+        self.timer = StepTimer(min(self.warmup_steps, max(0, int(trainer.estimated_stepping_batches) - 1)), pl_module.device)
         hp = self.hparams(trainer, pl_module)
         log_hparams(trainer.loggers, hp, SUMMARY_METRICS)
 
-    # -- training throughput: time of each training step (forward, backward, optimiser step)
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        _sync(pl_module.device)
-        self._batch_start = time.perf_counter()
+    # -- training throughput (src.timing)
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.timer.restart()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        _sync(pl_module.device)
-        self.steps_seen += 1
-        if self._batch_start is None or self.steps_seen <= self._warmup:
-            return
-        self.train_seconds += time.perf_counter() - self._batch_start
-        self.train_images += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        self.timer.step(batch_images(batch, trainer.world_size))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         acc = trainer.callback_metrics.get("val/acc1")
@@ -177,12 +250,12 @@ class ExperimentMetrics(Callback):
         try:
             for images in batches[:2]:  # warm-up
                 pl_module(images)
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             start, n = time.perf_counter(), 0
             for i in range(max(self.infer_batches, 1)):
                 pl_module(batches[i % len(batches)])
                 n += size
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             return n / (time.perf_counter() - start)
         finally:
             pl_module.train(was_training)
@@ -196,8 +269,8 @@ class ExperimentMetrics(Callback):
         if self.best is not None:
             metrics["summary/val_acc1_best"] = self.best
             metrics["summary/val_acc1_final"] = self.final
-        if self.train_images:
-            metrics["summary/train_img_s"] = self.train_images / self.train_seconds
+        if self.timer.img_per_s is not None:
+            metrics["summary/train_img_s"] = self.timer.img_per_s
         infer = self.inference_throughput(trainer, pl_module)
         if infer is not None:
             metrics["summary/infer_img_s"] = infer

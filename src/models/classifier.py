@@ -34,6 +34,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.callbacks import TrainSpeed
 from src.checkpoints import AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain
 from src.checks import non_negative, positive, probability, require
 from src.data.imagefolder import PredictionCSVWriter
@@ -371,7 +372,8 @@ class ImageClassifier(L.LightningModule):
         self._warn_if_untrained()
 
     def configure_callbacks(self):
-        return [StopOnNonFiniteLoss(), FitSummary(), PredictionCSVWriter()]
+        # TrainSpeed: train/img_per_s, and compile_s when the backbone is compiled (setup above)
+        return [StopOnNonFiniteLoss(), FitSummary(), PredictionCSVWriter(), TrainSpeed()]
 
     # ---- checkpoints: EMA weights are in state_dict (ema.module.*); add RNG streams and MESA ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
