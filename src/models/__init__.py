@@ -1,4 +1,5 @@
 from .classifier import ImageClassifier
+from .detector import Detector
 from .segmenter import SemanticSegmenter
 from .spatial_mamba import (
     SpatialMamba,
@@ -11,6 +12,7 @@ from .spatial_mamba import (
 )
 
 __all__ = [
+    "Detector",
     "ImageClassifier",
     "SemanticSegmenter",
     "SpatialMamba",
