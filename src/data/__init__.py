@@ -1,7 +1,9 @@
 from .ade20k import ADE20KDataModule
+from .coco import COCODataModule
 from .digits import DigitsDataModule
+from .digits_detection import DigitsDetectionDataModule
 from .digits_segmentation import DigitsSegmentationDataModule
 from .imagefolder import ImageFolderDataModule, PredictionCSVWriter
 
-__all__ = ["ADE20KDataModule", "DigitsDataModule", "DigitsSegmentationDataModule", "ImageFolderDataModule",
-           "PredictionCSVWriter"]
+__all__ = ["ADE20KDataModule", "COCODataModule", "DigitsDataModule", "DigitsDetectionDataModule",
+           "DigitsSegmentationDataModule", "ImageFolderDataModule", "PredictionCSVWriter"]
