@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main
-from src.checkpoints import CheckpointKeysError
+from src.checkpoints import CheckpointKeysError, load_checkpoint
 from src.errors import UserError
 from src.models.spatial_mamba import load_pretrained, spatial_mamba_digits
 
@@ -81,7 +81,7 @@ def test_last_checkpoint_holds_the_final_epoch(tmp_path, monkeypatch, config):
     assert trainer.global_step == 6
     best = trainer.checkpoint_callback
     assert best.monitor == "val/acc1" and "epoch00" in Path(best.best_model_path).name  # epochs 1, 2 did not improve
-    last = torch.load(Path(best.dirpath) / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(Path(best.dirpath) / "last.ckpt")  # weights only, as every load
     assert last["epoch"] == 2 and last["global_step"] == 6
     if config.startswith("imagenet/"):  # the size file's run folder, fixed so that --ckpt_path last finds it
         assert Path(best.dirpath).resolve() == (tmp_path / "logs" / "imagenet" / "spatial_mamba_s" / "checkpoints").resolve()

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 import main
+from src.checkpoints import load_checkpoint
 from src.data.imagefolder import ImageFolderDataModule, ImageFolderDataset
 
 ROOT = Path(main.__file__).parent
@@ -98,7 +99,7 @@ def test_full_recipe_trains_validates_and_predicts(tmp_path, monkeypatch, digits
     # linear scaling: 5e-4 per 512 images at a global batch of 8
     assert model.lr_scale == pytest.approx(8 / 512)
     # EMA weights differ from the trained ones, and checkpoints carry EMA, RNG streams, MESA and class names
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # weights only, as every load
     sd = ckpt["state_dict"]
     assert any(k.startswith("ema.module.") for k in sd)
     assert not torch.equal(sd["ema.module.head.weight"], sd["backbone.head.weight"])

@@ -11,7 +11,6 @@ from src.models.spatial_mamba import (
     SpatialMamba,
     StructureAwareSSM,
     convert_official_state_dict,
-    load_pretrained,
     spatial_mamba_b,
     spatial_mamba_s,
     spatial_mamba_t,
@@ -47,7 +46,7 @@ def test_official_key_names_are_all_mapped():
 
 
 def test_parity_with_official_logits_float64():
-    ref = torch.load(DATA / "official_parity_dims8.pt", weights_only=False)
+    ref = torch.load(DATA / "official_parity_dims8.pt", weights_only=True)
     cfg = ref["config"]
     model = SpatialMamba(num_classes=cfg["num_classes"], dims=[cfg["dims"] * 2**i for i in range(4)],
                          depths=cfg["depths"]).double().eval()
@@ -59,7 +58,7 @@ def test_parity_with_official_logits_float64():
 
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_pretrained_loads_official_checkpoint(tmp_path, wrapped):
-    ref = torch.load(DATA / "official_parity_dims8.pt", weights_only=False)
+    ref = torch.load(DATA / "official_parity_dims8.pt", weights_only=True)
     path = tmp_path / "official.pth"
     torch.save({"model": ref["state_dict"]} if wrapped else ref["state_dict"], path)
     torch.set_default_dtype(torch.float64)  # parameters created in float64 keep the file's precision

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import main
+from src.checkpoints import load_checkpoint
 from tests.test_imagenet import ROOT, SUBPROCESS_ENV, make_digits_folder, tiny_recipe_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -72,7 +73,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config)], cwd=tmp_path,
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    last = torch.load(tmp_path / "b" / "ckpt" / "last-step.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(tmp_path / "b" / "ckpt" / "last-step.ckpt")  # weights only
     assert last["global_step"] == 8 and last["epoch"] == 1
 
     # resumed with `--ckpt_path last` (the newest of last.ckpt, last-step.ckpt): the same config without the kill
