@@ -407,7 +407,7 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
         )
 
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
-    run(pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run))
+    run(pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run, H * W, x.element_size() == 2))
     return y, h
 
 
@@ -420,6 +420,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     packed, NTAP = pack_dilations(dilations), K * ks * ks
     g = torch.empty(Bsz, L, Dm, device=dev, dtype=h.dtype)  # dy·C; for an empty dilation list it is dh
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
+    half = x.element_size() == 2
     out = {}
 
     def run_param(cfg):
@@ -433,7 +434,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
             NDIL=K, KS=ks, NTAP=NTAP, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
         )
 
-    run_param(pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param))
+    run_param(pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param, L, half))
     if K:
         dh = torch.empty_like(g)
 
@@ -444,7 +445,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
                 NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
             )
 
-        run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state))
+        run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state, L, half))
         g = None  # freed before the scan backward
     else:
         dh = g

@@ -3,8 +3,14 @@ shape and the fastest kept — in memory and in a JSON file (`~/.cache/spatial_m
 $SPATIAL_MAMBA_CACHE), one entry per device, Triton version, kernel and shape — so later processes neither
 time nor compile the other candidates again.
 
-SPATIAL_MAMBA_TUNE=0 turns the timing off (the first candidate is used; the test suite does this);
-SPATIAL_MAMBA_TUNE_LOG=1 prints every candidate's time when a shape is timed (for kernel work).
+Timing means compiling every candidate first, and the dh kernel's candidates take several seconds each: on a
+fresh machine the first training step of T spent 81 s there (H100). So on GPUs whose winners were measured
+(`MEASURED_PICKS`: Hopper, 16-bit inputs) the measured winner for the map size is used without timing, and only
+that tile is compiled; other GPUs, fp32, and shapes whose measured tile does not fit are timed.
+
+SPATIAL_MAMBA_TUNE: `auto` (default) as above; `1` times every shape (kernel work; ignores the measured picks);
+`0` never times (measured pick or the first candidate — the test suite does this).
+SPATIAL_MAMBA_TUNE_LOG=1 prints every candidate's time when a shape is timed, and the measured picks used.
 """
 
 from __future__ import annotations
@@ -20,6 +26,31 @@ import triton
 
 _TUNED: dict[tuple, tuple[int, ...]] = {}  # (kernel, shape key, device index) -> config
 
+# Winners of the timing on an H100 (Triton 3.6, bf16, batch 128, Spatial-Mamba-T's four stages: 56², 28², 14², 7²
+# maps of 128 ... 1024 state channels; `SPATIAL_MAMBA_TUNE_LOG=1` shows every candidate's time). Per compute
+# capability and kernel: (least tokens per map, config), largest first; the first row whose token count the map
+# reaches applies. Every pick is within a few per cent of the best candidate at the other measured sizes too.
+MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple[int, ...]], ...]]] = {
+    (9, 0): {  # H100, H200
+        "scan_fwd": ((3136, (64, 16, 2)), (0, (16, 16, 1))),  # (BLOCK_L, BLOCK_D, warps)
+        "scan_bwd": ((3136, (16, 16, 1)), (0, (8, 16, 1))),
+        "fusion_fwd": ((0, (8, 128, 4)),),  # (BLOCK_C, BLOCK_D, warps)
+        "fusion_bwd_param": ((3136, (8, 64, 4)), (0, (16, 32, 4))),
+        "fusion_bwd_state": ((0, (8, 128, 4)),),
+    },
+}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def measured_pick(name: str, tokens: int, device_index: int) -> tuple[int, ...] | None:
+    """The measured winner of kernel `name` for maps of `tokens` positions on this GPU, or None."""
+    if device_index not in _CAPABILITY:
+        _CAPABILITY[device_index] = torch.cuda.get_device_capability(device_index)
+    for least, cfg in MEASURED_PICKS.get(_CAPABILITY[device_index], {}).get(name, ()):
+        if tokens >= least:
+            return cfg
+    return None
+
 
 def _cache_file() -> Path:
     root = os.environ.get("SPATIAL_MAMBA_CACHE") or os.path.join(
@@ -27,16 +58,24 @@ def _cache_file() -> Path:
     return Path(root) / "kernel_tuning.json"
 
 
-def pick_config(name: str, key: tuple, candidates, run) -> tuple[int, ...]:
-    """The fastest candidate for this kernel and shape: timed once (a few short runs of each) on the first
-    call, then kept in memory and in a JSON file (one entry per device, Triton version, kernel and shape).
-    Without a GPU, while a CUDA graph is captured, or with SPATIAL_MAMBA_TUNE=0: the first candidate."""
-    if len(candidates) == 1 or os.environ.get("SPATIAL_MAMBA_TUNE", "1") == "0" or \
-            torch.cuda.is_current_stream_capturing():
+def pick_config(name: str, key: tuple, candidates, run, tokens: int | None = None,
+                half: bool = False) -> tuple[int, ...]:
+    """The tile for this kernel and shape: this shape's earlier timing (memory, then the JSON file), else the
+    measured pick for the map size (`tokens` positions, `half`: 16-bit inputs) on GPUs that have one, else
+    the fastest candidate, timed once (a few short runs of each) and kept in memory and in the JSON file.
+    Without a GPU (or with one candidate): the first candidate; while a CUDA graph is captured or with
+    SPATIAL_MAMBA_TUNE=0: the measured pick or the first candidate, untimed."""
+    if len(candidates) == 1 or not torch.cuda.is_available():
         return candidates[0]
-    fast = (name, key, torch.cuda.current_device())  # the per-call lookup: no strings built
+    device = torch.cuda.current_device()
+    fast = (name, key, device)  # the per-call lookup: no strings built
     if fast in _TUNED:
         return _TUNED[fast]
+    mode = os.environ.get("SPATIAL_MAMBA_TUNE", "auto")
+    pick = measured_pick(name, tokens, device) if half and tokens is not None and mode != "1" else None
+    pick = pick if pick in candidates else None
+    if mode == "0" or torch.cuda.is_current_stream_capturing():
+        return pick or candidates[0]
     full = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|{name}|{key}"
     path = _cache_file()
     try:
@@ -46,11 +85,17 @@ def pick_config(name: str, key: tuple, candidates, run) -> tuple[int, ...]:
     if full in stored and tuple(stored[full]) in candidates:
         _TUNED[fast] = tuple(stored[full])
         return _TUNED[fast]
+    log = os.environ.get("SPATIAL_MAMBA_TUNE_LOG") == "1"
+    if pick is not None:  # not written to the file: a later measured-picks table applies at once
+        if log:
+            print(f"[tuning] {name} {key}: measured pick {pick}", file=sys.stderr, flush=True)
+        _TUNED[fast] = pick
+        return pick
     from triton.testing import do_bench
 
     times = {cfg: do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median") for cfg in candidates}
     best = min(times, key=times.get)
-    if os.environ.get("SPATIAL_MAMBA_TUNE_LOG") == "1":
+    if log:
         listed = ", ".join(f"{cfg}: {ms:.4f}" for cfg, ms in sorted(times.items(), key=lambda kv: kv[1]))
         print(f"[tuning] {name} {key} ms: {listed}", file=sys.stderr, flush=True)
     _TUNED[fast] = best

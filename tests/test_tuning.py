@@ -1,0 +1,86 @@
+"""Tile choice (`src.kernels.tuning.pick_config`) without a GPU: CUDA queries and the timer are faked, so the
+order of the sources — earlier timing, measured pick, timing — and the JSON cache are checked on the CPU."""
+
+import json
+
+import pytest
+import torch
+import triton.testing
+
+from src.kernels import tuning
+
+CANDIDATES = ((16, 64, 4), (8, 128, 4), (32, 32, 4))
+FAKE_MS = {(16, 64, 4): 0.3, (8, 128, 4): 0.2, (32, 32, 4): 0.1}  # the fake timer: the last is the fastest
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A Hopper GPU as far as pick_config can tell; the timer answers FAKE_MS and counts its calls."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake H100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setenv("SPATIAL_MAMBA_CACHE", str(tmp_path))
+    monkeypatch.delenv("SPATIAL_MAMBA_TUNE", raising=False)
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    monkeypatch.setattr(tuning, "_CAPABILITY", {})
+    timed = []
+
+    def do_bench(fn, **kwargs):
+        fn()
+        return FAKE_MS[timed[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    return timed, tmp_path / "kernel_tuning.json"
+
+
+def test_measured_picks_by_map_size():
+    tuning._CAPABILITY[99] = (9, 0)
+    assert tuning.measured_pick("scan_fwd", 56 * 56, 99) == (64, 16, 2)
+    assert tuning.measured_pick("scan_fwd", 28 * 28, 99) == (16, 16, 1)
+    assert tuning.measured_pick("fusion_bwd_state", 7 * 7, 99) == (8, 128, 4)
+    assert tuning.measured_pick("no_such_kernel", 3136, 99) is None
+    tuning._CAPABILITY[98] = (8, 0)  # no measured picks for this architecture
+    assert tuning.measured_pick("scan_fwd", 3136, 98) is None
+    for table in tuning.MEASURED_PICKS.values():  # rows largest first, the last one covering every size
+        for rows in table.values():
+            least = [n for n, _ in rows]
+            assert least == sorted(least, reverse=True) and least[-1] == 0
+
+
+def test_measured_pick_is_used_untimed_for_16_bit_inputs(fake_gpu):
+    timed, cache = fake_gpu
+    pick = tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True)
+    assert pick == (8, 128, 4) and timed == []  # nothing compiled or timed
+    assert not cache.exists()
+
+
+def test_fp32_and_forced_timing_pick_the_fastest_and_remember_it(fake_gpu, monkeypatch):
+    timed, cache = fake_gpu
+    assert tuning.pick_config("fusion_fwd", ("fp32",), CANDIDATES, timed.append, tokens=3136, half=False) == (32, 32, 4)
+    assert sorted(timed) == sorted(CANDIDATES)
+    monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "1")
+    timed.clear()
+    assert tuning.pick_config("fusion_fwd", ("bf16",), CANDIDATES, timed.append, tokens=3136, half=True) == (32, 32, 4)
+    assert len(timed) == 3
+    stored = json.loads(cache.read_text())
+    assert sorted(map(tuple, stored.values())) == [(32, 32, 4)] * 2
+    # a new process (empty memory) takes the file's answer before the measured pick, untimed
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    monkeypatch.delenv("SPATIAL_MAMBA_TUNE")
+    timed.clear()
+    assert tuning.pick_config("fusion_fwd", ("bf16",), CANDIDATES, timed.append, tokens=3136, half=True) == (32, 32, 4)
+    assert timed == []
+
+
+def test_no_timing_mode_and_unfitting_pick(fake_gpu, monkeypatch):
+    timed, _ = fake_gpu
+    monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "0")
+    assert tuning.pick_config("fusion_fwd", ("a",), CANDIDATES, timed.append, tokens=3136, half=True) == (8, 128, 4)
+    assert tuning.pick_config("fusion_fwd", ("b",), CANDIDATES, timed.append, tokens=3136) == (16, 64, 4)
+    monkeypatch.delenv("SPATIAL_MAMBA_TUNE")
+    # the measured tile is not among this shape's candidates (a narrow map clamps them): timed instead
+    narrow = ((16, 64, 4), (32, 32, 4))
+    assert tuning.pick_config("fusion_fwd", ("c",), narrow, timed.append, tokens=3136, half=True) == (32, 32, 4)
+    assert sorted(timed) == sorted(narrow)
