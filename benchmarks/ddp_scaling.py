@@ -3,7 +3,10 @@
 (N-device img/s ÷ (N × 1-device img/s)), and after every run three checks:
 
   * weights identical on every rank (SHA-256 of each rank's full state dict, EMA and BatchNorm buffers included);
-  * the checkpoint files written once (rank 0): the same file names as the 1-device run, no `-v1` duplicates;
+  * the checkpoint files written once: every save by rank 0 and none by another rank, and the folder holds
+    exactly the files the run's checkpoint callbacks keep (no `-v1` duplicates, no strays). Which epoch is
+    "best" depends on the run (N devices train with an N times larger global batch), so file names are not
+    compared across device counts;
   * the validation metrics the run logged equal a 1-device `main.py validate` of its `last.ckpt`.
 
     # GPU host: a JPEG class-folder set (benchmarks/data.py make), then the T recipe on 1, 2 and 4 GPUs
@@ -14,8 +17,10 @@
 
 Every run trains `--epochs` epochs of `--steps` optimizer steps per rank (`trainer.limit_train_batches`), so
 each rank does the same work whatever N; give the folder at least steps × max(N) × batch training images.
-Throughput counts the steps after the first `--warmup` ones and leaves out the first step of every epoch
-(validation and loader start-up sit before it). Extra `main.py` options go after `--`. Output: a Markdown
+Throughput is src.timing's training img/s: the steps after the first `--warmup` ones, without the first step
+of every epoch (validation and loader start-up sit before it). Peak GPU memory is each rank's
+`max_memory_allocated`, read before Lightning's teardown moves the model to the CPU; the table shows the
+largest. Extra `main.py` options go after `--`. Output: a Markdown
 table with date, device and commit (paste into benchmarks/RESULTS.md) and `<out>/summary.json`.
 """
 
@@ -32,9 +37,14 @@ import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from src.callbacks import batch_images  # noqa: E402
+from src.timing import StepTimer  # noqa: E402
+
 DEFAULT_CONFIG = ROOT / "configs" / "imagenet" / "recipe.yaml"  # on its own: the T recipe
 CKPT_SUBDIR = "ckpt"  # checkpoints of every run go to <run>/ckpt (the recipe's ModelCheckpoint dirpaths are redirected)
 # `--tiny`: the recipe with a Spatial-Mamba of widths 8..64, one block per stage, 32², fp32, torch backend
@@ -60,57 +70,87 @@ def state_digest(module: torch.nn.Module) -> str:
 
 
 class ScalingProbe(Callback):
-    """Times the training steps on global rank 0 and, at the end of `fit` / `validate`, writes `out` (JSON):
-    world size, images per step, timed steps, img/s, peak GPU memory, every rank's state-dict digest and the
-    synced validation metrics."""
+    """Times the training steps (src.timing), counts the checkpoint writes of every rank and, at the end of
+    training (before the teardown moves the model to the CPU) or of `validate`, writes `out` (JSON) on rank 0:
+    world size, images per step, timed steps, img/s, every rank's peak GPU memory, state-dict digest and
+    checkpoint writes, the files the checkpoint callbacks keep, and the synced validation metrics."""
 
     def __init__(self, out: str, warmup_steps: int = 10):
         self.out, self.warmup_steps = out, warmup_steps
-        self.images, self.seconds, self.timed, self.steps, self.global_batch = 0, 0.0, 0, 0, 0
-        self.last_end = None
+        self.timer, self.global_batch, self.writes = StepTimer(warmup_steps), 0, []
+
+    def on_fit_start(self, trainer, pl_module):
+        # after the LightningModule's setup, which may install its own CheckpointIO
+        self.timer = StepTimer(self.warmup_steps, pl_module.device)
+        io = trainer.strategy.checkpoint_io
+        save = io.save_checkpoint
+
+        def counted_save(checkpoint, path, *args, **kwargs):
+            self.writes.append(os.path.basename(str(path)))
+            return save(checkpoint, path, *args, **kwargs)
+
+        io.save_checkpoint = counted_save
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.last_end = None  # the first step of an epoch follows validation and loader start-up: not timed
+        self.timer.restart()  # the first step of an epoch follows validation and loader start-up: not timed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        now = time.perf_counter()
-        self.steps += 1
-        self.global_batch = len(batch[0]) * trainer.world_size
-        if self.last_end is not None and self.steps > self.warmup_steps:
-            self.images += self.global_batch
-            self.seconds += now - self.last_end
-            self.timed += 1
-        self.last_end = now
+        self.global_batch = batch_images(batch, trainer.world_size)
+        self.timer.step(self.global_batch)
 
     def _write(self, trainer, pl_module, stage: str) -> None:
-        digest = state_digest(pl_module)
+        device = trainer.strategy.root_device
+        mine = {"digest": state_digest(pl_module), "writes": self.writes,
+                "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            digests = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(digests, digest)
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
         else:
-            digests = [digest]
+            ranks = [mine]
         if not trainer.is_global_zero:
             return
-        on_gpu = pl_module.device.type == "cuda"
+        kept = set()
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                kept.update(os.path.basename(p) for p in [cb.best_model_path, cb.last_model_path, *cb.best_k_models] if p)
+        peaks = [r["peak_gpu_gib"] for r in ranks]
         record = {
             "stage": stage, "world_size": trainer.world_size, "global_step": trainer.global_step,
-            "steps_per_rank": self.steps, "global_batch": self.global_batch, "timed_steps": self.timed,
-            "img_per_s": self.images / self.seconds if self.seconds else None,
-            "peak_gpu_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if on_gpu else None,
-            "rank_digests": digests,
+            "steps_per_rank": self.timer.steps, "global_batch": self.global_batch,
+            "timed_steps": len(self.timer.durations), "img_per_s": self.timer.img_per_s,
+            "peak_gpu_gib": max(peaks) if all(p is not None for p in peaks) else None,
+            "peak_gpu_gib_per_rank": peaks,
+            "rank_digests": [r["digest"] for r in ranks],
+            "checkpoint_writes_per_rank": [r["writes"] for r in ranks],
+            "checkpoints_kept": sorted(kept),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))},
         }
         Path(self.out).parent.mkdir(parents=True, exist_ok=True)
         Path(self.out).write_text(json.dumps(record, indent=1))
 
-    def on_fit_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):
         self._write(trainer, pl_module, "fit")
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "validate":
             self._write(trainer, pl_module, "validate")
+
+
+def checkpoints_written_once(files: list[str], kept: list[str], writes_per_rank: list[list[str]]) -> tuple[bool, str]:
+    """Every checkpoint write came from rank 0, none from another rank, and the folder (`files`) holds exactly the
+    files the checkpoint callbacks keep. Returns (ok, what is wrong or "ok")."""
+    problems = []
+    if not writes_per_rank or not writes_per_rank[0]:
+        problems.append("rank 0 wrote no checkpoint")
+    for rank, writes in enumerate(writes_per_rank[1:], start=1):
+        if writes:
+            problems.append(f"rank {rank} wrote {sorted(set(writes))}")
+    extra, missing = sorted(set(files) - set(kept)), sorted(set(kept) - set(files))
+    if extra:
+        problems.append(f"files no callback keeps: {extra}")
+    if missing:
+        problems.append(f"kept files missing: {missing}")
+    return not problems, "; ".join(problems) or "ok"
 
 
 def derived_config(config: Path, run_dir: Path, stage: str, warmup: int) -> Path:
@@ -208,12 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
               "--model.init_args.backbone.init_args.num_classes", str(classes),
               *(TINY if args.tiny else [])]
 
-    rows, baseline, reference_files = [], None, None
+    rows, baseline = [], None
     for n in devices:
         run_dir = out / f"{n}dev"
         run_dir.mkdir(exist_ok=True)
-        for stale in run_dir.glob("*.json"):
-            stale.unlink()
+        for stale in [*run_dir.glob("*.json"), *(run_dir / CKPT_SUBDIR).glob("*.ckpt")]:
+            stale.unlink()  # a checkpoint of an earlier run would be counted, or make the new one a -v1
         fit = [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(derived_config(args.config, run_dir, "fit",
                args.warmup)), *common,
                "--trainer.accelerator", args.accelerator, "--trainer.devices", str(n), "--trainer.strategy", "ddp",
@@ -235,9 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
         run(validate, run_dir / "validate.log", env)
         single = json.loads((run_dir / "validate.json").read_text())
 
-        reference_files = files if reference_files is None else reference_files
         identical = len(set(trained["rank_digests"])) == 1 and len(trained["rank_digests"]) == n
-        once = files == reference_files and not any("-v" in f for f in files)
+        once, once_detail = checkpoints_written_once(files, trained["checkpoints_kept"],
+                                                     trained["checkpoint_writes_per_rank"])
         agree, detail = metrics_agree(trained["metrics"], single["metrics"], args.loss_rtol)
         ips = trained["img_per_s"]
         if ips is None:
@@ -247,12 +287,14 @@ def main(argv: list[str] | None = None) -> dict:
         efficiency = ips / (n / baseline[0] * baseline[1])
         rows.append({"devices": n, "global_batch": trained["global_batch"], "steps_per_rank": trained["steps_per_rank"],
                      "timed_steps": trained["timed_steps"], "img_per_s": ips, "img_per_s_per_device": ips / n,
-                     "efficiency": efficiency, "peak_gpu_gib": trained["peak_gpu_gib"], "wall_s": wall,
+                     "efficiency": efficiency, "peak_gpu_gib": trained["peak_gpu_gib"],
+                     "peak_gpu_gib_per_rank": trained["peak_gpu_gib_per_rank"], "wall_s": wall,
                      "weights_identical": identical, "checkpoints": files, "checkpoints_once": once,
+                     "checkpoints_detail": once_detail,
                      "val_logged": trained["metrics"], "val_single_device": single["metrics"],
                      "val_agree": agree, "val_detail": detail})
         print(f"   {ips:.0f} img/s ({ips / n:.0f} per device, efficiency {efficiency:.1%}), weights identical "
-              f"{identical}, checkpoints {files}, val {detail}", flush=True)
+              f"{identical}, checkpoints {files} ({once_detail}), val {detail}", flush=True)
 
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -275,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] is not None else "–"
         print(f"| {r['devices']} | {r['global_batch']} | {r['img_per_s']:.0f} | {r['img_per_s_per_device']:.0f} "
               f"| {r['efficiency']:.1%} | {mem} | {'yes' if r['weights_identical'] else 'NO'} "
-              f"| {'yes' if r['checkpoints_once'] else 'NO'} | {'yes' if r['val_agree'] else 'NO: ' + r['val_detail']} |")
+              f"| {'yes' if r['checkpoints_once'] else 'NO: ' + r['checkpoints_detail']} "
+              f"| {'yes' if r['val_agree'] else 'NO: ' + r['val_detail']} |")
     print(f"\nsummary: {out / 'summary.json'}")
     return summary
 

@@ -78,7 +78,8 @@ def test_ddp_scaling_script_checks_on_cpu(tmp_path):
         assert r["global_batch"] == 8 * n and r["steps_per_rank"] == 4 and r["timed_steps"] == 2, r
         assert r["img_per_s"] > 0 and r["weights_identical"] and r["checkpoints_once"], r
         assert r["val_agree"], r["val_detail"]
-        assert "last.ckpt" in r["checkpoints"]
+        assert "last.ckpt" in r["checkpoints"] and r["checkpoints_detail"] == "ok"
+        assert len(r["peak_gpu_gib_per_rank"]) == n and r["peak_gpu_gib"] is None  # every rank reports; no GPU here
     # efficiency = img/s of n devices / (n × img/s of the 1-device baseline): 1.0 for the baseline by definition,
     # so the 2-device row is the one that checks the script's arithmetic
     assert runs[2]["efficiency"] == pytest.approx(runs[2]["img_per_s"] / (2 * runs[1]["img_per_s"]), rel=1e-9)
@@ -95,3 +96,22 @@ def test_ddp_scaling_script_rejects_bad_input(tmp_path):
     out = subprocess.run([sys.executable, script, "--root", str(tmp_path), "--devices", "1,two", "--accelerator", "cpu"],
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--devices must be comma-separated positive integers" in out.stderr, out.stderr
+
+
+def test_checkpoints_written_once_check():
+    """The check reads the run itself: a 2-device run whose best epoch differs from the 1-device run's
+    (best-epoch001 against best-epoch000: another global batch, another trajectory) passes; writes by a rank
+    other than 0, a stray or duplicate file, or a kept file that is missing fail, naming the problem."""
+    from benchmarks.ddp_scaling import checkpoints_written_once
+
+    kept = ["best-epoch001.ckpt", "last.ckpt"]
+    rank0 = ["best-epoch000.ckpt", "last.ckpt", "best-epoch001.ckpt", "last.ckpt"]
+    assert checkpoints_written_once(["best-epoch001.ckpt", "last.ckpt"], kept, [rank0, []]) == (True, "ok")
+    ok, detail = checkpoints_written_once(kept, kept, [rank0, ["last.ckpt"]])
+    assert not ok and detail == "rank 1 wrote ['last.ckpt']"
+    ok, detail = checkpoints_written_once([*kept, "last-v1.ckpt"], kept, [rank0, []])
+    assert not ok and detail == "files no callback keeps: ['last-v1.ckpt']"
+    ok, detail = checkpoints_written_once(["last.ckpt"], kept, [rank0, []])
+    assert not ok and detail == "kept files missing: ['best-epoch001.ckpt']"
+    ok, detail = checkpoints_written_once(kept, kept, [[], []])
+    assert not ok and detail == "rank 0 wrote no checkpoint"
