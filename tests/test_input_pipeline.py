@@ -100,3 +100,29 @@ def test_bench_rows_on_the_cpu(tmp_path):
         assert r["images"] == r["workers"] * 4 * (4 if r["workers"] == 1 else 2), r
         assert r["img_per_s"] > 0 and r["img_per_s_per_core"] <= r["img_per_s"]
     assert "| gpu-nvjpeg | 2 |" in bench_data.markdown(rows, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_recipe_overhead_script_on_the_cpu(tmp_path):
+    """benchmarks/gpu_recipe_overhead.py --cpu: a loop row, a recipe row with the real loader and a compiled
+    recipe row with synthetic batches run, and the table compares them."""
+    import json
+    import subprocess
+
+    from tests.test_imagenet import SUBPROCESS_ENV
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_recipe_overhead.py"), "--cpu", "--root", str(tmp_path / "data"),
+         "--out", str(tmp_path / "out"), "--only", "throughput.py loop; full recipe; synthetic, EMA + MESA off",
+         "--modes", "eager,compiled", "--budget-s", "100000"],
+        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "overhead.json").read_text())["rows"]
+    assert [(r["name"], r["mode"]) for r in rows] == [
+        ("throughput.py loop", "eager"), ("full recipe", "eager"), ("synthetic, EMA + MESA off", "eager"),
+        ("throughput.py loop", "compiled"), ("full recipe", "compiled")]
+    for r in rows:
+        assert r.get("img_per_s", 0) > 0 and "note" not in r, r
+        assert (r["compile_s"] is not None) == (r["mode"] == "compiled"), r
+    assert "| full recipe | eager |" in out.stdout and "| 1.00 |" in out.stdout
