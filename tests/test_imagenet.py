@@ -250,3 +250,45 @@ def test_imagenet_configs_are_one_recipe_and_a_short_size_file(size, variant, me
     assert {k: recipe["model"]["init_args"]["backbone"]["init_args"][k] for k in published} == VARIANTS["tiny"] | {
         "dims": list(VARIANTS["tiny"]["dims"]), "depths": list(VARIANTS["tiny"]["depths"])}
     assert not any("dirpath" in (cb.get("init_args") or {}) for cb in recipe["trainer"]["callbacks"])  # in the run folder
+
+
+def test_fused_optimizer_gradients_clipped_by_the_module():
+    """On a GPU the recipe steps with the fused AdamW, for which Lightning refuses to clip; the module clips the
+    (unscaled, bf16-mixed) gradients itself, by norm or by value, like Lightning would for another optimizer."""
+    from src.models.classifier import ImageClassifier
+    from src.models.spatial_mamba import SpatialMamba
+
+    torch.manual_seed(0)
+    backbone = SpatialMamba(num_classes=4, dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), backend="torch")
+    module = ImageClassifier(backbone, num_classes=4, compile=False)
+    params = list(module.parameters())
+
+    class FusedLike(torch.optim.AdamW):  # what configure_gradient_clipping looks at: defaults["fused"]
+        def __init__(self, params):
+            super().__init__(params)
+            self.defaults["fused"] = True
+
+    optimizer = FusedLike(params)
+    for algorithm, limit in (("norm", 0.5), ("value", 1e-3)):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        module.configure_gradient_clipping(optimizer, 0.5 if algorithm == "norm" else limit, algorithm)
+        grads = [p.grad for p in params]
+        if algorithm == "norm":
+            assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) == \
+                pytest.approx(0.5, rel=1e-4)
+        else:
+            assert max(g.abs().max().item() for g in grads) <= torch.tensor(limit, dtype=torch.float32).item()
+
+
+def test_channels_last_only_on_the_gpu():
+    """The channels-last batch hook leaves CPU batches untouched (the layout is a GPU speed choice)."""
+    from src.models.classifier import ImageClassifier
+    from src.models.spatial_mamba import SpatialMamba
+
+    backbone = SpatialMamba(num_classes=4, dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), backend="torch")
+    module = ImageClassifier(backbone, num_classes=4, compile=False)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    out = module.on_after_batch_transfer((images, labels), 0)
+    assert out[0] is images and out[1] is labels
+    assert module.hparams.channels_last is True

@@ -60,6 +60,9 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: label smoothing of the cross-entropy (of the mixed targets with mixup).
         compile: `torch.compile` the backbone (in place, checkpoint keys unchanged) and its EMA; None = on
             when training on a CUDA GPU, off elsewhere.
+        channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
+            layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
+            slower with NCHW images and the foreach AdamW than with this. Ignored on other devices.
         lr_base_batch: linear scaling: lr, warmup_lr and min_lr are multiplied by global batch /
             lr_base_batch, global batch = data batch_size × devices × nodes × accumulate_grad_batches
             (the published recipe: 5e-4 per 512). None: no scaling.
@@ -91,6 +94,7 @@ class ImageClassifier(L.LightningModule):
         min_lr: float = 1e-5,
         label_smoothing: float = 0.1,
         compile: bool | None = None,
+        channels_last: bool = True,
         lr_base_batch: int | None = None,
         mixup: float = 0.0,
         cutmix: float = 0.0,
@@ -181,9 +185,13 @@ class ImageClassifier(L.LightningModule):
             batch = self._batch_size()
             if batch is not None and batch % 2:
                 raise UserError(f"mixup/cutmix mixes each batch with its flip and needs an even data.batch_size, got {batch}")
-        use = self.hparams.compile
-        if use is None:
-            use = self.device.type == "cuda" or (self._trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        on_gpu = self.device.type == "cuda" or (
+            self._trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        if on_gpu and self.hparams.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            if self.ema is not None:
+                self.ema.to(memory_format=torch.channels_last)
+        use = on_gpu if self.hparams.compile is None else self.hparams.compile
         if use and not getattr(self, "_compiled", False):
             self.backbone.compile()
             if self.ema is not None:
@@ -202,6 +210,13 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Images channels-last on the GPU (see `channels_last`): one copy here instead of one in the stem."""
+        if self.hparams.channels_last and isinstance(batch, (list, tuple)) and batch and \
+                isinstance(batch[0], torch.Tensor) and batch[0].ndim == 4 and batch[0].is_cuda:
+            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
 
     # ---- training ----
     def mesa_active(self) -> bool:
@@ -230,6 +245,18 @@ class ImageClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning refuses to clip for a fused optimizer (it would unscale fp16 gradients itself); the fused
+        AdamW is used only without loss scaling, where the gradients are the true ones: clip them here."""
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -314,6 +341,10 @@ class ImageClassifier(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": keep, "weight_decay": 0.0}],
             lr=lr, betas=tuple(hp.betas), eps=hp.eps,
+            # one kernel for all parameters on the GPU (the per-tensor loop costs the host several ms a step)
+            # (fp16's loss scaling excluded: the gradients are clipped before the scaler unscales them)
+            fused=bool(hp.channels_last and decay and all(p.is_cuda for p in decay + keep)
+                       and "16-mixed" != str(self.trainer.precision)) or None,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
