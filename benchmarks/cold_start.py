@@ -1,0 +1,111 @@
+"""Cold start of training: the first step's wall time of a fresh process with empty Triton, inductor and tile
+caches (what every new GPU machine pays: kernel compilation, tile choice, torch.compile), then steady training
+img/s in a few repeated windows (compiled throughput varies from process to process: look at all of them).
+
+    python benchmarks/cold_start.py                          # T, fused, bf16, batch 128: eager and compiled
+    python benchmarks/cold_start.py --models t,s --modes compiled --windows 5
+
+Each model × mode runs in its own child process (fresh caches under a temporary folder). Prints one JSON line
+per run and a Markdown table at the end. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from src.errors import UserError, reports_user_errors  # noqa: E402
+
+
+def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int) -> dict:
+    import torch
+    import torch.nn as nn
+
+    from src.models import spatial_mamba
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = getattr(spatial_mamba, f"spatial_mamba_{model_name}")(backend="fused")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if mode == "compiled":
+        model.compile()
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    criterion = nn.CrossEntropyLoss()
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = criterion(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = run(1)
+    run(warmup)
+    torch.cuda.reset_peak_memory_stats()
+    rates = [round(batch * steps / run(steps)) for _ in range(windows)]
+    return dict(model=model_name, mode=mode, first_step_s=round(first, 1), img_s=rates,
+                peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
+
+
+@reports_user_errors
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="t", help="comma list of t, s, b")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=3, help="timed windows")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        model_name, mode = args.child.split(":")
+        print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
+                                           args.windows)), flush=True)
+        return
+    bad = [m for m in args.modes.split(",") if m not in ("eager", "compiled")]
+    bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
+    if bad:
+        raise UserError(f"unknown model or mode {bad}; models are t, s, b and modes eager, compiled")
+    rows = []
+    for model_name in args.models.split(","):
+        for mode in args.modes.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+                           TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+                           SPATIAL_MAMBA_CACHE=os.path.join(tmp, "tiles"))
+                cmd = [sys.executable, __file__, "--child", f"{model_name}:{mode}", "--batch", str(args.batch),
+                       "--size", str(args.size), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                       "--windows", str(args.windows)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            row = json.loads(lines[-1]) if lines else dict(model=model_name, mode=mode, error=out.stderr[-300:])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print("\n| model | mode | first step s (cold) | train img/s per window | peak GB |\n|---|---|---:|---|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['mode']} | failed | {r['error'].splitlines()[-1] if r['error'] else ''} | |")
+        else:
+            print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {' / '.join(map(str, r['img_s']))} | "
+                  f"{r['peak_gb']} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
