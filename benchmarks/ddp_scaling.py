@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from src.callbacks import batch_images  # noqa: E402
+from src.errors import UserError, reports_user_errors  # noqa: E402
 from src.timing import StepTimer  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "imagenet" / "recipe.yaml"  # on its own: the T recipe
@@ -179,11 +180,11 @@ def derived_config(config: Path, run_dir: Path, stage: str, warmup: int) -> Path
 def count_classes(root: Path) -> int:
     train = root / "train"
     if not train.is_dir():
-        raise SystemExit(f"error: {train} does not exist; --root must hold train/<class>/ and val/<class>/ folders "
+        raise UserError(f"{train} does not exist; --root must hold train/<class>/ and val/<class>/ folders "
                          f"(make one with `python benchmarks/data.py make --root {root}`)")
     classes = [d for d in train.iterdir() if d.is_dir()]
     if not classes:
-        raise SystemExit(f"error: {train} has no class folders")
+        raise UserError(f"{train} has no class folders")
     return len(classes)
 
 
@@ -193,7 +194,7 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=log.parent).returncode
     if code != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
-        raise SystemExit(f"error: `{' '.join(cmd[1:4])} ...` failed with exit code {code}; log {log}:\n{tail}")
+        raise RuntimeError(f"`{' '.join(cmd[1:4])} ...` failed with exit code {code}; log {log}:\n{tail}")
     return time.perf_counter() - start
 
 
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         files = sorted(f.name for f in (run_dir / CKPT_SUBDIR).glob("*.ckpt"))
         last = run_dir / CKPT_SUBDIR / "last.ckpt"
         if not last.is_file():
-            raise SystemExit(f"error: the {n}-device run wrote no {last} (checkpoints: {files})")
+            raise RuntimeError(f"the {n}-device run wrote no {last} (checkpoints: {files})")
         validate = [sys.executable, str(ROOT / "main.py"), "validate", "--config",
                     str(derived_config(args.config, run_dir, "validate", args.warmup)), *common,
                     "--trainer.accelerator", args.accelerator, "--trainer.devices", "1", "--trainer.strategy", "auto",
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         agree, detail = metrics_agree(trained["metrics"], single["metrics"], args.loss_rtol)
         ips = trained["img_per_s"]
         if ips is None:
-            raise SystemExit(f"error: no timed steps in the {n}-device run (--steps × --epochs must exceed --warmup "
+            raise UserError(f"no timed steps in the {n}-device run (--steps × --epochs must exceed --warmup "
                              f"+ --epochs; the loader gave {trained['steps_per_rank']} steps per rank)")
         baseline = baseline or (devices[0], ips)
         efficiency = ips / (n / baseline[0] * baseline[1])
@@ -323,5 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+@reports_user_errors
+def cli() -> None:
+    """The command: main()'s summary is printed and written by main itself; bad input exits 2 with one line."""
     main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -92,7 +92,7 @@ def test_ddp_scaling_script_rejects_bad_input(tmp_path):
     script = str(ROOT / "benchmarks" / "ddp_scaling.py")
     out = subprocess.run([sys.executable, script, "--root", str(tmp_path / "nowhere"), "--accelerator", "cpu"],
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "nowhere/train does not exist" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and "nowhere/train does not exist" in out.stderr, out.stderr[-2000:]
     out = subprocess.run([sys.executable, script, "--root", str(tmp_path), "--devices", "1,two", "--accelerator", "cpu"],
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--devices must be comma-separated positive integers" in out.stderr, out.stderr
