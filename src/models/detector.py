@@ -438,7 +438,9 @@ class Detector(L.LightningModule):
             self.trainer.fit_loop.setup_data()  # the train loader's length (under limit_train_batches)
         per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
         schedule = StepSchedule(hp.warmup_iters, hp.warmup_ratio, [m * per_epoch for m in hp.milestones], hp.gamma)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # through a plain function: LambdaLR saves a callable object's attributes in checkpoints and restores them
+        # over this run's, so a resumed run would keep milestones counted in another run's steps per epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
