@@ -211,12 +211,11 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
         """Images channels-last on the GPU (see `channels_last`): one copy here instead of one in the stem."""
-        if self.hparams.channels_last and isinstance(batch, (list, tuple)) and batch and \
-                isinstance(batch[0], torch.Tensor) and batch[0].ndim == 4 and batch[0].is_cuda:
-            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
-        return batch
+        if self.hparams.channels_last and images.is_cuda and images.ndim == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     # ---- training ----
     def mesa_active(self) -> bool:
@@ -229,6 +228,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        images = self._layout(images)
         if self.mixup_fn is not None:
             images, soft_targets = self.mixup_fn(images, targets)  # (B, num_classes) mixed, smoothed targets
         logits = self(images)
@@ -267,6 +267,7 @@ class ImageClassifier(L.LightningModule):
     # ---- evaluation ----
     def _evaluate(self, batch, prefix: str) -> None:
         images, targets = batch
+        images = self._layout(images)
         logits = self(images)
         self.val_acc1(logits, targets)
         self.val_acc5(logits, targets)
@@ -297,7 +298,7 @@ class ImageClassifier(L.LightningModule):
                     distribute_bn(module, world, reduce=self.hparams.dist_bn == "reduce")
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = self._layout(batch[0] if isinstance(batch, (list, tuple)) else batch)
         model = self.ema.module if self.hparams.predict_ema and self.ema is not None else self.backbone
         probs = model(images).float().softmax(-1)
         confidence, label = probs.max(-1)
