@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from src.checks import increasing_pair, non_negative, probability, require
-from src.errors import InputNotFoundError, NotWritableError, OutputExistsError, UserError
+from src.errors import DataError, InputNotFoundError, NotWritableError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,10 @@ class ImageFolderDataset(Dataset):
                     return to_rgb(img), i  # decodes fully: truncated files fail here
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if self.on_bad_image == "error":
-                    raise RuntimeError(f"unreadable image {path!r}: {e}") from None
+                    raise DataError(f"unreadable image {path!r}: {e} (data.init_args.on_bad_image skip "
+                                    "uses the next readable image instead)") from None
                 log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
-        raise RuntimeError(f"{self.max_bad} unreadable images in a row from {self.paths[index].decode()!r}; is the data corrupt?")
+        raise DataError(f"{self.max_bad} unreadable images in a row from {self.paths[index].decode()!r}; is the data corrupt?")
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, None)
@@ -289,7 +290,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         mean: normalisation mean (RGB, 0..1).
         std: normalisation std (RGB, 0..1).
         seed: seed of the shuffle order and of every sample's augmentation (None: the run's seed_everything).
-        on_bad_image: "skip" (log the path and use the next readable image) or "error".
+        on_bad_image: "skip" (log the path and use the next readable image) or "error" (a one-line data error).
         predict_root: folder of images (any depth) for `predict`.
         predict_output: CSV file written by `predict`: path, class index, class name, probability. Checked
             before any image is predicted: an existing file is refused unless `predict_overwrite` is true; a
