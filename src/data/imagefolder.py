@@ -13,6 +13,8 @@ random erasing; test: resize → center crop). What this module adds around it:
   unreadable images (corrupt, truncated) are logged and replaced by the next readable one (or raise,
   `on_bad_image: error`); grayscale, CMYK, palette and RGBA images are converted to RGB (16-bit ones scaled,
   not clipped); class folders are walked following links, each folder and file once;
+- `decoder: torchvision`: files decoded by torchvision.io and the same augmentation run on uint8 tensors
+  (`tensor_transform`), cheaper per image than PIL + timm; the default stays PIL + timm;
 - the class names are saved in every checkpoint (`state_dict`) and restored with it, so `predict` names
   classes without the training folder.
 """
@@ -25,6 +27,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -101,6 +104,174 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# ---- the torchvision decoder: torchvision.io decode + the same augmentation on uint8 tensors ----
+DECODERS = ("pil", "torchvision")
+TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # decoded by torchvision.io; the rest by PIL
+
+
+def read_rgb_pil(path: str) -> Image.Image:
+    """The image at `path` as 8-bit RGB, decoded fully (truncated files fail here)."""
+    with Image.open(path) as img:
+        return to_rgb(img)
+
+
+def read_rgb_tensor(path: str) -> torch.Tensor:
+    """The image at `path` as a (3, H, W) uint8 RGB tensor, decoded by torchvision.io (libjpeg-turbo, libpng,
+    libwebp; grayscale, CMYK, palette and alpha images come out RGB, as from `to_rgb`).
+
+    PIL decodes instead (then `to_rgb`, so the pixels are the PIL path's) what torchvision.io cannot decode the
+    same way: other formats (BMP, TIFF, PPM), 16-bit PNGs (torchvision gives uint16; PIL's path scales
+    grayscale ones and reads RGB ones by their high byte), and any file torchvision refuses, so that PIL decides
+    what is unreadable and both decoders accept and reject the same files."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    if path.lower().endswith(TORCHVISION_EXTENSIONS):
+        try:
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint8:
+                return img
+        except RuntimeError:  # not decodable by torchvision: PIL's verdict below
+            pass
+    return torch.from_numpy(np.array(read_rgb_pil(path))).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def _warp_args(fillcolor, resample) -> dict:
+    """fill and interpolation of a timm geometric op on a tensor. timm names a PIL filter, or a tuple to draw one
+    from (drawn here with Python's `random`, as timm does); torchvision warps tensors only with nearest or
+    bilinear sampling, so bicubic becomes bilinear."""
+    from torchvision.transforms import InterpolationMode
+
+    if isinstance(resample, (tuple, list)):
+        resample = random.choice(resample)
+    nearest = resample in (Image.Resampling.NEAREST, InterpolationMode.NEAREST)
+    return dict(fill=list(fillcolor), interpolation=InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR)
+
+
+def _shear(img: torch.Tensor, factor: float, axis: int, **kw) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    # PIL's shear maps output (x, y) to input (x + factor * y, y) about the top-left corner (axis 0); torchvision's
+    # shear by atan(factor) about center (0, 0) is the same map
+    shear = [0.0, 0.0]
+    shear[axis] = float(np.degrees(np.arctan(factor)))
+    return TF.affine(img, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=shear, center=[0.0, 0.0], **_warp_args(**kw))
+
+
+def _translate(img: torch.Tensor, pixels: float, axis: int, **kw) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    shift = [0.0, 0.0]
+    shift[axis] = -pixels  # PIL samples input x + pixels: the content moves by -pixels
+    return TF.affine(img, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], **_warp_args(**kw))
+
+
+def _tensor_ops() -> dict[str, Callable]:
+    """timm's auto-augment ops by name, on (3, H, W) uint8 tensors, with timm's arguments (after its level
+    functions): `op(img, *level_args, fillcolor=..., resample=...)`."""
+    from torchvision.transforms.v2 import functional as TF
+
+    def posterize(img, bits, **_):
+        return img if bits >= 8 else TF.posterize(img, bits)
+
+    def solarize(img, thresh, **_):
+        return img if thresh > 255 else TF.solarize(img, thresh)
+
+    def solarize_add(img, add, thresh=128, **_):
+        return torch.where(img < thresh, (img.to(torch.int16) + add).clamp(max=255).to(torch.uint8), img)
+
+    ops = {
+        "AutoContrast": lambda img, **_: TF.autocontrast(img),
+        "Equalize": lambda img, **_: TF.equalize(img),
+        "Invert": lambda img, **_: TF.invert(img),
+        "Rotate": lambda img, degrees, **kw: TF.rotate(img, degrees, **_warp_args(**kw)),  # counter-clockwise in both
+        "ShearX": lambda img, factor, **kw: _shear(img, factor, 0, **kw),
+        "ShearY": lambda img, factor, **kw: _shear(img, factor, 1, **kw),
+        "TranslateX": lambda img, pixels, **kw: _translate(img, pixels, 0, **kw),
+        "TranslateY": lambda img, pixels, **kw: _translate(img, pixels, 1, **kw),
+        "TranslateXRel": lambda img, pct, **kw: _translate(img, pct * img.shape[-1], 0, **kw),
+        "TranslateYRel": lambda img, pct, **kw: _translate(img, pct * img.shape[-2], 1, **kw),
+        "SolarizeAdd": solarize_add,
+    }
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        ops[name] = posterize
+    for name in ("Solarize", "SolarizeIncreasing"):
+        ops[name] = solarize
+    for name, enhance in (("Color", TF.adjust_saturation), ("Contrast", TF.adjust_contrast),
+                          ("Brightness", TF.adjust_brightness), ("Sharpness", TF.adjust_sharpness)):
+        ops[name] = ops[name + "Increasing"] = lambda img, factor, _enhance=enhance, **_: _enhance(img, factor)
+    return ops
+
+
+class _CropOnTensor:
+    """timm's RandomResizedCropAndInterpolation on a (C, H, W) tensor: timm's own crop draws (Python's `random`,
+    as on the PIL path), the crop and resize by torchvision (antialiased, as PIL's)."""
+
+    def __init__(self, crop):
+        self.crop = crop
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        c = self.crop
+        top, left, height, width = c.get_params(img, c.scale, c.ratio)
+        interpolation = random.choice(c.interpolation) if isinstance(c.interpolation, (tuple, list)) else c.interpolation
+        return TF.resized_crop(img, top, left, height, width, list(c.size), interpolation=interpolation, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.crop!r})"
+
+
+def tensor_transform(timm_transform):
+    """The transform that `timm.data.create_transform` built (a Compose of PIL steps), step by step on (3, H, W)
+    uint8 tensors: torchvision.transforms.v2 for resize, crop, flip, colour jitter, scaling and normalisation;
+    timm's own random-erasing (a tensor step already); timm's auto-augment policy object with its PIL ops swapped
+    for tensor ones (so the policy, its probabilities, magnitudes and random draws stay timm's; the pixels are
+    torchvision's: close to, not identical with, PIL's, and rotate/shear/translate sample bilinearly). A step
+    without a tensor version is refused."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+    from torchvision import transforms as v1
+    from torchvision.transforms import v2
+
+    ops = _tensor_ops()
+    steps = []
+    for step in timm_transform.transforms:
+        if isinstance(step, RandomResizedCropAndInterpolation):
+            steps.append(_CropOnTensor(step))
+        elif isinstance(step, v1.Resize):
+            steps.append(v2.Resize(step.size, interpolation=step.interpolation, max_size=step.max_size, antialias=True))
+        elif isinstance(step, v1.CenterCrop):
+            steps.append(v2.CenterCrop(step.size))
+        elif isinstance(step, v1.RandomHorizontalFlip):
+            steps.append(v2.RandomHorizontalFlip(step.p))
+        elif isinstance(step, v1.ColorJitter):
+            steps.append(v2.ColorJitter(step.brightness, step.contrast, step.saturation, step.hue))
+        elif isinstance(step, (RandAugment, AutoAugment)):
+            policy = step.ops if isinstance(step, RandAugment) else [op for sub in step.policy for op in sub]
+            missing = sorted({op.name for op in policy} - set(ops))
+            if missing:
+                raise UserError(f"data.init_args.auto_augment: ops {missing} have no tensor version for decoder "
+                                "'torchvision'; use decoder 'pil'")
+            for op in policy:
+                op.aug_fn = ops[op.name]
+            steps.append(step)
+        elif isinstance(step, AugMixAugment):
+            raise UserError("data.init_args.auto_augment: AugMix policies ('augmix-...') have no tensor version for "
+                            "decoder 'torchvision'; use a 'rand-...' or AutoAugment policy, or decoder 'pil'")
+        elif isinstance(step, MaybeToTensor):
+            steps.append(v2.ToDtype(torch.float32, scale=True))  # uint8 0..255 -> float32 0..1, as ToTensor
+        elif isinstance(step, v1.Normalize):
+            steps.append(v2.Normalize(step.mean.tolist() if torch.is_tensor(step.mean) else list(step.mean),
+                                      step.std.tolist() if torch.is_tensor(step.std) else list(step.std)))
+        elif isinstance(step, RandomErasing):
+            steps.append(step)
+        else:
+            raise UserError(f"the data transform step {type(step).__name__} has no tensor version for data.init_args."
+                            "decoder 'torchvision'; use decoder 'pil'")
+    return v2.Compose(steps)
+
+
 def scan_class_folders(folder: str) -> tuple[list[str], list[list[str]]]:
     """Sorted class names under `folder` and, per class, the sorted image paths inside it (recursively)."""
     if not os.path.isdir(folder):
@@ -154,28 +325,29 @@ class _SeededRNG:
 
 class ImageFolderDataset(Dataset):
     """Images and labels from lists of paths; `dataset[(index, epoch)]` seeds the transform by
-    (seed, epoch, index) (what `ResumableSampler` yields); `dataset[index]` does not seed.
+    (seed, epoch, index) (what `ResumableSampler` yields); `dataset[index]` does not seed. `decoder` "pil"
+    hands the transform PIL images (`read_rgb_pil`), "torchvision" (3, H, W) uint8 tensors (`read_rgb_tensor`).
 
     Paths are held in one NumPy byte array (not a list of str) so that forked workers do not copy
     them page by page through reference counting (1.28 M paths for ImageNet)."""
 
     def __init__(self, paths: list[str], labels: list[int], transform: Callable | None = None, seed: int = 0,
-                 on_bad_image: str = "skip", max_bad_in_a_row: int = 50):
+                 on_bad_image: str = "skip", max_bad_in_a_row: int = 50, decoder: str = "pil"):
         self.paths = np.array([p.encode() for p in paths])
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform, self.seed, self.on_bad_image, self.max_bad = transform, seed, on_bad_image, max_bad_in_a_row
+        self.read = {"pil": read_rgb_pil, "torchvision": read_rgb_tensor}[decoder]
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
         """The RGB image at `index`, or (on_bad_image=skip) the next readable one after it."""
         for attempt in range(self.max_bad):
             i = (index + attempt) % len(self)
             path = self.paths[i].decode()
             try:
-                with Image.open(path) as img:
-                    return to_rgb(img), i  # decodes fully: truncated files fail here
+                return self.read(path), i
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if self.on_bad_image == "error":
                     raise DataError(f"unreadable image {path!r}: {e} (data.init_args.on_bad_image skip "
@@ -198,8 +370,8 @@ class ImageFolderDataset(Dataset):
 class PredictDataset(Dataset):
     """Images of a folder (any depth) for `predict`: (image, path)."""
 
-    def __init__(self, paths: list[str], transform: Callable):
-        self.images = ImageFolderDataset(paths, [0] * len(paths), transform, on_bad_image="error")
+    def __init__(self, paths: list[str], transform: Callable, decoder: str = "pil"):
+        self.images = ImageFolderDataset(paths, [0] * len(paths), transform, on_bad_image="error", decoder=decoder)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -291,6 +463,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         std: normalisation std (RGB, 0..1).
         seed: seed of the shuffle order and of every sample's augmentation (None: the run's seed_everything).
         on_bad_image: "skip" (log the path and use the next readable image) or "error" (a one-line data error).
+        decoder: "pil" (PIL decode + timm's transforms: the published recipe) or "torchvision" (fewer CPU seconds
+            per image; `benchmarks/data.py bench` measures it): files decoded by torchvision.io (libjpeg-turbo; PIL for
+            other formats and 16-bit PNGs, and to judge files torchvision refuses), the same transforms on uint8
+            tensors (`tensor_transform`): the same crop draws, flip, erasing, normalisation and auto-augment
+            policy (ops, probabilities, magnitudes), with torchvision's pixel ops, which differ slightly from
+            PIL's (resize filters; rotate/shear/translate of RandAugment bilinear instead of bicubic). Samples
+            are seeded alike (exact resume holds); the same seed gives close, not identical, images across the
+            two decoders. AugMix policies are refused.
         predict_root: folder of images (any depth) for `predict`.
         predict_output: CSV file written by `predict`: path, class index, class name, probability. Checked
             before any image is predicted: an existing file is refused unless `predict_overwrite` is true; a
@@ -324,6 +504,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         seed: int | None = None,
         on_bad_image: str = "skip",
+        decoder: Literal["pil", "torchvision"] = "pil",
         predict_root: str | None = None,
         predict_output: str = "predictions.csv",
         predict_overwrite: bool = False,
@@ -337,6 +518,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UserError(f"data.crop_pct must be in (0, 1], got {crop_pct}")
         if on_bad_image not in ("skip", "error"):
             raise UserError(f"data.on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        if decoder not in DECODERS:
+            raise UserError(f"data.decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
         if re_mode not in ("pixel", "rand", "const"):
             raise UserError(f"data.re_mode must be 'pixel', 'rand' or 'const', got {re_mode!r}")
         key = "data.init_args."
@@ -356,23 +539,25 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.classes: list[str] = []
         self.train_set = self.val_set = self.predict_set = None
 
-    # ---- transforms (timm) ----
+    # ---- transforms (timm; on tensors for decoder "torchvision") ----
     def train_transform(self):
         from timm.data import create_transform
 
         hp = self.hparams
-        return create_transform(
+        transform = create_transform(
             hp.image_size, is_training=True, scale=tuple(hp.scale), ratio=tuple(hp.ratio), hflip=hp.hflip,
             color_jitter=hp.color_jitter, auto_augment=hp.auto_augment, interpolation=hp.interpolation,
             re_prob=hp.re_prob, re_mode=hp.re_mode, re_count=hp.re_count, mean=tuple(hp.mean), std=tuple(hp.std),
         )
+        return tensor_transform(transform) if hp.decoder == "torchvision" else transform
 
     def test_transform(self):
         from timm.data import create_transform
 
         hp = self.hparams
-        return create_transform(hp.image_size, is_training=False, interpolation=hp.interpolation,
-                                crop_pct=hp.crop_pct, mean=tuple(hp.mean), std=tuple(hp.std))
+        transform = create_transform(hp.image_size, is_training=False, interpolation=hp.interpolation,
+                                     crop_pct=hp.crop_pct, mean=tuple(hp.mean), std=tuple(hp.std))
+        return tensor_transform(transform) if hp.decoder == "torchvision" else transform
 
     @property
     def num_classes(self) -> int:
@@ -392,7 +577,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             train = os.path.join(hp.root or "", hp.train_dir)
             if not self.classes and hp.root and os.path.isdir(train):  # names from the folder; a checkpoint overrides them
                 self.classes = sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
-            self.predict_set = PredictDataset(scan_images(hp.predict_root), self.test_transform())
+            self.predict_set = PredictDataset(scan_images(hp.predict_root), self.test_transform(), hp.decoder)
             return
         if self.val_set is not None:
             return
@@ -403,7 +588,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.classes = classes
             paths = [p for f in files for p in f]
             labels = [c for c, f in enumerate(files) for _ in f]
-            self.train_set = ImageFolderDataset(paths, labels, self.train_transform(), self._seed(), hp.on_bad_image)
+            self.train_set = ImageFolderDataset(paths, labels, self.train_transform(), self._seed(), hp.on_bad_image,
+                                                decoder=hp.decoder)
         val_classes, val_files = scan_class_folders(os.path.join(hp.root, hp.val_dir))
         if not self.classes:
             train = os.path.join(hp.root, hp.train_dir)
@@ -421,7 +607,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             log.warning("%d training classes have no validation folder, e.g. %s", len(missing), missing[:5])
         paths = [p for f in val_files for p in f]
         labels = [index[c] for c, f in zip(val_classes, val_files) for _ in f]
-        self.val_set = ImageFolderDataset(paths, labels, self.test_transform(), on_bad_image=hp.on_bad_image)
+        self.val_set = ImageFolderDataset(paths, labels, self.test_transform(), on_bad_image=hp.on_bad_image,
+                                          decoder=hp.decoder)
 
     # ---- loaders ----
     def _world(self) -> tuple[int, int]:
