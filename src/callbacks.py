@@ -277,3 +277,44 @@ class ExperimentMetrics(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
+
+
+class FitSummary(Callback):
+    """Prints one line at the end of `fit`: the best value of a validation metric (higher is better) and the
+    step it was reached at, the final scores (`final`), wall time and the best checkpoint. Each task module
+    attaches one with its metric (`val/acc1`, `val/mIoU`, `val/bbox_mAP`)."""
+
+    def __init__(self, metric: str, label: str | None = None, percent: bool = True):
+        self.metric, self.label, self.percent = metric, label or metric, percent
+        self.start, self.best, self.best_step = time.time(), None, None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start, self.best, self.best_step = time.time(), None, None
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # the module's epoch end has logged the metric
+        value = trainer.callback_metrics.get(self.metric)
+        if value is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self.best is None or float(value) > self.best:
+            self.best, self.best_step = float(value), trainer.global_step
+
+    def score(self, value) -> str:
+        return f"{100 * float(value):.2f} %" if self.percent else f"{float(value):.3f}"
+
+    def final(self, trainer, pl_module) -> str:
+        """The final scores, after the best one."""
+        value = trainer.callback_metrics.get(self.metric)
+        return f"final {self.score(value)}" if value is not None else ""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        seconds = time.time() - self.start
+        if self.best is None:
+            print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps); no validation was run.")
+            return
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        final = self.final(trainer, pl_module)
+        print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps): best {self.label} "
+              f"{self.score(self.best)} (step {self.best_step})" + (f", {final}" if final else "")
+              + (f"; best checkpoint {ckpt}" if ckpt else ""))

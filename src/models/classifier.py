@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import time
 import warnings
 
 import lightning as L
@@ -34,7 +33,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.callbacks import TrainSpeed
+from src.callbacks import FitSummary, TrainSpeed
 from src.checkpoints import AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain
 from src.checks import non_negative, positive, probability, require
 from src.data.imagefolder import PredictionCSVWriter
@@ -405,7 +404,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_callbacks(self):
         # TrainSpeed: train/img_per_s, and compile_s when the backbone is compiled (setup above)
-        return [StopOnNonFiniteLoss(), FitSummary(), PredictionCSVWriter(), TrainSpeed()]
+        return [StopOnNonFiniteLoss(), ClassifierSummary(), PredictionCSVWriter(), TrainSpeed()]
 
     # ---- checkpoints: EMA weights are in state_dict (ema.module.*); add RNG streams and MESA ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -489,37 +488,12 @@ class StopOnNonFiniteLoss(Callback):
             )
 
 
-class FitSummary(Callback):
-    """Prints one line at the end of `fit`: best and final validation top-1 (and EMA top-1), wall time,
-    best checkpoint."""
+class ClassifierSummary(FitSummary):
+    """The fit's closing line: best and final validation top-1, and the EMA's top-1."""
 
     def __init__(self):
-        self.start, self.best, self.best_epoch = time.time(), None, None
+        super().__init__("val/acc1")
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.start, self.best, self.best_epoch = time.time(), None, None
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        acc = trainer.callback_metrics.get("val/acc1")
-        if acc is None or trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        acc = float(acc)
-        if self.best is None or acc > self.best:
-            self.best, self.best_epoch = acc, trainer.current_epoch
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        seconds = time.time() - self.start
-        final = trainer.callback_metrics.get("val/acc1")
+    def final(self, trainer, pl_module) -> str:
         ema = trainer.callback_metrics.get("val_ema/acc1")
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if self.best is None:
-            print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps); no validation was run.")
-            return
-        print(
-            f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps): best val/acc1 {100 * self.best:.2f} % "
-            f"(epoch {self.best_epoch}), final {100 * float(final):.2f} %"
-            + (f", EMA {100 * float(ema):.2f} %" if ema is not None else "")
-            + (f"; best checkpoint {ckpt}" if ckpt else "")
-        )
+        return super().final(trainer, pl_module) + (f", EMA {self.score(ema)}" if ema is not None else "")

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
@@ -54,6 +53,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from src.callbacks import FitSummary
 from src.checkpoints import AtomicCheckpointIO, check_architecture
 from src.checks import positive, probability, require
 from src.errors import UserError
@@ -463,35 +463,17 @@ class StepSchedule:
         return warm * self.gamma ** sum(step >= m for m in self.milestones)
 
 
-class DetectionSummary(Callback):
-    """Prints one line at the end of `fit`: best and final box / mask mAP, wall time, best checkpoint."""
+class DetectionSummary(FitSummary):
+    """The fit's closing line: best validation box mAP, and the final box and mask mAP (AP50, AP75)."""
 
     def __init__(self):
-        self.start, self.best, self.best_step = time.time(), None, None
+        super().__init__("val/bbox_mAP", "val box mAP", percent=False)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.start, self.best, self.best_step = time.time(), None, None
-
-    def on_validation_end(self, trainer, pl_module) -> None:  # after the module's epoch end has logged the metrics
-        value = trainer.callback_metrics.get("val/bbox_mAP")
-        if value is None or trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        if self.best is None or float(value) > self.best:
-            self.best, self.best_step = float(value), trainer.global_step
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        seconds = time.time() - self.start
-        if self.best is None:
-            print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps); no validation was run.")
-            return
+    def final(self, trainer, pl_module) -> str:
         s = getattr(pl_module, "last_scores", {})
-        final = (f"final box mAP {s['bbox_mAP']:.3f} (AP50 {s['bbox_mAP_50']:.3f}, AP75 {s['bbox_mAP_75']:.3f}), "
-                 f"mask mAP {s['segm_mAP']:.3f} (AP50 {s['segm_mAP_50']:.3f}, AP75 {s['segm_mAP_75']:.3f})") if s else ""
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps): best val box mAP {self.best:.3f} "
-              f"(step {self.best_step}); {final}" + (f"; best checkpoint {ckpt}" if ckpt else ""))
+        return (f"final box mAP {s['bbox_mAP']:.3f} (AP50 {s['bbox_mAP_50']:.3f}, AP75 {s['bbox_mAP_75']:.3f}), "
+                f"mask mAP {s['segm_mAP']:.3f} (AP50 {s['segm_mAP_50']:.3f}, AP75 {s['segm_mAP_75']:.3f})") if s else ""
+
 
 
 def draw_instances(image: torch.Tensor, instances: dict, names: Sequence[str], score_threshold: float | None) -> torch.Tensor:

@@ -15,7 +15,6 @@ Loss, metrics, optimiser and inference live here, as in `ImageClassifier`:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 
 import lightning as L
@@ -27,6 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
+from src.callbacks import FitSummary
 from src.checkpoints import AtomicCheckpointIO, check_architecture
 from src.errors import UserError
 from src.models.upernet import FCNHead, UperNetHead, resize
@@ -299,35 +299,17 @@ class SemanticSegmenter(L.LightningModule):
         return callbacks
 
 
-class SegmentationSummary(Callback):
-    """Prints one line at the end of `fit`: best and final validation mIoU, wall time, best checkpoint."""
+class SegmentationSummary(FitSummary):
+    """The fit's closing line: best and final validation mIoU, and the final aAcc."""
 
     def __init__(self):
-        self.start, self.best, self.best_step = time.time(), None, None
+        super().__init__("val/mIoU")
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.start, self.best, self.best_step = time.time(), None, None
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        miou = trainer.callback_metrics.get("val/mIoU")
-        if miou is None or trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        if self.best is None or float(miou) > self.best:
-            self.best, self.best_step = float(miou), trainer.global_step
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        seconds = time.time() - self.start
-        if self.best is None:
-            print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps); no validation was run.")
-            return
+    def final(self, trainer, pl_module) -> str:
         scores = getattr(pl_module, "last_scores", {})
-        acc = f", aAcc {100 * float(scores['aAcc']):.2f} %" if "aAcc" in scores else ""
-        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps): best val/mIoU {100 * self.best:.2f} % "
-              f"(step {self.best_step}), final {100 * float(trainer.callback_metrics['val/mIoU']):.2f} %{acc}"
-              + (f"; best checkpoint {ckpt}" if ckpt else ""))
+        acc = f", aAcc {self.score(scores['aAcc'])}" if "aAcc" in scores else ""
+        return super().final(trainer, pl_module) + acc
+
 
 
 class SegmentationImageGrid(Callback):
