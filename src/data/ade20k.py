@@ -21,24 +21,21 @@ import logging
 import os
 from collections.abc import Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from src.data.imagefolder import (
-    ResumableLoader,
-    ResumableSampler,
-    ShardedEvalSampler,
     _SeededRNG,
     check_data_root,
     check_output_file,
     scan_images,
 )
+from src.data.sharded import ShardedDataModule
 from src.errors import DataError, InputNotFoundError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
@@ -283,7 +280,7 @@ class PredictImages(Dataset):
         return image.as_subclass(torch.Tensor), size, self.paths[index]
 
 
-class ADE20KDataModule(L.LightningDataModule):
+class ADE20KDataModule(ShardedDataModule):
     """ADE20K in the official layout (module docstring).
 
     Args:
@@ -370,9 +367,6 @@ class ADE20KDataModule(L.LightningDataModule):
         """Whole-image test: the image rescaled to fit `scale`, the mask left at its size."""
         return v2.Compose([RescaleImage(self.hparams.scale)] + self._normalise())
 
-    def _seed(self) -> int:
-        return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage == "predict":
@@ -397,41 +391,8 @@ class ADE20KDataModule(L.LightningDataModule):
                                                  seed=self._seed())
         self.val_set = SegmentationDataset(*scan_pairs(hp.root, hp.val_split), self.test_transform(), *args)
 
-    # ---- loaders ----
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _loader_kwargs(self) -> dict:
-        hp = self.hparams
-        return dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
-                    persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-                    generator=torch.Generator().manual_seed(self._seed()))
-
-    def train_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        if len(self.train_set) < self.hparams.batch_size * world:
-            raise UserError(f"{len(self.train_set)} training images are fewer than one global batch "
-                            f"({self.hparams.batch_size} × {world} devices); lower data.batch_size")
-        sampler = ResumableSampler(self.train_set, world, rank, seed=self._seed(), drop_last=True)
-        loader = ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
-                                 **self._loader_kwargs())
-        trainer = self.trainer
-        if trainer is not None:
-            loader.batches_done = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return loader
-
-    def _eval_loader(self, dataset) -> DataLoader:
-        world, rank = self._world()  # one image per batch: sizes differ; every image once over all ranks
-        return DataLoader(dataset, batch_size=1, sampler=ShardedEvalSampler(dataset, world, rank), **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_set)
+    # ---- loaders (ShardedDataModule) ----
+    def eval_batch_size(self) -> int:
+        return 1  # one image per batch: sizes differ
 
 

@@ -41,12 +41,11 @@ import os
 import pickle
 from collections.abc import Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -54,14 +53,12 @@ from torchvision.transforms.v2 import functional as TF
 from src.checks import increasing_pair, probability, require
 from src.data.ade20k import ADE_MEAN, ADE_STD, _PairTransform, rescale_size
 from src.data.imagefolder import (
-    ResumableLoader,
-    ResumableSampler,
-    ShardedEvalSampler,
     _SeededRNG,
     check_output_file,
     scan_images,
     to_rgb,
 )
+from src.data.sharded import ShardedDataModule
 from src.errors import DataError, InputNotFoundError, UserError
 
 log = logging.getLogger(__name__)
@@ -378,7 +375,7 @@ def collate_detection(items: list) -> dict:
 
 # ---- data module ---------------------------------------------------------------------------------------------
 
-class COCODataModule(L.LightningDataModule):
+class COCODataModule(ShardedDataModule):
     """A COCO-format instance set for Mask R-CNN (module docstring).
 
     Args:
@@ -473,9 +470,6 @@ class COCODataModule(L.LightningDataModule):
     def test_transform(self) -> v2.Compose:
         return test_transform(self.hparams.scale, self.mean, self.std)
 
-    def _seed(self) -> int:
-        return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
     @property
     def data_root(self) -> str | None:
         """The folder holding annotations/ and the image folders."""
@@ -524,43 +518,8 @@ class COCODataModule(L.LightningDataModule):
         if stage == "predict":
             self.predict_set = self.val_set
 
-    # ---- loaders ----
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _loader_kwargs(self) -> dict:
-        hp = self.hparams
-        return dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
-                    persistent_workers=hp.persistent_workers and hp.num_workers > 0, collate_fn=collate_detection,
-                    generator=torch.Generator().manual_seed(self._seed()))
-
-    def train_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        if len(self.train_set) < self.hparams.batch_size * world:
-            raise UserError(f"{len(self.train_set)} training images are fewer than one global batch "
-                             f"({self.hparams.batch_size} × {world} devices); lower data.batch_size")
-        sampler = ResumableSampler(self.train_set, world, rank, seed=self._seed(), drop_last=True)
-        loader = ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
-                                 **self._loader_kwargs())
-        trainer = self.trainer
-        if trainer is not None:
-            loader.batches_done = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return loader
-
-    def _eval_loader(self, dataset) -> DataLoader:
-        world, rank = self._world()  # every image once over all ranks (no padding with repeats)
-        return DataLoader(dataset, batch_size=self.hparams.val_batch_size, sampler=ShardedEvalSampler(dataset, world, rank),
-                          **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_set)
+    # ---- loaders (ShardedDataModule: batches of images of different sizes, padded by collate_detection) ----
+    collate_fn = staticmethod(collate_detection)
 
     # ---- checkpoint: the category ids and names, so predict maps labels back without the annotation files ----
     def state_dict(self) -> dict:

@@ -29,14 +29,14 @@ import tempfile
 from collections.abc import Callable
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from src.checks import increasing_pair, non_negative, probability, require
+from src.data.sharded import ShardedDataModule
 from src.errors import DataError, InputNotFoundError, NotWritableError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
@@ -380,60 +380,7 @@ class PredictDataset(Dataset):
         return self.images[index][0], self.images.paths[index].decode()
 
 
-class ResumableSampler(DistributedSampler):
-    """Training sampler: this rank's shard of a permutation that depends only on (seed, epoch), as
-    (index, epoch) keys so each sample's augmentation is seeded too; `start` skips that many of this
-    rank's samples at the next `__iter__` (resuming mid-epoch). A DistributedSampler, so Lightning keeps
-    it as it is under DDP and calls `set_epoch` every epoch."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
-        self.start = 0
-
-    def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
-        self.start = 0
-        return iter([(i, self.epoch) for i in indices])
-
-
-class ShardedEvalSampler(DistributedSampler):
-    """Evaluation sampler: rank r of R reads samples r, r+R, r+2R, ... — every sample exactly once over all
-    ranks (DistributedSampler would pad with repeats), so synced metrics equal the single-process ones."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
-        self.total_size = len(dataset)
-
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-
-class ResumableLoader(DataLoader):
-    """Training DataLoader that resumes mid-epoch.
-
-    Iteration starts lazily, at the first batch, so it uses the epoch that Lightning sets on the sampler
-    after making the iterator, and it skips (in the sampler, without loading them) the batches that the
-    trainer's batch progress counts as already trained in this epoch (`batches_done()`): none at an epoch
-    start, k after resuming from a checkpoint written after batch k. That progress is restored by
-    Lightning itself; `load_state_dict` is not relied on (Lightning 2.6 skips it when
-    `configure_optimizers` reads `estimated_stepping_batches`, which builds the loader before the
-    checkpoint's loop state is loaded). `state_dict` marks the loader as resumable for Lightning."""
-
-    batches_done: Callable[[], int] = staticmethod(lambda: 0)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done()}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass  # where to start comes from the trainer's restored batch progress
-
-    def __iter__(self):
-        self.sampler.start = self.batches_done() * self.batch_size
-        yield from super().__iter__()
-
-
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ShardedDataModule):
     """ImageNet-style class folders with the published augmentation (timm), for one or many GPUs.
 
     Args:
@@ -563,9 +510,6 @@ class ImageFolderDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _seed(self) -> int:
-        return self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
     # ---- datasets ----
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -610,50 +554,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.val_set = ImageFolderDataset(paths, labels, self.test_transform(), on_bad_image=hp.on_bad_image,
                                           decoder=hp.decoder)
 
-    # ---- loaders ----
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    # ---- loaders (ShardedDataModule) ----
+    def eval_batch_size(self) -> int:
+        return self.hparams.val_batch_size or 2 * self.batch_size
 
-    def _loader_kwargs(self) -> dict:
-        hp = self.hparams
-        workers = hp.num_workers
-        return dict(
-            num_workers=workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and workers > 0,
-            prefetch_factor=hp.prefetch_factor if workers > 0 else None,
-            # its own generator: making an iterator must not draw from the global RNG (exact resume)
-            generator=torch.Generator().manual_seed(self._seed()),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        if len(self.train_set) < self.batch_size * world:
-            raise UserError(
-                f"{len(self.train_set)} training images are fewer than one global batch "
-                f"({self.batch_size} × {world} devices); lower data.batch_size"
-            )
-        sampler = ResumableSampler(self.train_set, world, rank, seed=self._seed(), drop_last=True)
-        loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                                 **self._loader_kwargs())
-        trainer = self.trainer
-        if trainer is not None:
-            loader.batches_done = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return loader
-
-    def _eval_loader(self, dataset) -> DataLoader:
-        world, rank = self._world()
-        return DataLoader(dataset, batch_size=self.hparams.val_batch_size or 2 * self.batch_size,
-                          sampler=ShardedEvalSampler(dataset, world, rank), **self._loader_kwargs())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_set)
+    @property
+    def train_batch_size(self) -> int:
+        return self.batch_size
 
     # ---- checkpoint ----
     def state_dict(self) -> dict:
