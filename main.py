@@ -73,7 +73,7 @@ def cli(args=None, run: bool = True) -> LightningCLI:
 @reports_user_errors
 def run_command(argv: list[str]) -> None:
     if argv and argv[0] == "flops":
-        from src.models.flops import flops_main
+        from src.flops import flops_main
 
         flops_main(argv[1:], cli)
     else:

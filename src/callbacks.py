@@ -134,7 +134,7 @@ class ExperimentMetrics(Callback):
     """Logs a run's hyper-parameters, size, speed and results to TensorBoard's HParams tab.
 
     Hyper-parameters: `axis`, `variant`, the seed, the backbone's fusion / scan / backend knobs, image size,
-    batch size, epochs, learning rate, parameters and MACs (one image, conv + matmul, `src.models.flops`).
+    batch size, epochs, learning rate, parameters and MACs (one image, conv + matmul, `src.flops`).
     Metrics (scalars at the last step): best and final val/acc1, training throughput (img/s as defined in
     `src.timing`, the steps after `warmup_steps`), inference throughput
     (eval-mode forward without gradients on validation batches, after warm-up), fit wall time.
@@ -172,7 +172,7 @@ class ExperimentMetrics(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.params is not None:
             return
-        from src.models.flops import count_macs, count_params  # here: src.models imports this module
+        from src.flops import count_macs, count_params
 
         backbone = getattr(pl_module, "backbone", pl_module)
         data = getattr(trainer.datamodule, "hparams", {})

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import data as bench_data
 
-import data as bench_data  # noqa: E402  (benchmarks/data.py)
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

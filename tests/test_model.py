@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.models.flops import count_macs, count_params
+from src.flops import count_macs, count_params
 from src.models.spatial_mamba import (
     SpatialMamba,
     StructureAwareSSM,
