@@ -72,6 +72,9 @@ class TrainSpeed(Callback):
         self.timer = StepTimer(self.warmup_steps, pl_module.device)
         self.compiled, self.compile_reported = is_compiled(pl_module), False
         self.window = (0, 0.0)  # timer.images, timer.seconds at the last logged value
+        # also set here: a run resumed from a checkpoint written after an epoch's last batch ends that epoch
+        # without starting it again
+        self.epoch_start, self.wait, self.batch_ready = (0, 0.0), 0.0, None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.timer.restart()
@@ -318,3 +321,56 @@ class FitSummary(Callback):
         print(f"Finished fit in {seconds:.0f} s ({trainer.global_step} steps): best {self.label} "
               f"{self.score(self.best)} (step {self.best_step})" + (f", {final}" if final else "")
               + (f"; best checkpoint {ckpt}" if ckpt else ""))
+
+
+class ValidationImageGrid(Callback):
+    """Each validation epoch: the first `num_images` validation images as rows (e.g. input | ground truth |
+    prediction, made by `add_rows` of a subclass), padded to one width and written to TensorBoard as `val/grid`
+    (rank 0, not during the sanity check)."""
+
+    def __init__(self, num_images: int = 4):
+        self.num_images = num_images
+        self.rows: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.rows = []
+
+    def add_rows(self, trainer, pl_module, outputs, batch) -> None:
+        """Append (3, H, W) rows for this batch to `self.rows` (at most `num_images` in all)."""
+        raise NotImplementedError
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if len(self.rows) < self.num_images and trainer.is_global_zero and isinstance(outputs, dict):
+            self.add_rows(trainer, pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.rows or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        width = max(r.shape[-1] for r in self.rows)
+        rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in self.rows]  # sizes differ: pad right
+        grid = torch.cat(rows, dim=1)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/grid", grid, global_step=trainer.global_step)
+
+
+def adopt_data_classes(module: L.LightningModule, noun: str = "classes") -> None:
+    """A dense task module's set-up: atomic checkpoint saves (a kill mid-save keeps the previous file), the
+    data's class count checked against `num_classes` (one line naming both keys) and its class names adopted."""
+    from src.checkpoints import AtomicCheckpointIO
+    from src.errors import UserError
+
+    if module._trainer is None:
+        return
+    if type(module.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+        module.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    data = module.trainer.datamodule
+    data_classes = getattr(data, "num_classes", None)
+    if data_classes is not None and data_classes != module.hparams.num_classes:
+        raise UserError(f"the data has {data_classes} {noun} but model.init_args.num_classes="
+                        f"{module.hparams.num_classes}; set them equal")
+    names = getattr(data, "classes", None)
+    if names and len(names) == module.hparams.num_classes:
+        module.class_names = list(names)
