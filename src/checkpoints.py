@@ -197,3 +197,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not _is_local(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return load_checkpoint(os.fspath(path).removeprefix("file://"), map_location)
+
+
+def rng_states(trainer, with_numpy: bool = True) -> list[dict]:
+    """Every rank's random streams (Python, torch CPU and CUDA, optionally NumPy) as plain types and tensors, in
+    rank order — gathered on all ranks, written once by rank 0 — for an exact resume (`restore_rng_state`)."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if with_numpy:  # the state tuple as plain types: checkpoints are read with weights_only=True
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+        states = [None] * trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def restore_rng_state(trainer, states: list[dict] | None) -> None:
+    """Restore this rank's streams from `rng_states` of a checkpoint (a warning, and nothing restored, when the
+    checkpoint was written by another number of ranks)."""
+    import random
+
+    import numpy as np
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    if not states:
+        return
+    if len(states) != trainer.world_size:
+        rank_zero_warn(f"the checkpoint holds RNG streams of {len(states)} ranks, this run has {trainer.world_size}; "
+                       "not restored")
+        return
+    state = states[trainer.global_rank]
+    random.setstate(state["python"])
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torchmetrics.detection import MeanAveragePrecision
 
 import main
+from tests.recipes import on_cpu, stopping_after
 from src.data.coco import COCODataModule, CocoAnnotations, CocoInstances, collate_detection, decode_masks
 from src.models.detector import Detector, StepSchedule, coco_scores
 from src.models.spatial_mamba import SpatialMamba
@@ -422,13 +422,7 @@ def test_coco_config_parses_with_every_knob(path, capsys):
 def coco_config(tmp_path: Path, root: Path, config: Path = None, tiny: bool = True, **trainer) -> Path:
     """A configs/coco recipe on the CPU with small images (tiny widths unless `tiny` is False)."""
     cfg = yaml.safe_load((config or ROOT / "configs" / "coco" / "mask_rcnn_spatial_mamba_t_1x.yaml").read_text())
-    cfg["trainer"].update(accelerator="cpu", devices=1, strategy="auto", sync_batchnorm=False, precision="32-true",
-                          max_epochs=2, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                          **trainer)
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
-    for cb in cfg["trainer"]["callbacks"]:
-        if "dirpath" in cb["init_args"]:
-            cb["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    on_cpu(cfg, tmp_path, **{"max_epochs": 2, **trainer})
     model = cfg["model"]["init_args"]
     model.update(num_classes=2, warmup_iters=2, milestones=[1])
     if tiny:
@@ -458,15 +452,6 @@ def test_t_1x_recipe_fast_dev_run_at_real_widths_and_3x_pipeline(tmp_path, monke
 
 # --- end to end through main.py -------------------------------------------------------------------------------
 
-class StopAfterSteps(Callback):
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-
 def test_coco_folder_end_to_end_fit_resume_test_predict(tmp_path, monkeypatch):
     root = make_coco_folder(tmp_path / "coco")
     monkeypatch.chdir(tmp_path)
@@ -490,10 +475,7 @@ def test_coco_folder_end_to_end_fit_resume_test_predict(tmp_path, monkeypatch):
     # the same run stopped after step 1 and resumed from its last.ckpt ends with the same weights
     (tmp_path / "b").mkdir()
     config_b = coco_config(tmp_path / "b", root)
-    cfg = yaml.safe_load(config_b.read_text())
-    cfg["trainer"]["callbacks"].append({"class_path": "tests.test_detection.StopAfterSteps", "init_args": {"steps": 1}})
-    stopped = tmp_path / "b" / "stopped.yaml"
-    stopped.write_text(yaml.safe_dump(cfg))
+    stopped = stopping_after(config_b, 1)
     first = main.cli(["fit", "--config", str(stopped)])
     assert first.trainer.global_step == 1
     resumed = main.cli(["fit", "--config", str(config_b), "--ckpt_path", str(tmp_path / "b" / "ckpt" / "last.ckpt")])

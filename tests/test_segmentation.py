@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torchvision import tv_tensors
 
 import main
+from tests.recipes import on_cpu, stopping_after
 from src.data.ade20k import ADE20KDataModule, load_pair, scan_pairs
 from src.models.segmenter import SemanticSegmenter, iou_from_confusion
 from src.models.spatial_mamba import SpatialMamba
@@ -306,13 +305,7 @@ def test_bad_data_gives_one_line_naming_the_file(tmp_path):
 def ade_config(tmp_path: Path, root: Path, **trainer) -> Path:
     """configs/ade20k T recipe with a tiny backbone on the CPU (everything else as in the file)."""
     cfg = yaml.safe_load(T_CONFIG.read_text())
-    cfg["trainer"].update(accelerator="cpu", devices=1, strategy="auto", sync_batchnorm=False, precision="32-true",
-                          max_steps=4, val_check_interval=2, enable_progress_bar=False, enable_model_summary=False,
-                          log_every_n_steps=1, **trainer)
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
-    for cb in cfg["trainer"]["callbacks"]:
-        if "dirpath" in cb["init_args"]:
-            cb["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    on_cpu(cfg, tmp_path, **{"max_steps": 4, "val_check_interval": 2, **trainer})
     model = cfg["model"]["init_args"]
     model.update(decode_channels=16, aux_channels=8, warmup_iters=2)
     model["backbone"]["init_args"].update(**TINY)
@@ -337,15 +330,6 @@ def test_ade20k_configs_parse_and_differ_only_in_size():
         assert backbones[s]["backend"] == "auto" and backbones[s]["features_only"]
 
 
-class StopAfterSteps(Callback):
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-
 def test_ade20k_folder_end_to_end_fit_test_predict_and_resume(tmp_path, monkeypatch):
     root = make_ade20k_folder(tmp_path / "ade")
     monkeypatch.chdir(tmp_path)
@@ -368,10 +352,7 @@ def test_ade20k_folder_end_to_end_fit_test_predict_and_resume(tmp_path, monkeypa
     # the same run stopped after step 2 and resumed from its last.ckpt ends with the same weights
     (tmp_path / "b").mkdir()
     config_b = ade_config(tmp_path / "b", root)
-    cfg = yaml.safe_load(config_b.read_text())
-    cfg["trainer"]["callbacks"].append({"class_path": "tests.test_segmentation.StopAfterSteps", "init_args": {"steps": 2}})
-    stopped = tmp_path / "b" / "stopped.yaml"
-    stopped.write_text(yaml.safe_dump(cfg))
+    stopped = stopping_after(config_b, 2)
     first = main.cli(["fit", "--config", str(stopped), *common])
     assert first.trainer.global_step == 2
     resumed = main.cli(["fit", "--config", str(config_b), *common, "--ckpt_path", str(tmp_path / "b" / "ckpt" / "last.ckpt")])

@@ -18,6 +18,21 @@ from src.errors import UserError
 DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
+def digit_scans(val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """scikit-learn's 1797 bundled digit scans as (N, 8, 8) floats in [0, 1], their digits, and the indices of a
+    split stratified by digit (`val_fraction` for validation, fixed by `seed`): the canvases of the dense-task
+    sets are built from the scans of one split only."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    scans = torch.tensor(data.images, dtype=torch.float32) / 16.0
+    digits = torch.tensor(data.target)
+    train_idx, val_idx = train_test_split(range(len(digits)), test_size=val_fraction, stratify=data.target,
+                                          random_state=seed)
+    return scans, digits, list(train_idx), list(val_idx)
+
+
 class _Augmented(Dataset):
     """Random affine jitter (rotation, shift, scale) of each image, drawn anew each time it is read."""
 

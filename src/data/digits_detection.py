@@ -32,6 +32,7 @@ from PIL import Image
 
 from src.checks import require
 from src.data.coco import COCODataModule
+from src.data.digits import digit_scans
 
 DIGIT_CATEGORIES = [{"id": d + 1, "name": str(d)} for d in range(10)]
 GENERATOR_VERSION = 1  # bump when the drawing below changes, so old folders are not reused
@@ -185,15 +186,8 @@ class DigitsDetectionDataModule(COCODataModule):
         """Writes the set unless this machine already has it."""
         if os.path.isfile(os.path.join(self.folder, "settings.json")):
             return
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         hp = self.hparams
-        data = load_digits()
-        scans = torch.tensor(data.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
-        digits = torch.tensor(data.target)
-        train_idx, val_idx = train_test_split(range(len(digits)), test_size=hp.val_fraction, stratify=data.target,
-                                              random_state=hp.generator_seed)
+        scans, digits, train_idx, val_idx = digit_scans(hp.val_fraction, hp.generator_seed)
         generator = torch.Generator().manual_seed(hp.generator_seed)
         parent = os.path.dirname(os.path.abspath(self.folder))
         os.makedirs(parent, exist_ok=True)

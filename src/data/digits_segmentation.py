@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from src.data.digits import digit_scans
 from src.errors import UserError
 
 DIGITS_SEGMENTATION_CLASSES = ["background"] + [f"digit_{d}" for d in range(10)]
@@ -93,16 +94,9 @@ class DigitsSegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         hp = self.hparams
-        data = load_digits()
-        scans = torch.tensor(data.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
-        digits = torch.tensor(data.target)
-        train_idx, val_idx = train_test_split(range(len(digits)), test_size=hp.val_fraction, stratify=data.target,
-                                              random_state=hp.seed)
-        self.train_scans, self.val_scans = list(train_idx), list(val_idx)  # indices into load_digits()
+        scans, digits, train_idx, val_idx = digit_scans(hp.val_fraction, hp.seed)
+        self.train_scans, self.val_scans = train_idx, val_idx  # indices into load_digits()
         generator = torch.Generator().manual_seed(hp.seed)
         sets = []
         for idx, count in ((train_idx, hp.train_images), (val_idx, hp.val_images)):

@@ -34,7 +34,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.callbacks import FitSummary, TrainSpeed
-from src.checkpoints import AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain
+from src.checkpoints import (AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain,
+                             restore_rng_state, rng_states)
 from src.checks import non_negative, positive, probability, require
 from src.data.imagefolder import PredictionCSVWriter
 from src.errors import UserError
@@ -267,21 +268,17 @@ class ImageClassifier(L.LightningModule):
     def _evaluate(self, batch, prefix: str) -> None:
         images, targets = batch
         images = self._layout(images)
-        logits = self(images)
-        self.val_acc1(logits, targets)
-        self.val_acc5(logits, targets)
-        self.val_loss(F.cross_entropy(logits.float(), targets), len(targets))
-        self.log(f"{prefix}/loss", self.val_loss)
-        self.log(f"{prefix}/acc1", self.val_acc1, prog_bar=True)
-        self.log(f"{prefix}/acc5", self.val_acc5)
+        models = [("", self, self.val_acc1, self.val_acc5, self.val_loss)]
         if self.ema is not None:
-            logits = self.ema.module(images)
-            self.ema_acc1(logits, targets)
-            self.ema_acc5(logits, targets)
-            self.ema_loss(F.cross_entropy(logits.float(), targets), len(targets))
-            self.log(f"{prefix}_ema/loss", self.ema_loss)
-            self.log(f"{prefix}_ema/acc1", self.ema_acc1, prog_bar=True)
-            self.log(f"{prefix}_ema/acc5", self.ema_acc5)
+            models.append(("_ema", self.ema.module, self.ema_acc1, self.ema_acc5, self.ema_loss))
+        for suffix, model, acc1, acc5, loss in models:
+            logits = model(images)
+            acc1(logits, targets)
+            acc5(logits, targets)
+            loss(F.cross_entropy(logits.float(), targets), len(targets))
+            self.log(f"{prefix}{suffix}/loss", loss)
+            self.log(f"{prefix}{suffix}/acc1", acc1, prog_bar=True)
+            self.log(f"{prefix}{suffix}/acc5", acc5)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -409,16 +406,7 @@ class ImageClassifier(L.LightningModule):
     # ---- checkpoints: EMA weights are in state_dict (ema.module.*); add RNG streams and MESA ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain types and tensors only: checkpoints are read with torch.load(weights_only=True) (src.checkpoints)
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-                 "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()
-        states = [state]
-        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            states = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(states, state)  # every rank's stream, written once by rank 0
-        checkpoint["rng_states"] = states
+        checkpoint["rng_states"] = rng_states(self._trainer)
         if callable(getattr(self.backbone, "architecture", None)):
             checkpoint["architecture"] = self.backbone.architecture()
         if self.hparams.mesa > 0 and self._trainer is not None:
@@ -452,19 +440,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         states, self._rng_to_restore = self._rng_to_restore, None
-        if not states:
-            return
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        if len(states) != world:
-            rank_zero_warn(f"the checkpoint holds RNG streams of {len(states)} ranks, this run has {world}; not restored")
-            return
-        state = states[rank]
-        random.setstate(state["python"])
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
+        restore_rng_state(self.trainer, states)
 
 
 class NonFiniteLossError(UserError, RuntimeError):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
@@ -39,8 +38,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -53,8 +52,8 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from src.callbacks import FitSummary
-from src.checkpoints import AtomicCheckpointIO, check_architecture
+from src.callbacks import FitSummary, ValidationImageGrid, adopt_data_classes
+from src.checkpoints import check_architecture, restore_rng_state, rng_states
 from src.checks import positive, probability, require
 from src.errors import UserError
 from src.tb import log_hparams
@@ -294,16 +293,7 @@ class Detector(L.LightningModule):
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
-        if self._trainer is not None and type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
-            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill mid-save keeps the previous file
-        data = self.trainer.datamodule if self._trainer is not None else None
-        data_classes = getattr(data, "num_classes", None)
-        if data_classes is not None and data_classes != self.hparams.num_classes:
-            raise UserError(f"the data has {data_classes} categories but model.init_args.num_classes="
-                             f"{self.hparams.num_classes}; set them equal")
-        names = getattr(data, "classes", None)
-        if names and len(names) == self.hparams.num_classes:
-            self.class_names = list(names)
+        adopt_data_classes(self, "categories")
 
     # ---- forward ----
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | Sequence[Sequence[int]],
@@ -378,14 +368,7 @@ class Detector(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if callable(getattr(self.backbone, "architecture", None)):
             checkpoint["architecture"] = self.backbone.architecture()
-        state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()
-        states = [state]
-        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            states = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(states, state)  # every rank's streams, written once by rank 0
-        checkpoint["rng_states"] = states
+        checkpoint["rng_states"] = rng_states(self._trainer, with_numpy=False)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if callable(getattr(self.backbone, "architecture", None)) and "architecture" in checkpoint:
@@ -395,17 +378,7 @@ class Detector(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         states, self._rng_to_restore = self._rng_to_restore, None
-        if not states:
-            return
-        if len(states) != self.trainer.world_size:
-            rank_zero_warn(f"the checkpoint holds RNG streams of {len(states)} ranks, this run has "
-                           f"{self.trainer.world_size}; not restored")
-            return
-        state = states[self.trainer.global_rank]
-        random.setstate(state["python"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
+        restore_rng_state(self.trainer, states)
 
     # ---- fit start, optimiser, schedule ----
     def on_fit_start(self) -> None:
@@ -475,7 +448,6 @@ class DetectionSummary(FitSummary):
                 f"mask mAP {s['segm_mAP']:.3f} (AP50 {s['segm_mAP_50']:.3f}, AP75 {s['segm_mAP_75']:.3f})") if s else ""
 
 
-
 def draw_instances(image: torch.Tensor, instances: dict, names: Sequence[str], score_threshold: float | None) -> torch.Tensor:
     """A (3, H, W) uint8 image with the instances' masks (translucent) and boxes (labelled) drawn; with
     `score_threshold`, only detections scoring above it."""
@@ -496,22 +468,17 @@ def draw_instances(image: torch.Tensor, instances: dict, names: Sequence[str], s
     return draw_bounding_boxes(image, instances["boxes"].cpu()[keep], labels=text, colors=palette, width=1)
 
 
-class DetectionImageGrid(Callback):
+class DetectionImageGrid(ValidationImageGrid):
     """Each validation: the first `num_images` validation images as rows of image | ground truth | prediction
     (detections above `score_threshold`), written to TensorBoard as `val/grid` (rank 0, not in the sanity check)."""
 
     def __init__(self, num_images: int = 4, score_threshold: float = 0.3):
-        self.num_images, self.score_threshold = num_images, score_threshold
-        self.rows: list[torch.Tensor] = []
+        super().__init__(num_images)
+        self.score_threshold = score_threshold
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self.rows = []
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def add_rows(self, trainer, pl_module, outputs, batch) -> None:
         from src.data.coco import resize_uint8, unnormalise
 
-        if len(self.rows) >= self.num_images or not trainer.is_global_zero or not isinstance(outputs, dict):
-            return
         data = trainer.datamodule
         mean, std = getattr(data, "mean", (0.0, 0.0, 0.0)), getattr(data, "std", (1.0, 1.0, 1.0))
         for i, prediction in enumerate(outputs["predictions"]):
@@ -523,17 +490,6 @@ class DetectionImageGrid(Callback):
             truth = draw_instances(image, batch["targets"][i], pl_module.class_names, None)
             predicted = draw_instances(image, prediction, pl_module.class_names, self.score_threshold)
             self.rows.append(torch.cat([image, truth, predicted], dim=2))  # (3, H, 3W)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.rows or trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        width = max(r.shape[-1] for r in self.rows)
-        grid = torch.cat([nn.functional.pad(r, (0, width - r.shape[-1])) for r in self.rows], dim=1)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/grid", grid, global_step=trainer.global_step)
 
 
 def coco_results(predictions: list[dict], metas: list[dict], category_ids: Sequence[int]) -> list[dict]:

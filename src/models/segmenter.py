@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
-from src.callbacks import FitSummary
-from src.checkpoints import AtomicCheckpointIO, check_architecture
+from src.callbacks import FitSummary, ValidationImageGrid, adopt_data_classes
+from src.checkpoints import check_architecture
 from src.errors import UserError
 from src.models.upernet import FCNHead, UperNetHead, resize
 from src.tb import log_hparams
@@ -152,16 +152,7 @@ class SemanticSegmenter(L.LightningModule):
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
-        if self._trainer is not None and type(self.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
-            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill mid-save keeps the previous file
-        data = self.trainer.datamodule if self._trainer is not None else None
-        data_classes = getattr(data, "num_classes", None)
-        if data_classes is not None and data_classes != self.hparams.num_classes:
-            raise UserError(f"the data has {data_classes} classes but model.init_args.num_classes="
-                            f"{self.hparams.num_classes}; set them equal")
-        names = getattr(data, "classes", None)
-        if names and len(names) == self.hparams.num_classes:
-            self.class_names = list(names)
+        adopt_data_classes(self, "classes")
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.backbone.compile()
             self._compiled = True
@@ -311,21 +302,11 @@ class SegmentationSummary(FitSummary):
         return super().final(trainer, pl_module) + acc
 
 
-
-class SegmentationImageGrid(Callback):
+class SegmentationImageGrid(ValidationImageGrid):
     """Each validation epoch: the first `num_images` validation images as rows of input | ground truth |
     prediction, written to TensorBoard as `val/grid` (rank 0, not during the sanity check)."""
 
-    def __init__(self, num_images: int = 4):
-        self.num_images = num_images
-        self.rows: list[torch.Tensor] = []
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self.rows = []
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if len(self.rows) >= self.num_images or not trainer.is_global_zero or not isinstance(outputs, dict):
-            return
+    def add_rows(self, trainer, pl_module, outputs, batch) -> None:
         data = trainer.datamodule
         mean = torch.tensor(getattr(data, "mean", (0.0, 0.0, 0.0)), dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(getattr(data, "std", (1.0, 1.0, 1.0)), dtype=torch.float32).view(-1, 1, 1)
@@ -340,18 +321,6 @@ class SegmentationImageGrid(Callback):
             gt = palette[mask.cpu().long().clamp(0, 255)].permute(2, 0, 1)
             pr = palette[pred.cpu().long()].permute(2, 0, 1)
             self.rows.append(torch.cat([image[:3], gt, pr], dim=2))  # (3, H, 3W)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.rows or trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        width = max(r.shape[-1] for r in self.rows)
-        rows = [F.pad(r, (0, width - r.shape[-1])) for r in self.rows]  # images of different sizes: pad right
-        grid = torch.cat(rows, dim=1)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/grid", grid, global_step=trainer.global_step)
 
 
 class ColorMaskWriter(BasePredictionWriter):
