@@ -3,7 +3,7 @@ from .coco import COCODataModule
 from .digits import DigitsDataModule
 from .digits_detection import DigitsDetectionDataModule
 from .digits_segmentation import DigitsSegmentationDataModule
-from .imagefolder import ImageFolderDataModule, PredictionCSVWriter
+from .imagefolder import ImageFolderDataModule
 
 __all__ = ["ADE20KDataModule", "COCODataModule", "DigitsDataModule", "DigitsDetectionDataModule",
-           "DigitsSegmentationDataModule", "ImageFolderDataModule", "PredictionCSVWriter"]
+           "DigitsSegmentationDataModule", "ImageFolderDataModule"]

@@ -43,7 +43,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -532,17 +531,3 @@ class COCODataModule(ShardedDataModule):
                              f"{len(self.category_ids)} {self.category_ids[:5]}...; they must be the same")
         if ids:
             self.category_ids, self.classes = ids, names
-
-
-def unnormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(3, H, W) normalised float -> uint8 0..255."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-    return (image.float() * std_t + mean_t).clamp(0, 255).round().to(torch.uint8)
-
-
-def resize_uint8(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """A (3, h, w) uint8 image resized (bilinear) to `size`."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)

@@ -21,17 +21,14 @@ random erasing; test: resize → center crop). What this module adds around it:
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -576,50 +573,3 @@ class ImageFolderDataModule(ShardedDataModule):
             )
         if saved:
             self.classes = saved
-
-
-class PredictionCSVWriter(BasePredictionWriter):
-    """Writes `predict` results to the datamodule's `predict_output` CSV: path, class index, class name,
-    probability; rows of all ranks are gathered and written once, in path order."""
-
-    def __init__(self):
-        super().__init__(write_interval="batch")
-        self.rows: list[tuple] = []
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        data = trainer.datamodule
-        if stage == "predict" and data is not None and "predict_output" not in getattr(data, "hparams", {}):
-            raise UserError(
-                f"predict writes its results to data.init_args.predict_output, which {type(data).__name__} does not "
-                "have; use a data module that has it (src.data.ImageFolderDataModule with predict_root, "
-                "src.data.DigitsDataModule)"
-            )
-
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self.rows = []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        if not isinstance(prediction, dict) or "path" not in prediction:
-            return
-        names = getattr(trainer.datamodule, "classes", None) or []
-        for path, label, prob in zip(prediction["path"], prediction["label"].tolist(), prediction["probability"].tolist()):
-            self.rows.append((path, label, names[label] if label < len(names) else str(label), f"{prob:.6f}"))
-
-    def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        output = getattr(trainer.datamodule, "hparams", {}).get("predict_output")
-        if output is None:
-            return
-        rows = self.rows
-        if trainer.world_size > 1:
-            gathered = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        if trainer.is_global_zero:
-            folder = os.path.dirname(os.path.abspath(output))
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", newline="", dir=folder, suffix=".tmp", delete=False) as f:
-                writer = csv.writer(f)
-                writer.writerow(["path", "class_index", "class_name", "probability"])
-                writer.writerows(sorted(rows))
-            os.replace(f.name, output)  # a crash mid-write never leaves a half-written file under the name
-            print(f"wrote {len(rows)} predictions to {output}")

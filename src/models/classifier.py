@@ -33,11 +33,10 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.callbacks import FitSummary, TrainSpeed
+from src.callbacks import FitSummary, PredictionCSVWriter, TrainSpeed
 from src.checkpoints import (AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain,
                              restore_rng_state, rng_states)
 from src.checks import non_negative, positive, probability, require
-from src.data.imagefolder import PredictionCSVWriter
 from src.errors import UserError
 from src.tb import log_hparams
 

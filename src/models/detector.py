@@ -448,6 +448,20 @@ class DetectionSummary(FitSummary):
                 f"mask mAP {s['segm_mAP']:.3f} (AP50 {s['segm_mAP_50']:.3f}, AP75 {s['segm_mAP_75']:.3f})") if s else ""
 
 
+def unnormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, H, W) normalised float -> uint8 0..255."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+    return (image.float() * std_t + mean_t).clamp(0, 255).round().to(torch.uint8)
+
+
+def resize_uint8(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A (3, h, w) uint8 image resized (bilinear) to `size`."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return nn.functional.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+
+
 def draw_instances(image: torch.Tensor, instances: dict, names: Sequence[str], score_threshold: float | None) -> torch.Tensor:
     """A (3, H, W) uint8 image with the instances' masks (translucent) and boxes (labelled) drawn; with
     `score_threshold`, only detections scoring above it."""
@@ -477,8 +491,6 @@ class DetectionImageGrid(ValidationImageGrid):
         self.score_threshold = score_threshold
 
     def add_rows(self, trainer, pl_module, outputs, batch) -> None:
-        from src.data.coco import resize_uint8, unnormalise
-
         data = trainer.datamodule
         mean, std = getattr(data, "mean", (0.0, 0.0, 0.0)), getattr(data, "std", (1.0, 1.0, 1.0))
         for i, prediction in enumerate(outputs["predictions"]):
@@ -537,8 +549,6 @@ class CocoResultsWriter(BasePredictionWriter):
 
     def _draw(self, trainer, pl_module, prediction, batch, hp) -> None:
         from PIL import Image
-
-        from src.data.coco import resize_uint8, unnormalise
 
         data = trainer.datamodule
         for i, (pred, meta) in enumerate(zip(prediction["predictions"], prediction["meta"])):
