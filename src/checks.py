@@ -31,3 +31,16 @@ def increasing_pair(key: str, pair: Sequence[float], low: float = 0.0, high: flo
     """(min, max) with low < min <= max (<= high)."""
     ok = len(pair) == 2 and low < pair[0] <= pair[1] and (high is None or pair[1] <= high)
     require(ok, key, f"(min, max) with {low} < min <= max" + (f" <= {high}" if high is not None else ""), list(pair))
+
+
+# The backbone's total stride (stem /4, then three /2 downsamplings): image sides must be multiples of it. The one
+# definition: the model checks its input against it, the data modules their image and crop sizes.
+BACKBONE_STRIDE = 32
+
+
+def stride_multiple(key: str, size: int | Sequence[int]) -> None:
+    """An image side (or sides) that is a positive multiple of the backbone's stride."""
+    sides = [size] if isinstance(size, int) else list(size)
+    require(all(int(s) == s and s >= BACKBONE_STRIDE and s % BACKBONE_STRIDE == 0 for s in sides), key,
+            f"a multiple of {BACKBONE_STRIDE} (the backbone's stride)" + ("" if isinstance(size, int) else " per side"),
+            size if isinstance(size, int) else sides)

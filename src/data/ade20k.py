@@ -36,6 +36,7 @@ from src.data.imagefolder import (
     scan_images,
 )
 from src.data.sharded import ShardedDataModule
+from src.checks import require, stride_multiple
 from src.errors import DataError, InputNotFoundError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
@@ -336,8 +337,8 @@ class ADE20KDataModule(ShardedDataModule):
         predict_overwrite: bool = False,
     ):
         super().__init__()
-        if len(crop_size) != 2 or any(int(s) < 32 or int(s) % 32 for s in crop_size):
-            raise UserError(f"data.crop_size must be (height, width), multiples of 32, got {list(crop_size)}")
+        require(len(crop_size) == 2, "data.crop_size", "(height, width)", list(crop_size))
+        stride_multiple("data.crop_size", list(crop_size))
         if not 0 < ratio_range[0] <= ratio_range[1]:
             raise UserError(f"data.ratio_range must be (low, high) with 0 < low <= high, got {list(ratio_range)}")
         if not 0 < cat_max_ratio <= 1 or not 0 <= hflip <= 1:

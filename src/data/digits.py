@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from src.checks import non_negative, require
+from src.checks import non_negative, require, stride_multiple
 from src.data.imagefolder import check_output_file
 from src.errors import UserError
 
@@ -99,8 +99,7 @@ class DigitsDataModule(L.LightningDataModule):
         predict_overwrite: bool = False,
     ):
         super().__init__()
-        if image_size < 8 or image_size % 32:
-            raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+        stride_multiple("data.image_size", image_size)
         if not 0 < val_fraction < 1:
             raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         require(batch_size >= 1, "data.init_args.batch_size", ">= 1", batch_size)

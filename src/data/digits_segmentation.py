@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from src.data.digits import digit_scans
+from src.checks import stride_multiple
 from src.errors import UserError
 
 DIGITS_SEGMENTATION_CLASSES = ["background"] + [f"digit_{d}" for d in range(10)]
@@ -78,8 +79,7 @@ class DigitsSegmentationDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
-        if image_size < 32 or image_size % 32:
-            raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {image_size}")
+        stride_multiple("data.image_size", image_size)
         if not 4 <= digit_size[0] <= digit_size[1] <= image_size:
             raise UserError(f"data.digit_size must be (smallest, largest) with 4 <= smallest <= largest <= "
                             f"image_size={image_size}, got {list(digit_size)}")

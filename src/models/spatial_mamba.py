@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from src.checkpoints import CheckpointError, CheckpointKeysError, check_architecture, load_checkpoint
-from src.checks import positive, require
+from src.checks import BACKBONE_STRIDE, positive, require
 from src.errors import InputNotFoundError, UserError
 from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, structure_aware_ssm
 
-TOTAL_STRIDE = 32
+TOTAL_STRIDE = BACKBONE_STRIDE
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
