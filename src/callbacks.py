@@ -89,7 +89,7 @@ class TrainSpeed(Callback):
         self.batch_ready = time.perf_counter()  # the device is idle since the last boundary: the gap is waiting
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        last = self.timer._last
+        last = self.timer.last_boundary
         seconds = self.timer.step(batch_images(batch, trainer.world_size))
         if seconds is not None and last is not None and self.batch_ready is not None:
             self.wait += max(self.batch_ready - last, 0.0)

@@ -80,6 +80,11 @@ class StepTimer:
         return now - last
 
     @property
+    def last_boundary(self) -> float | None:
+        """perf_counter time of the last step boundary (None at the start and after `restart()`)."""
+        return self._last
+
+    @property
     def img_per_s(self) -> float | None:
         return self.images / self.seconds if self.seconds > 0 else None
 
