@@ -84,3 +84,10 @@ def test_no_timing_mode_and_unfitting_pick(fake_gpu, monkeypatch):
     narrow = ((16, 64, 4), (32, 32, 4))
     assert tuning.pick_config("fusion_fwd", ("c",), narrow, timed.append, tokens=3136, half=True) == (32, 32, 4)
     assert sorted(timed) == sorted(narrow)
+
+
+def test_unknown_tuning_mode_is_refused(fake_gpu, monkeypatch):
+    timed, _ = fake_gpu
+    monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "yes")
+    with pytest.raises(ValueError, match="SPATIAL_MAMBA_TUNE must be auto, 0 or 1, got 'yes'"):
+        tuning.pick_config("fusion_fwd", ("x",), CANDIDATES, timed.append, tokens=3136, half=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import triton
 
+from src.errors import UserError
+
 _TUNED: dict[tuple, tuple[int, ...]] = {}  # (kernel, shape key, device index) -> config
 
 # Winners of the timing on an H100 (Triton 3.6, bf16, batch 128, Spatial-Mamba-T's four stages: 56², 28², 14², 7²
@@ -72,6 +74,8 @@ def pick_config(name: str, key: tuple, candidates, run, tokens: int | None = Non
     if fast in _TUNED:
         return _TUNED[fast]
     mode = os.environ.get("SPATIAL_MAMBA_TUNE", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise UserError(f"SPATIAL_MAMBA_TUNE must be auto, 0 or 1, got {mode!r}")
     pick = measured_pick(name, tokens, device) if half and tokens is not None and mode != "1" else None
     pick = pick if pick in candidates else None
     if mode == "0" or torch.cuda.is_current_stream_capturing():
