@@ -113,6 +113,8 @@ def test_flops_command_on_published_config(tmp_path):
         (["--model.init_args.num_classes", "7"], "error: model.init_args.num_classes=7 but the backbone's head has 10"),
         (["--model.init_args.lr", "0"], "error: model.init_args.lr must be > 0"),
         (["--model.init_args.min_lr", "0.1"], "error: model.init_args.min_lr must be in [0, lr=0.003]"),
+        (["--model.init_args.compile_memory_budget", "1.5"],
+         "error: model.init_args.compile_memory_budget must be a number in (0, 1]"),
     ],
 )
 def test_bad_input_gives_one_line(tmp_path, args, message):

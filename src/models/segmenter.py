@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJac
 
 from src.callbacks import FitSummary, ValidationImageGrid, adopt_data_classes
 from src.checkpoints import check_architecture
+from src.compiling import DEFAULT_MEMORY_BUDGET, compile_for_training
 from src.errors import UserError
 from src.models.upernet import FCNHead, UperNetHead, resize
 from src.tb import log_hparams
@@ -91,6 +92,8 @@ class SemanticSegmenter(L.LightningModule):
         grid_images: validation images drawn as input | ground truth | prediction in TensorBoard each
             validation epoch (0: none).
         compile: `torch.compile` the backbone (fixed training crops; validation sizes vary and recompile).
+        compile_memory_budget: activation memory budget of the compiled training graph, in (0, 1] (see
+            src/compiling.py; 1 = the partitioner's default, less = recompute more in the backward).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class SemanticSegmenter(L.LightningModule):
         test_flip: bool = False,
         grid_images: int = 4,
         compile: bool = False,
+        compile_memory_budget: float = DEFAULT_MEMORY_BUDGET,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -154,7 +158,8 @@ class SemanticSegmenter(L.LightningModule):
     def setup(self, stage: str) -> None:
         adopt_data_classes(self, "classes")
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.backbone.compile()
+            compile_for_training(self.backbone, memory_budget=self.hparams.compile_memory_budget,
+                                 key="model.init_args.compile_memory_budget")
             self._compiled = True
 
     # ---- forward ----
