@@ -9,7 +9,8 @@ Every row is training img/s as src.timing defines it (images of timed steps ÷ w
 step boundaries, after `--warmup` steps), batch 128, bf16, 224², fused backend, in one process:
 
   loop rows      the loop of throughput.py (synthetic tensors on the GPU, channels_last, fused AdamW, cudnn
-                 benchmark and TF32 on), then the same loop with the recipe's layout and optimizer
+                 benchmark and TF32 on), the same loop plus MESA's teacher forward (`throughput.py --mesa`: the
+                 work the recipe does with MESA on), then the loop with the recipe's layout and optimizer
                  (contiguous NCHW, foreach AdamW, cudnn benchmark off).
   recipe rows    `main.py fit` of configs/imagenet/recipe.yaml (the T recipe: ImageFolder loader with timm
                  augmentation in `--workers` processes, mixup/cutmix, EMA, MESA active, clipping 5, TensorBoard +
@@ -51,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from src.callbacks import batch_images  # noqa: E402
+from src.compiling import DEFAULT_MEMORY_BUDGET, set_memory_budget  # noqa: E402
 from src.data.imagefolder import ImageFolderDataModule  # noqa: E402
 from src.timing import StepTimer  # noqa: E402
 
@@ -216,8 +218,9 @@ def build_backbone(args, classes: int) -> nn.Module:
     return spatial_mamba_t(backend=args.backend, num_classes=classes)
 
 
-def run_loop(args, compiled: bool, as_throughput_py: bool, classes: int = 1000) -> dict:
-    """throughput.py's training loop (`measure`), or the same loop with the recipe's layout and optimizer."""
+def run_loop(args, compiled: bool, as_throughput_py: bool, classes: int = 1000, mesa: bool = False) -> dict:
+    """throughput.py's training loop (`measure`; with `mesa`, plus MESA's teacher forward as the recipe runs it),
+    or the same loop with the recipe's layout and optimizer."""
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = None if args.cpu else torch.bfloat16
     torch.manual_seed(0)
@@ -227,8 +230,9 @@ def run_loop(args, compiled: bool, as_throughput_py: bool, classes: int = 1000) 
         if as_throughput_py:
             import throughput
 
+            set_memory_budget(DEFAULT_MEMORY_BUDGET)  # as the recipe's compile_memory_budget default
             ips, peak, compile_s = throughput.measure(model, device, args.batch, args.size, dtype, compiled,
-                                                      args.warmup, args.steps, train=True)
+                                                      args.warmup, args.steps, train=True, mesa=mesa)
             return {"img_per_s": ips, "compile_s": compile_s if compiled else None, "timed_steps": args.steps,
                     "peak_gib": peak if device.type == "cuda" else None}
         model = model.to(device).train()
@@ -252,11 +256,19 @@ def run_loop(args, compiled: bool, as_throughput_py: bool, classes: int = 1000) 
 
 
 # ---------------------------------------------------------------- table
+MESA_OFF = ("MESA off", "all of the above off")
+LOOP, LOOP_MESA = "throughput.py loop", "throughput.py loop + MESA teacher"
+
+
 def table(rows: list[dict]) -> str:
-    loop = {r["mode"]: r["img_per_s"] for r in rows if r["name"] == "throughput.py loop" and r.get("img_per_s")}
+    """One line per row; "÷ same-work loop" divides a recipe row by the throughput.py loop doing the same model
+    work: with MESA's teacher forward where the row has MESA on, without where it is off."""
+    loop = {r["mode"]: r["img_per_s"] for r in rows if r["name"] == LOOP and r.get("img_per_s")}
+    loop_mesa = {r["mode"]: r["img_per_s"] for r in rows if r["name"] == LOOP_MESA and r.get("img_per_s")}
     full = {r["mode"]: r["img_per_s"] for r in rows if r["name"] == "full recipe" and r.get("img_per_s")}
-    lines = ["| variant | mode | train img/s | ÷ throughput.py loop | ÷ full recipe | peak GiB | compile s | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | mode | train img/s | ÷ throughput.py loop | ÷ same-work loop | ÷ full recipe | peak GiB | "
+             "compile s | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ips = r.get("img_per_s")
 
@@ -265,7 +277,9 @@ def table(rows: list[dict]) -> str:
             return f"{ips / b:.2f}" if ips and b else "–"
 
         fmt = lambda v, d: f"{v:.{d}f}" if isinstance(v, (int, float)) else "–"  # noqa: E731
-        lines.append(f"| {r['name']} | {r['mode']} | {fmt(ips, 0)} | {ratio(loop)} | {ratio(full)} | "
+        recipe_row = not r["name"].startswith("throughput.py loop") and not r["name"].startswith("loop,")
+        same_work = (loop if any(k in r["name"] for k in MESA_OFF) else loop_mesa) if recipe_row else {}
+        lines.append(f"| {r['name']} | {r['mode']} | {fmt(ips, 0)} | {ratio(loop)} | {ratio(same_work)} | {ratio(full)} | "
                      f"{fmt(r.get('peak_gib'), 1)} | {fmt(r.get('compile_s'), 0)} | {r.get('note', '')} |")
     return "\n".join(lines)
 
@@ -320,13 +334,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     plan = []  # (name, mode, runner)
     if "eager" in modes:
-        plan.append(("throughput.py loop", "eager", lambda: run_loop(args, False, True)))
+        plan.append((LOOP, "eager", lambda: run_loop(args, False, True)))
+        plan.append((LOOP_MESA, "eager", lambda: run_loop(args, False, True, mesa=True)))
         plan.append(("loop, recipe layout + AdamW", "eager", lambda: run_loop(args, False, False)))
         for name, data, changes in RECIPE_VARIANTS:
             plan.append((name, "eager", functools.partial(run_recipe, args, recipe, name, data, False, classes, changes)))
     if "compiled" in modes:
         # the loop first: it compiles the backbone's training graph, whose cache entries the recipe rows reuse
-        plan.append(("throughput.py loop", "compiled", lambda: run_loop(args, True, True)))
+        plan.append((LOOP, "compiled", lambda: run_loop(args, True, True)))
+        plan.append((LOOP_MESA, "compiled", lambda: run_loop(args, True, True, mesa=True)))
         plan.append(("synthetic data", "compiled",
                      functools.partial(run_recipe, args, recipe, "synthetic data", "synthetic", True, classes, [])))
         plan.append(("full recipe", "compiled",

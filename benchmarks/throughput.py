@@ -1,21 +1,28 @@
 """Whole-model throughput: training img/s (forward + backward + AdamW step), inference img/s and peak
-training memory, per model × backend × precision × eager/compiled, with ConvNeXt-T and Swin-T (timm)
-measured in the same run as baselines.
+training memory, per model × backend × precision × eager/compiled, with timm baselines measured in the
+same run (ConvNeXt-T and Swin-T by default; `--baselines peers` adds ConvNeXt-S/B and MambaOut-T).
 
     python benchmarks/throughput.py                                  # T, auto backend, bf16, compiled
     python benchmarks/throughput.py --models t,s,b --backends fused,triton --precisions bf16,fp16 --modes eager,compiled
     python benchmarks/throughput.py --config configs/spatial_mamba_t.yaml
+    python benchmarks/throughput.py --models t,s,b --modes eager,compiled --baselines peers --json /tmp/tp.json
+    python benchmarks/throughput.py --mesa                           # + the recipe's MESA teacher forward
     python benchmarks/throughput.py --cpu                            # quick look on a CPU (tiny batch)
 
-Protocol: batch 128, 224², 10 warm-up + 30 timed steps, AMP. Prints a table and,
-with --record, appends it to benchmarks/RESULTS.md with date, device, versions and commit.
+Protocol: batch 128, 224², 10 warm-up + 30 timed steps, AMP. Prints a table (rows as they finish, the
+table at the end), writes the rows as JSON (`--json`, default throughput.json) and, with --record, appends
+the table to benchmarks/RESULTS.md with date, device, versions and commit. `--mesa` adds to every training
+step what MESA adds in the recipe: a no-grad forward of a frozen copy of the model (the EMA teacher, in eval
+mode), so the recipe's img/s can be compared with this loop's at the same work.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -26,10 +33,16 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
+from src.compiling import DEFAULT_MEMORY_BUDGET, set_memory_budget  # noqa: E402
 from src.timing import StepTimer  # noqa: E402
 
 FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+BASELINES = {  # names for --baselines; anything else is passed to timm.create_model as is
+    "default": ["convnext_tiny", "swin_tiny_patch4_window7_224"],
+    "peers": ["convnext_tiny", "convnext_small", "convnext_base", "swin_tiny_patch4_window7_224", "mambaout_tiny"],
+}
+RATIO_BASES = ("convnext_tiny", "swin_tiny_patch4_window7_224")
 
 
 def build(name: str, backend: str) -> nn.Module:
@@ -48,14 +61,19 @@ def build(name: str, backend: str) -> nn.Module:
 
 
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool, warmup: int, steps: int,
-            train: bool) -> tuple[float, float, float]:
+            train: bool, mesa: bool = False) -> tuple[float, float, float]:
     """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
-    wall time (tracing, compiling, kernel tile tuning) less a steady step's."""
+    wall time (tracing, compiling, kernel tile tuning) less a steady step's. `mesa`: every training step also
+    runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher."""
     model = model.to(device).train(train)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     fn = torch.compile(model) if compiled else model
+    teacher = None
+    if mesa and train:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = torch.compile(teacher) if compiled else teacher
     x = torch.randn(batch, 3, size, size, device=device)
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
@@ -69,7 +87,12 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
             if not train:
                 with torch.inference_mode():
                     return fn(x)
-            loss = crit(fn(x).float(), y)
+            logits = fn(x).float()
+            loss = crit(logits, y)
+            if teacher is not None:  # MESA: cross-entropy against the teacher's softmax, as the recipe's
+                with torch.no_grad():
+                    soft = teacher(x).float().softmax(-1)
+                loss = loss + torch.sum(-soft * logits.log_softmax(-1), dim=-1).mean()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -88,14 +111,14 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
 
 def run_one(name, backend, prec, mode, args, device) -> dict:
     row = dict(model=name, backend=backend if name in FACTORIES or name.endswith(".yaml") else "-",
-               precision=prec, mode=mode)
-    for train in (True, False):
+               precision=prec, mode=mode + (" + MESA" if args.mesa else ""))
+    for train in (True,) if args.no_infer else (True, False):
         key = "train" if train else "infer"
         try:
             torch.manual_seed(0)
             model = build(name, backend)
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], mode == "compiled",
-                                       args.warmup, args.steps, train)
+                                       args.warmup, args.steps, train, mesa=args.mesa)
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
             if train:
@@ -112,7 +135,7 @@ def run_one(name, backend, prec, mode, args, device) -> dict:
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(f"  {name:>16} {row['backend']:>7} {prec} {mode:>8} {key}: {row.get(f'{key}_ips', float('nan')):8.1f} img/s"
+        print(f"  {name:>28} {row['backend']:>7} {prec} {row['mode']:>8} {key}: {row.get(f'{key}_ips', float('nan')):8.1f} img/s"
               + (f"  {row['note']}" if "note" in row else ""), flush=True)
     return row
 
@@ -123,9 +146,9 @@ def table(rows: list[dict], baselines: dict) -> str:
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         compile_s = (f"{r.get('train_compile_s', float('nan')):.0f} / {r.get('infer_compile_s', float('nan')):.0f}"
-                     if r["mode"] == "compiled" else "-")
+                     if r["mode"].startswith("compiled") else "-")
         ratios = []
-        for base in ("convnext_tiny", "swin_tiny_patch4_window7_224"):
+        for base in RATIO_BASES:
             b = baselines.get((base, r["precision"], r["mode"]))
             ratios.append(f"{r['train_ips'] / b:.2f}" if b else "-")
         lines.append(
@@ -147,7 +170,17 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--no-baselines", action="store_true", help="skip ConvNeXt-T / Swin-T")
+    p.add_argument("--baselines", default="default",
+                   help="timm models measured first, comma list; 'default' = ConvNeXt-T, Swin-T; 'peers' = "
+                        "ConvNeXt-T/S/B, Swin-T, MambaOut-T")
+    p.add_argument("--no-baselines", action="store_true", help="skip the timm baselines")
+    p.add_argument("--mesa", action="store_true", help="add MESA's teacher forward to every training step")
+    p.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET,
+                   help="activation memory budget of compiled training graphs, as the LightningModules' "
+                        "compile_memory_budget (src/compiling.py; 1 = the partitioner's default, less = recompute "
+                        "more in the backward)")
+    p.add_argument("--no-infer", action="store_true", help="training rows only")
+    p.add_argument("--json", default="throughput.json", help="the rows as JSON (with device, versions, commit)")
     p.add_argument("--cpu", action="store_true", help="quick look on the CPU: batch 4, 2 + 3 steps, eager fp32")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
@@ -163,8 +196,14 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     models = [m for m in args.models.split(",") if m] + args.config
+    if not 0 < args.memory_budget <= 1:
+        sys.exit(f"error: --memory-budget must be in (0, 1], got {args.memory_budget}")
+    set_memory_budget(args.memory_budget)
     precisions, modes = args.precisions.split(","), args.modes.split(",")
 
+    baseline_names = []
+    for item in args.baselines.split(","):
+        baseline_names += [b for b in BASELINES.get(item.strip(), [item.strip()]) if b and b not in baseline_names]
     baselines, rows = {}, []
     have_timm = False
     try:
@@ -176,9 +215,9 @@ def main() -> None:
     for prec in precisions:
         for mode in modes:
             if have_timm:
-                for base in ("convnext_tiny", "swin_tiny_patch4_window7_224"):
+                for base in baseline_names:
                     r = run_one(base, "-", prec, mode, args, device)
-                    baselines[(base, prec, mode)] = r.get("train_ips")
+                    baselines[(base, prec, r["mode"])] = r.get("train_ips")
                     rows.append(r)
             for name in models:
                 for backend in args.backends.split(","):
@@ -192,9 +231,16 @@ def main() -> None:
     import triton
 
     header = (f"{datetime.date.today()} · {dev} · torch {torch.__version__} · triton {triton.__version__} · commit "
-              f"{commit or '?'} · batch {args.batch}, {args.size}², {args.warmup} warm-up + {args.steps} timed steps")
+              f"{commit or '?'} · batch {args.batch}, {args.size}², {args.warmup} warm-up + {args.steps} timed steps"
+              + (f" · compiled with activation memory budget {args.memory_budget}" if "compiled" in modes else ""))
     text = f"{header}\n\n{table(rows, baselines)}\n"
     print("\n" + text)
+    with open(args.json, "w") as f:
+        json.dump({"header": header, "device": dev, "torch": torch.__version__, "triton": triton.__version__,
+                   "commit": commit, "argv": sys.argv[1:],
+                   "rows": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]},
+                  f, indent=1)
+    print(f"rows written to {args.json}")
     if args.record:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
         with open(path, "a") as f:

@@ -113,19 +113,27 @@ def test_recipe_overhead_script_on_the_cpu(tmp_path):
 
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_recipe_overhead.py"), "--cpu", "--root", str(tmp_path / "data"),
-         "--out", str(tmp_path / "out"), "--only", "throughput.py loop; full recipe; synthetic, EMA + MESA off",
+         "--out", str(tmp_path / "out"), "--only",
+         "throughput.py loop; throughput.py loop + MESA teacher; full recipe; synthetic, EMA + MESA off",
          "--modes", "eager,compiled", "--budget-s", "100000"],
         cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "overhead.json").read_text())["rows"]
     assert [(r["name"], r["mode"]) for r in rows] == [
-        ("throughput.py loop", "eager"), ("full recipe", "eager"), ("synthetic, EMA + MESA off", "eager"),
-        ("throughput.py loop", "compiled"), ("full recipe", "compiled")]
+        ("throughput.py loop", "eager"), ("throughput.py loop + MESA teacher", "eager"), ("full recipe", "eager"),
+        ("synthetic, EMA + MESA off", "eager"), ("throughput.py loop", "compiled"),
+        ("throughput.py loop + MESA teacher", "compiled"), ("full recipe", "compiled")]
     for r in rows:
         assert r.get("img_per_s", 0) > 0 and "note" not in r, r
         assert (r["compile_s"] is not None) == (r["mode"] == "compiled"), r
     assert "| full recipe | eager |" in out.stdout and "| 1.00 |" in out.stdout
+    # the full recipe (MESA on) is compared with the loop that runs the teacher too, the MESA-off row without it
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.stdout.splitlines()
+             if line.startswith("| ") and " | eager | " in line}
+    mesa_loop = float(table["throughput.py loop + MESA teacher"][2])
+    assert table["full recipe"][4] == f"{float(table['full recipe'][2]) / mesa_loop:.2f}"
+    assert table["throughput.py loop + MESA teacher"][4] == "–"
 
 
 # ---------- ImageFolderDataModule(decoder="torchvision") ----------
