@@ -20,12 +20,13 @@ from torchmetrics.detection import MeanAveragePrecision
 
 import main
 from tests.recipes import on_cpu, stopping_after
+from tests.test_coco_configs import RECIPE as COCO_RECIPE, coco_run_config
 from src.data.coco import COCODataModule, CocoAnnotations, CocoInstances, collate_detection, decode_masks
 from src.models.detector import Detector, StepSchedule, coco_scores
 from src.models.spatial_mamba import SpatialMamba
 
 ROOT = Path(main.__file__).parent
-COCO_CONFIGS = sorted((ROOT / "configs" / "coco").glob("mask_rcnn_spatial_mamba_*.yaml"))
+COCO_CONFIGS = sorted((ROOT / "configs" / "coco").glob("mask_rcnn_spatial_mamba_*.yaml"))  # run files (on the recipe)
 TINY = dict(dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], backend="torch", drop_path_rate=0.0)
 TINY_HEADS = dict(fpn_channels=16, box_head_channels=32, mask_head_channels=8, mask_head_convs=2,
                   rpn_pre_nms_train=200, rpn_post_nms_train=50, rpn_pre_nms_test=100, rpn_post_nms_test=50,
@@ -393,7 +394,7 @@ def test_coco_configs_are_the_paper_recipe():
     names = sorted(p.stem for p in COCO_CONFIGS)
     assert names == [f"mask_rcnn_spatial_mamba_{s}" for s in ("b_1x", "s_1x", "s_3x", "t_1x", "t_3x")]
     for path in COCO_CONFIGS:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = coco_run_config(path)
         model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
         backbone = model["backbone"]["init_args"]
         size, schedule = path.stem.split("_")[-2:]
@@ -412,7 +413,7 @@ def test_coco_configs_are_the_paper_recipe():
 @pytest.mark.parametrize("path", COCO_CONFIGS, ids=lambda p: p.stem)
 def test_coco_config_parses_with_every_knob(path, capsys):
     with pytest.raises(SystemExit) as info:
-        main.cli(["fit", "--config", str(path), "--print_config"])
+        main.cli(["fit", "--config", str(COCO_RECIPE), "--config", str(path), "--print_config"])
     assert info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "src.models.Detector" and "mask_head_convs" in printed["model"]["init_args"]
@@ -420,8 +421,9 @@ def test_coco_config_parses_with_every_knob(path, capsys):
 
 
 def coco_config(tmp_path: Path, root: Path, config: Path = None, tiny: bool = True, **trainer) -> Path:
-    """A configs/coco recipe on the CPU with small images (tiny widths unless `tiny` is False)."""
-    cfg = yaml.safe_load((config or ROOT / "configs" / "coco" / "mask_rcnn_spatial_mamba_t_1x.yaml").read_text())
+    """A configs/coco run (the recipe + a run file, T 1× by default) as one file, on the CPU with small images (tiny
+    widths unless `tiny` is False)."""
+    cfg = coco_run_config(config or ROOT / "configs" / "coco" / "mask_rcnn_spatial_mamba_t_1x.yaml")
     on_cpu(cfg, tmp_path, **{"max_epochs": 2, **trainer})
     model = cfg["model"]["init_args"]
     model.update(num_classes=2, warmup_iters=2, milestones=[1])
