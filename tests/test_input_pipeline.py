@@ -229,7 +229,7 @@ def test_tensor_augment_ops_match_timm_pil_ops(name, args):
     from PIL import Image
     from timm.data.auto_augment import NAME_TO_OP
 
-    from src.data.imagefolder import _tensor_ops
+    from src.data.tensor_augment import _tensor_ops
 
     h, w = 48, 64
     yy, xx = np.mgrid[0:h, 0:w]
