@@ -4,6 +4,7 @@ img/s in a few repeated windows (compiled throughput varies from process to proc
 
     python benchmarks/cold_start.py                          # T, fused, bf16, batch 128: eager and compiled
     python benchmarks/cold_start.py --models t,s --modes compiled --windows 5
+    python benchmarks/cold_start.py --modes compiled,regional     # whole graph against one graph per stage shape
 
 Each model × mode runs in its own child process (fresh caches under a temporary folder). Prints one JSON line
 per run and a Markdown table at the end. Needs a CUDA GPU.
@@ -35,8 +36,10 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     torch.manual_seed(0)
     model = getattr(spatial_mamba, f"spatial_mamba_{model_name}")(backend="fused")
     model = model.to(device).to(memory_format=torch.channels_last)
-    if mode == "compiled":
-        model.compile()
+    if mode in ("compiled", "regional"):
+        from src.compiling import compile_for_training
+
+        compile_for_training(model, regional=mode == "regional")  # the LightningModules' default memory budget
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -66,7 +69,7 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="t", help="comma list of t, s, b")
-    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled (whole graph), regional")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
@@ -79,10 +82,10 @@ def main() -> None:
         print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
                                            args.windows)), flush=True)
         return
-    bad = [m for m in args.modes.split(",") if m not in ("eager", "compiled")]
+    bad = [m for m in args.modes.split(",") if m not in ("eager", "compiled", "regional")]
     bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
     if bad:
-        raise UserError(f"unknown model or mode {bad}; models are t, s, b and modes eager, compiled")
+        raise UserError(f"unknown model or mode {bad}; models are t, s, b and modes eager, compiled, regional")
     rows = []
     for model_name in args.models.split(","):
         for mode in args.modes.split(","):

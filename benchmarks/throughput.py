@@ -60,20 +60,25 @@ def build(name: str, backend: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
-def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool, warmup: int, steps: int,
+def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool | str, warmup: int, steps: int,
             train: bool, mesa: bool = False) -> tuple[float, float, float]:
     """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
-    wall time (tracing, compiling, kernel tile tuning) less a steady step's. `mesa`: every training step also
+    wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
+    "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape). `mesa`: every training step also
     runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher."""
     model = model.to(device).train(train)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    fn = torch.compile(model) if compiled else model
-    teacher = None
-    if mesa and train:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        teacher = torch.compile(teacher) if compiled else teacher
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if mesa and train else None
+    fn = model
+    if compiled == "regional":  # the backbone's own regional compile, in place (as the LightningModules do)
+        model.compile(regional=True)
+        if teacher is not None:
+            teacher.compile(regional=True)
+    elif compiled:
+        fn = torch.compile(model)
+        teacher = torch.compile(teacher) if teacher is not None else None
     x = torch.randn(batch, 3, size, size, device=device)
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
@@ -117,7 +122,9 @@ def run_one(name, backend, prec, mode, args, device) -> dict:
         try:
             torch.manual_seed(0)
             model = build(name, backend)
-            ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], mode == "compiled",
+            regional = mode == "regional" and row["backend"] != "-"  # the timm baselines: whole graph
+            ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec],
+                                       "regional" if regional else mode in ("compiled", "regional"),
                                        args.warmup, args.steps, train, mesa=args.mesa)
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
@@ -146,7 +153,7 @@ def table(rows: list[dict], baselines: dict) -> str:
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         compile_s = (f"{r.get('train_compile_s', float('nan')):.0f} / {r.get('infer_compile_s', float('nan')):.0f}"
-                     if r["mode"].startswith("compiled") else "-")
+                     if r["mode"].startswith(("compiled", "regional")) else "-")
         ratios = []
         for base in RATIO_BASES:
             b = baselines.get((base, r["precision"], r["mode"]))
@@ -165,7 +172,8 @@ def main() -> None:
     p.add_argument("--config", action="append", default=[], help="a config file whose backbone to measure")
     p.add_argument("--backends", default="auto")
     p.add_argument("--precisions", default="bf16")
-    p.add_argument("--modes", default="compiled", help="eager,compiled")
+    p.add_argument("--modes", default="compiled", help="eager,compiled,regional (regional: Spatial-Mamba's "
+                   "one graph per stage shape; the baselines compile whole)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)
@@ -232,7 +240,7 @@ def main() -> None:
 
     header = (f"{datetime.date.today()} · {dev} · torch {torch.__version__} · triton {triton.__version__} · commit "
               f"{commit or '?'} · batch {args.batch}, {args.size}², {args.warmup} warm-up + {args.steps} timed steps"
-              + (f" · compiled with activation memory budget {args.memory_budget}" if "compiled" in modes else ""))
+              + (f" · compiled with activation memory budget {args.memory_budget}" if {"compiled", "regional"} & set(modes) else ""))
     text = f"{header}\n\n{table(rows, baselines)}\n"
     print("\n" + text)
     with open(args.json, "w") as f:

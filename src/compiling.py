@@ -14,9 +14,17 @@ H200, fresh processes): budget 1.0 peaked at 12.9 GB and trained at 1545 img/s, 
 
 The setting is process-wide and read when a graph is compiled (at the first call of a compiled module), so it
 is set here, before that call; every module compiled afterwards in the process gets the same budget.
+
+Regional compilation (`compile_regional`) compiles each block on its own; the blocks of a stage share one graph
+(their drop-path rates are graph inputs), so T needs 4 block graphs instead of one graph of 18 blocks. Its
+compile time and speed against the whole graph are to be measured again on a GPU: the earlier measurement
+(slower on both) was taken while each block's drop-path rate was a constant of its graph, i.e. with one graph
+per block.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch.nn as nn
 
@@ -37,10 +45,21 @@ def set_memory_budget(budget: float, key: str = "compile_memory_budget") -> None
 
 
 def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-                         key: str = "compile_memory_budget") -> None:
+                         regional: bool = False, key: str = "compile_memory_budget") -> None:
     """`module.compile()` (in place: parameter names and checkpoint keys unchanged) of each module given (None
-    entries are skipped), with `memory_budget` set first (see the module docstring)."""
+    entries are skipped), with `memory_budget` set first (see the module docstring). `regional`: the module's
+    own regional compilation (`SpatialMamba.compile(regional=True)`: one graph per stage shape, shared by the
+    blocks of the stage) instead of one whole graph; a module without it is refused."""
     set_memory_budget(memory_budget, key)
     for module in modules:
-        if module is not None:
+        if module is None:
+            continue
+        if not regional:
             module.compile()
+            continue
+        if "regional" not in inspect.signature(module.compile).parameters:
+            from src.errors import UserError
+
+            raise UserError(f"compile_regional: {type(module).__name__} has no regional compilation (a Spatial-Mamba "
+                            "backbone has); set compile_regional to false")
+        module.compile(regional=True)

@@ -77,3 +77,19 @@ def test_compile_for_training_skips_none_and_compiles_in_place():
     compile_for_training(model, None, memory_budget=0.9)
     assert model._compiled_call_impl is not None and [n for n, _ in model.named_parameters()] == names
     assert functorch_config.activation_memory_budget == 0.9
+
+
+def test_regional_compile_is_reached_from_the_config(monkeypatch):
+    calls = []
+    from src.models.spatial_mamba import SpatialMamba
+
+    monkeypatch.setattr(SpatialMamba, "compile", lambda self, *a, regional=False, **k: calls.append(regional))
+    cli = main.cli(["--model.init_args.compile=true", "--model.init_args.compile_regional=true",
+                    "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
+    cli.model.setup("fit")
+    assert calls == [True]
+
+
+def test_regional_compile_of_a_module_without_it_is_refused():
+    with pytest.raises(UserError, match="compile_regional: Linear has no regional compilation"):
+        compile_for_training(torch.nn.Linear(2, 2), regional=True)

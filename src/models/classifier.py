@@ -65,6 +65,8 @@ class ImageClassifier(L.LightningModule):
             1 saves what the partitioner saves by default, 0.8 recomputes cheap ops and the SSM op's forward
             in the backward instead — T at batch 128 bf16 peaked at 9.0 GB instead of 12.9 GB at the same
             img/s on an H200. Used only when compiling.
+        compile_regional: compile each block on its own (one graph per stage shape, shared by the blocks of
+            the stage; src/compiling.py) instead of the whole backbone as one graph. Off by default.
         channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
             layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
             slower with NCHW images and the foreach AdamW than with this. Ignored on other devices.
@@ -100,6 +102,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.1,
         compile: bool | None = None,
         compile_memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        compile_regional: bool = False,
         channels_last: bool = True,
         lr_base_batch: int | None = None,
         mixup: float = 0.0,
@@ -203,7 +206,7 @@ class ImageClassifier(L.LightningModule):
         if use and not getattr(self, "_compiled", False):
             compile_for_training(self.backbone, self.ema.module if self.ema is not None else None,
                                  memory_budget=self.hparams.compile_memory_budget,
-                                 key="model.init_args.compile_memory_budget")
+                                 regional=self.hparams.compile_regional, key="model.init_args.compile_memory_budget")
             self._compiled = True
 
     def _batch_size(self) -> int | None:

@@ -94,6 +94,8 @@ class SemanticSegmenter(L.LightningModule):
         compile: `torch.compile` the backbone (fixed training crops; validation sizes vary and recompile).
         compile_memory_budget: activation memory budget of the compiled training graph, in (0, 1] (see
             src/compiling.py; 1 = the partitioner's default, less = recompute more in the backward).
+        compile_regional: compile each block on its own (one graph per stage shape, shared by the blocks of
+            the stage; src/compiling.py) instead of the whole backbone as one graph. Off by default.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class SemanticSegmenter(L.LightningModule):
         grid_images: int = 4,
         compile: bool = False,
         compile_memory_budget: float = DEFAULT_MEMORY_BUDGET,
+        compile_regional: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -159,7 +162,7 @@ class SemanticSegmenter(L.LightningModule):
         adopt_data_classes(self, "classes")
         if self.hparams.compile and not getattr(self, "_compiled", False):
             compile_for_training(self.backbone, memory_budget=self.hparams.compile_memory_budget,
-                                 key="model.init_args.compile_memory_budget")
+                                 regional=self.hparams.compile_regional, key="model.init_args.compile_memory_budget")
             self._compiled = True
 
     # ---- forward ----

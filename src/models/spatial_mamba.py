@@ -25,9 +25,10 @@ from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, structure_aware_ssm
 TOTAL_STRIDE = BACKBONE_STRIDE
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
-    if p == 0.0 or not training:
+def drop_path(x: torch.Tensor, p: float | torch.Tensor, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability p (a number, or a 0-d
+    tensor, which a compiled graph takes as an input instead of a constant)."""
+    if not training or (not isinstance(p, torch.Tensor) and p == 0.0):
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
     return x * keep / (1.0 - p)
@@ -147,6 +148,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
         self.drop_path = drop_path
+        # the rate as a tensor too: compiled, each block's graph then takes it as an input rather than baking
+        # it in, so the blocks of a stage, whose rates differ, share one graph under regional compilation
+        self.register_buffer("drop_prob", torch.tensor(float(drop_path)), persistent=False)
 
     @staticmethod
     def _cpe(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +158,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self._cpe(self.cpe1, x)
-        x = x + drop_path(self.ssm(self.norm1(x)), self.drop_path, self.training)
+        x = x + drop_path(self.ssm(self.norm1(x)), self.drop_prob, self.training)
         x = x + self._cpe(self.cpe2, x)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
         return x
 
 
@@ -324,6 +328,35 @@ class SpatialMamba(nn.Module):
                 m.backend = backend
         self.backend = backend
 
+    # graphs a regionally compiled block may need: 4 stage shapes × train / eval × a few batch sizes (the last,
+    # smaller batch of an epoch; validation's), over dynamo's default of 8 per code object, past which it would
+    # quietly run the block eagerly
+    RECOMPILE_LIMIT = 32
+
+    def compile(self, *args, regional: bool = False, **kwargs) -> None:
+        """`torch.compile` in place (parameter names unchanged), by default the whole forward as one graph.
+        regional=True compiles the stem, each downsample and each block on its own: the blocks of a stage have
+        the same shapes (and take their drop-path rate as an input), so dynamo compiles one graph per stage and
+        reuses it for every block of that stage — fewer, smaller graphs to compile, no fusion across blocks.
+        Other arguments go to `torch.compile`; regional shapes are static unless `dynamic` is given."""
+        if not regional:
+            super().compile(*args, **kwargs)
+            return
+        # static shapes: the stages differ in size, and dynamo's automatic dynamic shapes would turn the second
+        # stage's graph into a symbolic one whose guards then fail on the next block (a graph per block again)
+        kwargs.setdefault("dynamic", False)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), self.RECOMPILE_LIMIT))
+        for module in (self.stem, *self.downsamples, *(block for stage in self.stages for block in stage)):
+            module.compile(*args, **kwargs)
+
+    @staticmethod
+    def _stage_input(x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H, W, C), contiguous: free for channels-last maps (the GPU default), whose permute
+        is a contiguous view; otherwise one copy. Every block of a stage then sees the same strides, so a
+        regionally compiled stage needs one graph, not one for its first block and one for the rest."""
+        return x.permute(0, 2, 3, 1).contiguous()
+
     def architecture(self) -> dict:
         """Architecture knobs (plain values) and the kernel backend, which computes the same function."""
         return {**self._architecture, "backend": self.backend}
@@ -349,7 +382,7 @@ class SpatialMamba(nn.Module):
         """The stage maps (B, C_i, H/2^(i+2), W/2^(i+2)), strides 4, 8, 16, 32: all four, or with
         features_only those of `out_indices` (LayerNorm-ed)."""
         self.check_input(x)
-        x = self.stem(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        x = self._stage_input(self.stem(x))
         features = []
         last = self.out_indices[-1] if self.features_only else 3
         for i, stage in enumerate(self.stages[: last + 1]):
@@ -363,7 +396,7 @@ class SpatialMamba(nn.Module):
             elif i in self.out_indices:
                 features.append(self.feature_norms[str(i)](x).permute(0, 3, 1, 2))
             if i < last:
-                x = self.downsamples[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+                x = self._stage_input(self.downsamples[i](x.permute(0, 3, 1, 2)))
         return features
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Compilation of the backbone (`SpatialMamba.compile`, in place): the whole forward as one graph by default;
+regional on request (the stem, each downsample and each block compiled on their own, the blocks of a stage
+sharing one graph), with the same outputs and gradients as eager. Dynamo's "eager" backend keeps it fast on a
+CPU: what is checked is the graph capture and reuse, not Inductor's code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from src.models.spatial_mamba import SpatialMamba
+
+
+def _model(drop_path_rate=0.0, **kw):
+    torch.manual_seed(0)
+    return SpatialMamba(num_classes=10, dims=(8, 16, 32, 64), depths=(2, 3, 2, 1), drop_path_rate=drop_path_rate,
+                        backend="torch", **kw)
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])
+def test_regional_compile_shares_one_graph_per_stage_and_matches_eager(drop_path_rate):
+    """With stochastic depth on, every block has its own rate; it is an input of the block's graph (a buffer),
+    not a constant, so the blocks of a stage still share one graph."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _model(drop_path_rate), _model(drop_path_rate)
+    compiled.compile(backend="eager", regional=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoint keys unchanged
+    x = torch.randn(2, 3, 64, 64)
+    eager.train()
+    compiled.train()
+    torch.manual_seed(1)
+    out_eager = eager(x)
+    torch.manual_seed(1)
+    out_compiled = compiled(x)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=0, atol=0)
+    out_compiled.sum().backward()
+    out_eager.sum().backward()
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    # 8 blocks, stem and 3 downsamples: one graph per block stage (4), one for the stem, one per downsample
+    # (3 shapes) — the blocks of a stage reuse their stage's graph
+    assert counters["stats"]["unique_graphs"] == 8
+    compiled(x)  # a second step compiles nothing
+    assert counters["stats"]["unique_graphs"] == 8
+
+
+def test_drop_path_rates_are_kept_and_not_in_checkpoints():
+    model = _model(0.3)
+    rates = [float(block.drop_prob) for stage in model.stages for block in stage]
+    assert rates == pytest.approx([0.3 * i / 7 for i in range(8)])
+    assert rates == pytest.approx([block.drop_path for stage in model.stages for block in stage])
+    assert not any("drop_prob" in key for key in model.state_dict())
+
+
+def test_whole_graph_compile_is_the_default():
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(0.3)
+    model.compile(backend="eager")
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
