@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny model, 32², fp32, torch backend (CPU smoke test)")
     p.add_argument("--loss-rtol", type=float, default=1e-3, help="tolerance of val losses, DDP vs 1 device")
     p.add_argument("--out", type=Path, default=Path("ddp_scaling"), help="runs and summary.json go here")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="keep the rows of <out>/summary.json written by an earlier call with the same settings and "
+                        "run only the device counts it lacks (the baseline stays its first row): a scan longer "
+                        "than one time-limited call, e.g. --devices 1,2 then --devices 1,2,4 --continue")
     args = p.parse_args(argv)
     try:
         devices = [int(d) for d in args.devices.split(",")]
@@ -249,8 +253,36 @@ def main(argv: list[str] | None = None) -> dict:
               "--model.init_args.backbone.init_args.num_classes", str(classes),
               *(TINY if args.tiny else [])]
 
+    settings = {"config": str(args.config), "root": str(root), "classes": classes, "tiny": args.tiny,
+                "epochs": args.epochs, "steps": args.steps, "warmup": args.warmup, "extra": extra}
     rows, baseline = [], None
+    if args.resume and (out / "summary.json").is_file():
+        earlier = json.loads((out / "summary.json").read_text())
+        differ = sorted(k for k, v in settings.items() if earlier.get(k) != v)
+        if differ:
+            raise UserError(f"--continue: {out / 'summary.json'} was written with other settings ({', '.join(differ)}"
+                            f"); use the same ones or another --out")
+        rows = [r for r in earlier["runs"] if r["devices"] in devices]
+        if rows:
+            baseline = (rows[0]["devices"], rows[0]["img_per_s"])
+            print(f"kept from {out / 'summary.json'}: {', '.join(str(r['devices']) for r in rows)} device(s)", flush=True)
+
+    def write_summary() -> dict:
+        try:
+            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip() or "?"
+        except OSError:
+            commit = "?"
+        device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU ({os.cpu_count()} cores, gloo)"
+        summary = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   "device": device, "torch": torch.__version__, "commit": commit, **settings,
+                   "runs": sorted(rows, key=lambda r: devices.index(r["devices"]))}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))  # after every run: a cut-off call keeps it
+        return summary
+
     for n in devices:
+        if any(r["devices"] == n for r in rows):
+            continue
         run_dir = out / f"{n}dev"
         run_dir.mkdir(exist_ok=True)
         for stale in [*run_dir.glob("*.json"), *(run_dir / CKPT_SUBDIR).glob("*.ckpt")]:
@@ -296,18 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "val_agree": agree, "val_detail": detail})
         print(f"   {ips:.0f} img/s ({ips / n:.0f} per device, efficiency {efficiency:.1%}), weights identical "
               f"{identical}, checkpoints {files} ({once_detail}), val {detail}", flush=True)
+        write_summary()
 
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
-    device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU ({os.cpu_count()} cores, gloo)"
-    summary = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
-               "torch": torch.__version__, "commit": commit, "config": str(args.config), "root": str(root),
-               "classes": classes, "tiny": args.tiny, "epochs": args.epochs, "steps": args.steps,
-               "warmup": args.warmup, "extra": extra, "runs": rows}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = write_summary()
+    rows, device, commit = summary["runs"], summary["device"], summary["commit"]
     print(f"\n{summary['date']} · {device} · torch {torch.__version__} · commit {commit} · {args.config.name}"
           f"{' (tiny)' if args.tiny else ''}, {classes} classes, {args.epochs} × {args.steps} steps per rank, "
           f"first {args.warmup} steps untimed\n")

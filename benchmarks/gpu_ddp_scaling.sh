@@ -5,7 +5,11 @@
 # of the data benchmark, 1, 2 and 4 GPUs (as many as the host has), 2 epochs × 30 steps per rank, batch 128
 # per GPU. Prints img/s per GPU, scaling efficiency (target ≥ 90 %) and the post-run checks (identical weights
 # on all ranks, checkpoints written once, logged val metrics = 1-GPU validate of the checkpoint).
-# About 10 minutes. Usage: bash benchmarks/gpu_ddp_scaling.sh   (results under $OUT, default /tmp/ddp_scaling)
+# Each device count takes about 4 minutes with compile on (first step ~100-140 s), so on a host with a 10-minute
+# limit per command run it in parts; every call continues the summary of the last (`ddp_scaling.py --continue`):
+#   COUNTS=1,2 bash benchmarks/gpu_ddp_scaling.sh      # then, on the same warm host:
+#   bash benchmarks/gpu_ddp_scaling.sh                 # the remaining counts (4, 8 where the host has them)
+# Results under $OUT (default /tmp/ddp_scaling); runs and summary.json under $RUN.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/ddp_scaling}
@@ -19,6 +23,7 @@ cd "$REPO"
 
 GPUS=$(nvidia-smi -L | wc -l)
 DEVICES=1; for n in 2 4 8; do [ "$n" -le "$GPUS" ] && DEVICES="$DEVICES,$n"; done
+DEVICES=${COUNTS:-$DEVICES}
 echo "GPUs: $GPUS; device counts: $DEVICES" | tee "$OUT/env.txt"
 nvidia-smi topo -m 2>&1 | tee -a "$OUT/env.txt"
 
@@ -29,7 +34,7 @@ if [ ! -d "$DATA/train" ]; then
 fi
 
 timeout 1500 python benchmarks/ddp_scaling.py --root "$DATA" --devices "$DEVICES" --steps 30 --epochs 2 --warmup 10 \
-  --out "$RUN" 2>&1 | tee "$OUT/scaling.log"
+  --out "$RUN" --continue 2>&1 | tee -a "$OUT/scaling.log"
 echo "exit code ${PIPESTATUS[0]}" | tee -a "$OUT/scaling.log"
 cp "$RUN/summary.json" "$OUT/" 2>/dev/null
 for d in "$RUN"/*dev; do mkdir -p "$OUT/$(basename "$d")"; cp "$d"/*.log "$d"/*.json "$OUT/$(basename "$d")/" 2>/dev/null; done

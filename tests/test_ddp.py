@@ -60,17 +60,29 @@ def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ddp_scaling_script_checks_on_cpu(tmp_path):
-    """benchmarks/ddp_scaling.py with gloo: 1 and 2 processes of the tiny recipe, then its checks."""
+    """benchmarks/ddp_scaling.py with gloo: 1 and 2 processes of the tiny recipe, then its checks. The scan is
+    split over two calls as on a time-limited GPU host: 1 process, then `--devices 1,2 --continue`, which keeps
+    the first call's row (and baseline) and runs only the 2-process fit; other settings are refused."""
     import json
 
     data = make_digits_folder(tmp_path / "data", classes=3, train_per_class=12, val_per_class=7)  # 36 train, 21 val
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ddp_scaling.py"), "--root", str(data), "--devices", "1,2",
-         "--accelerator", "cpu", "--tiny", "--steps", "2", "--epochs", "2", "--warmup", "1", "--loss-rtol", "1e-5",
-         "--out", str(tmp_path / "scaling"), "--", "--model.init_args.ema_decay", "0.5"],
-        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
-    )
+
+    def scaling(devices, *more):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "ddp_scaling.py"), "--root", str(data), "--devices", devices,
+             "--accelerator", "cpu", "--tiny", "--steps", "2", "--epochs", "2", "--warmup", "1", "--loss-rtol", "1e-5",
+             "--out", str(tmp_path / "scaling"), *more, "--", "--model.init_args.ema_decay", "0.5"],
+            cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+        )
+
+    first = scaling("1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = scaling("1,2", "--continue")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "== 1 device(s): fit" not in out.stdout and "== 2 device(s): fit" in out.stdout
+    assert "summary.json: 1 device(s)" in out.stdout
+    refused = scaling("1,2,3", "--continue", "--steps", "3")
+    assert refused.returncode == 2 and "other settings (steps)" in refused.stderr, refused.stderr[-2000:]
     summary = json.loads((tmp_path / "scaling" / "summary.json").read_text())
     runs = {r["devices"]: r for r in summary["runs"]}
     assert set(runs) == {1, 2}
