@@ -335,10 +335,14 @@ class SpatialMamba(nn.Module):
 
     def compile(self, *args, regional: bool = False, **kwargs) -> None:
         """`torch.compile` in place (parameter names unchanged), by default the whole forward as one graph.
-        regional=True compiles the stem, each downsample and each block on its own: the blocks of a stage have
-        the same shapes (and take their drop-path rate as an input), so dynamo compiles one graph per stage and
-        reuses it for every block of that stage — fewer, smaller graphs to compile, no fusion across blocks.
-        Other arguments go to `torch.compile`; regional shapes are static unless `dynamic` is given."""
+        regional=True compiles each block on its own: the blocks of a stage have the same shapes (and take their
+        drop-path rate as an input), so dynamo compiles one graph per stage and reuses it for every block of that
+        stage — fewer, smaller graphs to compile, no fusion across blocks. The stem and the downsamples (convs
+        and BatchNorms, run by cuDNN) stay eager: compiled on their own under an activation memory budget below
+        1 (src/compiling.py), their backward failed with "modified by an inplace operation" on a 128-element
+        tensor, by its size a BatchNorm running statistic that the compiled forward updates in place after the
+        partitioner kept it for the recomputation. Other arguments go to `torch.compile`; regional shapes are
+        static unless `dynamic` is given."""
         if not regional:
             super().compile(*args, **kwargs)
             return
@@ -347,8 +351,9 @@ class SpatialMamba(nn.Module):
         kwargs.setdefault("dynamic", False)
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), self.RECOMPILE_LIMIT))
-        for module in (self.stem, *self.downsamples, *(block for stage in self.stages for block in stage)):
-            module.compile(*args, **kwargs)
+        for stage in self.stages:
+            for block in stage:
+                block.compile(*args, **kwargs)
 
     @staticmethod
     def _stage_input(x: torch.Tensor) -> torch.Tensor:
