@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
 from src.compiling import DEFAULT_MEMORY_BUDGET, set_memory_budget  # noqa: E402
+from src.errors import UserError  # noqa: E402
 from src.timing import StepTimer  # noqa: E402
 
 FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
@@ -204,9 +205,10 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     models = [m for m in args.models.split(",") if m] + args.config
-    if not 0 < args.memory_budget <= 1:
-        sys.exit(f"error: --memory-budget must be in (0, 1], got {args.memory_budget}")
-    set_memory_budget(args.memory_budget)
+    try:
+        set_memory_budget(args.memory_budget, key="--memory-budget")
+    except UserError as e:
+        p.error(str(e))
     precisions, modes = args.precisions.split(","), args.modes.split(",")
 
     baseline_names = []

@@ -36,11 +36,10 @@ def set_memory_budget(budget: float, key: str = "compile_memory_budget") -> None
     setting in the error for a value outside (0, 1]."""
     from torch._functorch import config as functorch_config
 
-    from src.errors import UserError
+    from src.checks import require
 
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise UserError(f"{key} must be a number in (0, 1] (1: save what the partitioner saves by default; "
-                        f"smaller: recompute more in the backward), got {budget!r}")
+    require(not isinstance(budget, bool) and isinstance(budget, (int, float)) and 0 < budget <= 1, key,
+            "a number in (0, 1] (1: save what the partitioner saves by default; smaller: recompute more)", budget)
     functorch_config.activation_memory_budget = float(budget)
 
 

@@ -25,10 +25,10 @@ from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, structure_aware_ssm
 TOTAL_STRIDE = BACKBONE_STRIDE
 
 
-def drop_path(x: torch.Tensor, p: float | torch.Tensor, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch of a sample with probability p (a number, or a 0-d
-    tensor, which a compiled graph takes as an input instead of a constant)."""
-    if not training or (not isinstance(p, torch.Tensor) and p == 0.0):
+def drop_path(x: torch.Tensor, p: torch.Tensor, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability p, a 0-d tensor (a
+    compiled graph takes it as an input instead of a constant)."""
+    if not training:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
     return x * keep / (1.0 - p)
@@ -147,8 +147,7 @@ class Block(nn.Module):
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
-        self.drop_path = drop_path
-        # the rate as a tensor too: compiled, each block's graph then takes it as an input rather than baking
+        # the rate as a tensor: compiled, each block's graph then takes it as an input rather than baking
         # it in, so the blocks of a stage, whose rates differ, share one graph under regional compilation
         self.register_buffer("drop_prob", torch.tensor(float(drop_path)), persistent=False)
 
