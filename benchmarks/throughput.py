@@ -7,6 +7,7 @@ same run (ConvNeXt-T and Swin-T by default; `--baselines peers` adds ConvNeXt-S/
     python benchmarks/throughput.py --config configs/spatial_mamba_t.yaml
     python benchmarks/throughput.py --models t,s,b --modes eager,compiled --baselines peers --json /tmp/tp.json
     python benchmarks/throughput.py --mesa                           # + the recipe's MESA teacher forward
+    python benchmarks/throughput.py --no-baselines --no-infer --ddp whole   # inside DDP (one process), as `fit` trains
     python benchmarks/throughput.py --cpu                            # quick look on a CPU (tiny batch)
 
 Protocol: batch 128, 224², 10 warm-up + 30 timed steps, AMP. Prints a table (rows as they finish, the
@@ -62,12 +63,15 @@ def build(name: str, backend: str) -> nn.Module:
 
 
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool | str, warmup: int, steps: int,
-            train: bool, mesa: bool = False) -> tuple[float, float, float]:
+            train: bool, mesa: bool = False, ddp: str = "") -> tuple[float, float, float]:
     """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
     "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape). `mesa`: every training step also
-    runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher."""
+    runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher.
+    `ddp` ("split" or "whole", training only): the model compiled in place and wrapped in DistributedDataParallel
+    over a one-process group, as Lightning's ddp strategy runs it, with dynamo's graph split at DDP's buckets
+    (torch's default) or one graph (src/compiling.py)."""
     model = model.to(device).train(train)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -77,9 +81,15 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         model.compile(regional=True)
         if teacher is not None:
             teacher.compile(regional=True)
+    elif compiled and ddp and train:
+        torch._dynamo.config.optimize_ddp = ddp == "split"
+        model.compile()
+        teacher = torch.compile(teacher) if teacher is not None else None
     elif compiled:
         fn = torch.compile(model)
         teacher = torch.compile(teacher) if teacher is not None else None
+    if ddp and train:
+        fn = _one_process_ddp(model, device)
     x = torch.randn(batch, 3, size, size, device=device)
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
@@ -115,9 +125,25 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     return timer.img_per_s, peak, timer.compile_s
 
 
+def _one_process_ddp(model: nn.Module, device) -> nn.Module:
+    """`model` in DistributedDataParallel over a process group of this process alone (made on first use)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:  # a free port on this host
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=0, world_size=1)
+    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+
+
 def run_one(name, backend, prec, mode, args, device) -> dict:
     row = dict(model=name, backend=backend if name in FACTORIES or name.endswith(".yaml") else "-",
-               precision=prec, mode=mode + (" + MESA" if args.mesa else ""))
+               precision=prec, mode=mode + (" + MESA" if args.mesa else "") + (f" + DDP {args.ddp}" if args.ddp else ""))
     for train in (True,) if args.no_infer else (True, False):
         key = "train" if train else "infer"
         try:
@@ -126,7 +152,7 @@ def run_one(name, backend, prec, mode, args, device) -> dict:
             regional = mode == "regional" and row["backend"] != "-"  # the timm baselines: whole graph
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec],
                                        "regional" if regional else mode in ("compiled", "regional"),
-                                       args.warmup, args.steps, train, mesa=args.mesa)
+                                       args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp)
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
             if train:
@@ -189,6 +215,9 @@ def main() -> None:
                         "compile_memory_budget (src/compiling.py; 1 = the partitioner's default, less = recompute "
                         "more in the backward)")
     p.add_argument("--no-infer", action="store_true", help="training rows only")
+    p.add_argument("--ddp", choices=["split", "whole"], default="",
+                   help="train inside a one-process DistributedDataParallel, as Lightning's ddp strategy does; "
+                        "compiled: dynamo's graph split at DDP's gradient buckets (torch's default) or one whole graph")
     p.add_argument("--json", default="throughput.json", help="the rows as JSON (with device, versions, commit)")
     p.add_argument("--cpu", action="store_true", help="quick look on the CPU: batch 4, 2 + 3 steps, eager fp32")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
