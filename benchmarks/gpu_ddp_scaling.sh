@@ -18,6 +18,8 @@ RUN=${RUN:-/tmp/ddp_scaling_runs}          # checkpoints (~0.5 GB each) stay her
 # NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$REPO
+# dynamo logs every recompilation (with its reason) into each run's fit.log: none should follow the first epoch
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
 mkdir -p "$OUT" "$RUN"
 cd "$REPO"
 
@@ -38,3 +40,8 @@ timeout 1500 python benchmarks/ddp_scaling.py --root "$DATA" --devices "$DEVICES
 echo "exit code ${PIPESTATUS[0]}" | tee -a "$OUT/scaling.log"
 cp "$RUN/summary.json" "$OUT/" 2>/dev/null
 for d in "$RUN"/*dev; do mkdir -p "$OUT/$(basename "$d")"; cp "$d"/*.log "$d"/*.json "$OUT/$(basename "$d")/" 2>/dev/null; done
+# where the recompilations fell: their log lines among the per-epoch speed lines, per run
+for d in "$RUN"/*dev; do
+  echo "$(basename "$d"): $(grep -c "Recompiling function" "$d/fit.log" 2>/dev/null) recompilations"
+  grep -n -E "Recompiling function|triggered by the following guard failure|train speed, epoch" "$d/fit.log" 2>/dev/null | cut -c1-200
+done | tee "$OUT/recompiles.txt"
