@@ -17,7 +17,7 @@ DATA=${DATA:-/tmp/ddp_scaling_imagefolder}
 RUN=${RUN:-/tmp/ddp_scaling_runs}          # checkpoints (~0.5 GB each) stay here, not under $OUT
 # NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$REPO
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 # dynamo logs every recompilation (with its reason) into each run's fit.log: none should follow the first epoch
 export TORCH_LOGS=${TORCH_LOGS:-recompiles}
 mkdir -p "$OUT" "$RUN"
