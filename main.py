@@ -33,6 +33,13 @@ class CLI(LightningCLI):
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path") == "last":
             continue_last_run(self.config.fit)
 
+    def instantiate_trainer(self, **kwargs):
+        from src.callbacks import use_progress_bar
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_progress_bar(trainer)  # a bar that does not wait for the GPU at every step
+        return trainer
+
 
 def continue_last_run(config) -> None:
     """`fit --ckpt_path last` where the logger numbers its runs (`version_0`, `version_1`, ...) and checkpoints are

@@ -2,10 +2,11 @@
 # DDP scaling of the T recipe on one multi-GPU host (device kinds nvidia-h100-x4 / nvidia-h200-x4, or -x2 for 1 and 2 GPUs; repo
 # installed with `pip install --no-deps -e .`): DDP scaling of the Spatial-Mamba-T ImageNet recipe
 # (configs/imagenet/recipe.yaml, the T recipe on its own: fused kernels, bf16, full augmentation, EMA, MESA) on the JPEG folder
-# of the data benchmark, 1, 2 and 4 GPUs (as many as the host has), 2 epochs × 30 steps per rank, batch 128
+# of the data benchmark, 1, 2 and 4 GPUs (as many as the host has), 2 epochs × 100 steps per rank (190 timed steps: with 49
+# the two epochs of one run differed by up to 17 %), batch 128
 # per GPU. Prints img/s per GPU, scaling efficiency (target ≥ 90 %) and the post-run checks (identical weights
 # on all ranks, checkpoints written once, logged val metrics = 1-GPU validate of the checkpoint).
-# Each device count takes about 4 minutes with compile on (first step ~100-140 s), so on a host with a 10-minute
+# Each device count takes 2-5 minutes with compile on (first step ~100-140 s with a cold inductor cache), so on a host with a 10-minute
 # limit per command run it in parts; every call continues the summary of the last (`ddp_scaling.py --continue`):
 #   COUNTS=1,2 bash benchmarks/gpu_ddp_scaling.sh      # then, on the same warm host:
 #   bash benchmarks/gpu_ddp_scaling.sh                 # the remaining counts (4, 8 where the host has them)
@@ -13,7 +14,7 @@
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/ddp_scaling}
-DATA=${DATA:-/tmp/ddp_scaling_imagefolder}
+DATA=${DATA:-/tmp/ddp_scaling_imagefolder_520}
 RUN=${RUN:-/tmp/ddp_scaling_runs}          # checkpoints (~0.5 GB each) stay here, not under $OUT
 # NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -29,13 +30,13 @@ DEVICES=${COUNTS:-$DEVICES}
 echo "GPUs: $GPUS; device counts: $DEVICES" | tee "$OUT/env.txt"
 nvidia-smi topo -m 2>&1 | tee -a "$OUT/env.txt"
 
-# 100 classes × 160 training images: 30 steps × 4 GPUs × 128 = 15,360 images per epoch at 4 GPUs
+# 100 classes × 520 training images: 100 steps × 4 GPUs × 128 = 51,200 images per epoch at 4 GPUs (8 GPUs wrap)
 if [ ! -d "$DATA/train" ]; then
-  timeout 180 python benchmarks/data.py make --root "$DATA" --classes 100 --train-per-class 160 --val-per-class 20 \
+  timeout 180 python benchmarks/data.py make --root "$DATA" --classes 100 --train-per-class 520 --val-per-class 20 \
     2>&1 | tee "$OUT/make.log"
 fi
 
-timeout 1500 python benchmarks/ddp_scaling.py --root "$DATA" --devices "$DEVICES" --steps 30 --epochs 2 --warmup 10 \
+timeout 1500 python benchmarks/ddp_scaling.py --root "$DATA" --devices "$DEVICES" --steps 100 --epochs 2 --warmup 10 \
   --out "$RUN" --continue 2>&1 | tee -a "$OUT/scaling.log"
 echo "exit code ${PIPESTATUS[0]}" | tee -a "$OUT/scaling.log"
 cp "$RUN/summary.json" "$OUT/" 2>/dev/null

@@ -19,7 +19,7 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
 
 from src.checks import non_negative, require
 from src.errors import UserError
@@ -51,6 +51,50 @@ def is_compiled(module: torch.nn.Module) -> bool:
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM progress bar, whose counter moves every `refresh_rate` steps as before but whose
+    training metrics (the loss and whatever else is logged with `prog_bar=True`) are read at most once every
+    `metrics_every_s` seconds and at each epoch end. Reading them copies the logged tensors to the host, which
+    waits for the GPU to finish every queued step: Lightning's bar reads them at every refresh, every step by
+    default, and so stalls the GPU once per step (the host's work before the next step then runs with the
+    device idle). `main.py` puts this bar in place of Lightning's default one; a bar chosen in the config
+    (another class) is kept.
+
+    Args:
+        refresh_rate: steps between updates of the counter (Lightning's).
+        process_position: line of the bar, for several bars at once (Lightning's).
+        leave: keep each epoch's bar on screen (Lightning's).
+        metrics_every_s: seconds between two readings of the training metrics; 0 reads them at every refresh.
+    """
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
+                 metrics_every_s: float = 2.0):
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        non_negative("ProgressBar metrics_every_s", metrics_every_s)
+        self.metrics_every_s = metrics_every_s
+        self._metrics_read = float("-inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar, n = self.train_progress_bar, batch_idx + 1
+        if bar is None or bar.disable or not self._should_update(n, bar.total):
+            return
+        bar.n = n
+        now = time.monotonic()
+        if now - self._metrics_read >= self.metrics_every_s:
+            self._metrics_read = now
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.refresh()
+
+
+def use_progress_bar(trainer: L.Trainer) -> None:
+    """Put `ProgressBar` in place of the TQDM bar that Lightning adds by default (an exact `TQDMProgressBar`,
+    whose refresh rate, position and `leave` are kept); any other bar stays."""
+    for i, callback in enumerate(trainer.callbacks):
+        if type(callback) is TQDMProgressBar:
+            trainer.callbacks[i] = ProgressBar(callback.refresh_rate, callback.process_position,
+                                               leave=getattr(callback, "_leave", False))
+
+
 class TrainSpeed(Callback):
     """Training speed of a run (the definition of `src.timing`):
 
@@ -59,8 +103,13 @@ class TrainSpeed(Callback):
     - `compile_s` in TensorBoard and one printed line, once, when the model was compiled: the first training
       step's wall time less a steady step's (the training graphs compile in the first step; the evaluation
       graphs during the sanity check or the first validation);
-    - one printed line per epoch (rank 0): img/s, the share of the timed time spent waiting for the batch
-      (from the end of a step to the start of the next), peak GPU memory of this rank.
+    - one printed line per epoch (rank 0): img/s, the share of the timed time the host spent waiting for the
+      batch (from the end of a step's hooks to the start of the next step; on a GPU the device may still be
+      working through queued steps meanwhile, so this bounds the loader's cost from above), peak GPU memory
+      of this rank.
+
+    The timer never makes the host wait for the device during the timed steps (`src.timing`): it reads the
+    device's timestamps once per logging interval.
 
     Args:
         warmup_steps: first training steps of the run left out of the img/s (compilation, autotuning).
@@ -77,36 +126,40 @@ class TrainSpeed(Callback):
         self.window = (0, 0.0)  # timer.images, timer.seconds at the last logged value
         # also set here: a run resumed from a checkpoint written after an epoch's last batch ends that epoch
         # without starting it again
-        self.epoch_start, self.wait, self.batch_ready = (0, 0.0), 0.0, None
+        self.epoch_start, self.wait, self.step_end, self.gap = (0, 0.0), 0.0, None, 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.timer.restart()
         self.epoch_start = (self.timer.images, self.timer.seconds)
-        self.wait, self.batch_ready = 0.0, None
+        self.wait, self.step_end = 0.0, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self.timer.begin()  # only before the first step of the fit
-        self.batch_ready = time.perf_counter()  # the device is idle since the last boundary: the gap is waiting
+        # the host's wait for this batch: from the end of the last step's hooks to here (the loader's share)
+        self.gap = time.perf_counter() - self.step_end if self.step_end is not None else 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        last = self.timer.last_boundary
-        seconds = self.timer.step(batch_images(batch, trainer.world_size))
-        if seconds is not None and last is not None and self.batch_ready is not None:
-            self.wait += max(self.batch_ready - last, 0.0)
+        if self.timer.step(batch_images(batch, trainer.world_size)):
+            self.wait += self.gap
         metrics = {}
-        images, timed = self.timer.images - self.window[0], self.timer.seconds - self.window[1]
-        if images and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            metrics["train/img_per_s"] = images / timed
-            self.window = (self.timer.images, self.timer.seconds)
-        if self.compiled and not self.compile_reported and self.timer.compile_s is not None:
-            self.compile_reported = True
-            metrics["compile_s"] = self.timer.compile_s
-            if trainer.is_global_zero:
-                print(f"compile: first training step {self.timer.first_step_s:.1f} s, steady step "
-                      f"{self.timer.steady_step_s:.3f} s: compile_s {self.timer.compile_s:.1f}", flush=True)
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 and self.timer.timed_steps:
+            # reading the timer waits for the steps in flight: once per logging interval, not every step
+            images, timed = self.timer.images - self.window[0], self.timer.seconds - self.window[1]
+            if images:
+                metrics["train/img_per_s"] = images / timed
+                self.window = (self.timer.images, self.timer.seconds)
+        if self.compiled and not self.compile_reported and self.timer.timed_steps:
+            self.compile_reported = True  # one look, after the first timed step (it waits for the steps in flight)
+            compile_s = self.timer.compile_s
+            if compile_s is not None:
+                metrics["compile_s"] = compile_s
+                if trainer.is_global_zero:
+                    print(f"compile: first training step {self.timer.first_step_s:.1f} s, steady step "
+                          f"{self.timer.steady_step_s:.3f} s: compile_s {compile_s:.1f}", flush=True)
         if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+        self.step_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:

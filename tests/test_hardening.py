@@ -14,6 +14,7 @@ import torch
 
 import main
 from src.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint, write_atomically
+from tests.conftest import requires_cuda
 
 ROOT = Path(main.__file__).parent
 
@@ -237,12 +238,19 @@ def test_pretrained_lightning_checkpoint_of_another_architecture_is_refused(trai
     load_pretrained(spatial_mamba_digits(backend="torch", num_classes=7, **tiny), trained_checkpoint)  # fine-tuning: new head
 
 
-def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, requires_cuda])])
+@pytest.mark.parametrize("checkpoint_every_step", [False, True])
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch, accelerator, checkpoint_every_step):
+    """On the CPU the NaN step itself stops the run; on a GPU the verdict is read one step late (no per-step
+    wait for the device), but a checkpoint due at the NaN step is refused before it is written."""
     from src.models.classifier import NonFiniteLossError
 
     monkeypatch.chdir(tmp_path)
-    cli = main.cli([*QUIET, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
-                    *TINY], run=False)
+    every = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+             "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1"]
+    cli = main.cli([*QUIET, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=6", "--trainer.limit_val_batches=0",
+                    f"--trainer.accelerator={accelerator}", "--trainer.precision=32-true",
+                    *(every if checkpoint_every_step else []), *TINY], run=False)
     class NaNAtSecondStep(torch.nn.Module):
         def __init__(self, criterion):
             super().__init__()
@@ -256,7 +264,8 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
     cli.model.criterion = NaNAtSecondStep(cli.model.criterion)
     with pytest.raises(NonFiniteLossError, match=r"the training loss is nan at optimizer step 2 .*try a lower model"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 2 and not list(tmp_path.rglob("*.ckpt"))
+    stopped_at = 2 if accelerator == "cpu" or checkpoint_every_step else 3
+    assert cli.trainer.global_step == stopped_at and not list(tmp_path.rglob("*.ckpt"))
     assert issubclass(NonFiniteLossError, RuntimeError)  # main prints it as one line
 
 

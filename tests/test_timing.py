@@ -39,9 +39,9 @@ def test_step_timer_counts_steps_between_boundaries_after_warmup(clock):
 
     timer.restart()  # an epoch start: validation took 30 s before the next step
     clock.t += 30.0
-    assert timer.step(images=8) is None
+    assert timer.step(images=8) is False
     clock.t += 1.0
-    assert timer.step(images=8) == pytest.approx(1.0)
+    assert timer.step(images=8) is True and timer.durations[-1] == pytest.approx(1.0)
     assert timer.images == 4 * 8 and timer.seconds == pytest.approx(7.0)
     assert timer.steady_step_s == pytest.approx(2.0)  # the median: one fast step does not move it
 
@@ -54,6 +54,70 @@ def test_step_timer_without_timed_steps(clock):
     assert timer.img_per_s is None and timer.compile_s is None  # and no begin(): no first-step time
     with pytest.raises(ValueError, match="warmup must be >= 0 steps, got -1"):
         StepTimer(warmup=-1)
+
+
+class FakeEvent:
+    """A CUDA event stand-in: stamped with the fake device clock when the fake device reaches it."""
+
+    def __init__(self, device):
+        self.device, self.stamp = device, None
+
+    def record(self):
+        self.device.queue.append(self)
+
+    def query(self):
+        return self.stamp is not None
+
+    def synchronize(self):
+        self.device.run_until(self)
+
+    def elapsed_time(self, end):  # milliseconds, as torch.cuda.Event's
+        return (end.stamp - self.stamp) * 1e3
+
+
+class FakeDevice:
+    """Work queued by the host runs later: each queued event is stamped when `run` gets to it."""
+
+    def __init__(self):
+        self.queue, self.t, self.syncs = [], 0.0, 0
+
+    def run(self, seconds_per_event):
+        while self.queue:
+            self.t += seconds_per_event
+            self.queue.pop(0).stamp = self.t
+
+    def run_until(self, event):
+        while event.stamp is None:
+            self.t += 2.0
+            self.queue.pop(0).stamp = self.t
+
+
+def test_step_timer_on_a_gpu_reads_device_timestamps_without_waiting(clock, monkeypatch):
+    device = FakeDevice()
+    timer = StepTimer(warmup=1, device="cuda")
+    monkeypatch.setattr(timer, "_new_event", lambda: FakeEvent(device))
+    waits = []
+    monkeypatch.setattr(timing, "synchronize", lambda d: waits.append(d))
+    timer.begin()
+    clock.t += 9.0
+    device.run(9.0)  # the first step: synchronised (warm-up)
+    assert timer.step(images=4) is False and timer.first_step_s == pytest.approx(9.0)
+    assert len(waits) == 2  # begin() and the warm-up boundary
+    for _ in range(3):  # the host issues three steps ahead of the device: no wait, nothing resolved yet
+        assert timer.step(images=4) is True
+    assert len(waits) == 2 and timer.timed_steps == 3 and timer._images == 0
+    device.run(2.0)  # the device stamps them 2 s apart
+    timer.step(images=4)  # resolves what has passed without waiting
+    assert timer._images == 3 * 4 and timer._durations == pytest.approx([2.0, 2.0, 2.0])
+    device.run(2.0)
+    timer.restart()  # validation in between: the next step is not timed
+    device.t += 30.0
+    assert timer.step(images=4) is False
+    assert timer.step(images=4) is True
+    # reading a result waits for the steps in flight (the fake device runs them at 2 s each)
+    assert timer.images == 5 * 4 and timer.seconds == pytest.approx(5 * 2.0)
+    assert timer.img_per_s == pytest.approx(2.0) and timer.compile_s == pytest.approx(7.0)
+    assert len(waits) == 2
 
 
 class Tiny(L.LightningModule):
@@ -116,3 +180,43 @@ def test_train_speed_logs_img_per_s_and_compile_s(compiled, capsys):
     assert "train speed, epoch 0:" in text and "train speed, epoch 1:" in text
     timer = next(cb.timer for cb in trainer.callbacks if isinstance(cb, TrainSpeed))
     assert timer.steps == 20 and timer.images == (20 - 2 - 1) * 4  # warm-up steps and epoch 1's first step untimed
+
+
+def test_the_default_progress_bar_reads_metrics_at_most_every_few_seconds(monkeypatch, tmp_path):
+    """The bar's counter moves every step, but the logged metrics (a copy from the GPU, i.e. a wait for it)
+    are read once per `metrics_every_s`: main.py swaps Lightning's default bar for this one."""
+    import main
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from src.callbacks import ProgressBar, use_progress_bar
+
+    cli = main.cli(["--trainer.max_steps=6", "--trainer.logger=false", "--trainer.limit_val_batches=0",
+                    "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    bar = cli.trainer.progress_bar_callback
+    assert type(bar) is ProgressBar and bar.metrics_every_s == 2.0
+    now = [0.0]
+    monkeypatch.setattr("src.callbacks.time.monotonic", lambda: now[0])
+    reads, counts = [], []
+    real = TQDMProgressBar.get_metrics
+    monkeypatch.setattr(ProgressBar, "get_metrics", lambda self, t, m: reads.append(t.global_step) or real(self, t, m))
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            now[0] += 0.75  # a step every 0.75 s
+            counts.append(bar.train_progress_bar.n)
+
+    cli.trainer.callbacks.insert(0, Clock())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert counts == [0, 1, 2, 3, 4, 5]  # the clock runs before the bar: the bar has shown every earlier step
+    assert bar.train_progress_bar.n == 6
+    assert reads[:3] == [1, 4, 6]  # steps 1, 4 (3 × 0.75 s later), then the epoch end; no read per step
+
+    class OwnBar(TQDMProgressBar):
+        pass
+
+    own = L.Trainer(callbacks=[OwnBar()], logger=False, enable_checkpointing=False)
+    use_progress_bar(own)
+    assert type(own.progress_bar_callback) is OwnBar  # a bar chosen in the config stays
+    slow = L.Trainer(callbacks=[TQDMProgressBar(refresh_rate=5, leave=True)], logger=False, enable_checkpointing=False)
+    use_progress_bar(slow)
+    assert type(slow.progress_bar_callback) is ProgressBar and slow.progress_bar_callback.refresh_rate == 5

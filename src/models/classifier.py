@@ -466,18 +466,66 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class StopOnNonFiniteLoss(Callback):
     """Stops `fit` with one line naming the step when the training loss is NaN or infinite, before a checkpoint
-    of the broken weights is written (checkpoint callbacks run after this one), instead of training on to a
-    meaningless accuracy. Checked every step (one synchronisation with the GPU per step)."""
+    of the broken weights is written, instead of training on to a meaningless accuracy.
+
+    On the CPU each step's loss is checked at its end. On a GPU, reading the loss at the end of its step would
+    make the host wait for the device every step (the host's work before the next step would then always run
+    with the device idle), so each step's verdict is copied to the host asynchronously and read at the end of
+    the next step, when the device is done with it; the verdicts still in flight are read, waiting for them,
+    before any checkpoint is saved (`on_save_checkpoint` runs before the file is written), before validation
+    and at the end of training. A NaN step is thus reported at most one step late and never checkpointed."""
+
+    def __init__(self):
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, object, tuple[int, int, int]]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+        if not isinstance(loss, torch.Tensor):
+            return
+        where = (trainer.global_step, trainer.current_epoch, batch_idx)
+        loss = loss.detach().float().reshape(-1)[:1]
+        if loss.device.type != "cuda":
+            self._pending.append((loss, torch.isfinite(loss).all(), None, where))
+            self._check()
+            return
+        self._check(wait=False)  # the earlier steps' verdicts, as far as the device has got
+        finite = torch.isfinite(loss).all()
+        host_loss = torch.empty(1, pin_memory=True).copy_(loss, non_blocking=True)
+        host_finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host_loss, host_finite, event, where))
+        while len(self._pending) > 1:  # at most one step unread: the previous one, which the device has finished
+            self._check_first()
+
+    def _check_first(self) -> None:
+        loss, finite, event, (step, epoch, batch_idx) = self._pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        if not bool(finite):
             raise NonFiniteLossError(
-                f"the training loss is {float(loss)} at optimizer step {trainer.global_step} (epoch "
-                f"{trainer.current_epoch}, batch {batch_idx}); try a lower model.init_args.lr, a longer "
-                "model.init_args.warmup_epochs, trainer.gradient_clip_val (e.g. 5.0), or trainer.precision "
-                "bf16-mixed / 32-true instead of 16-mixed, and resume from the last good checkpoint"
+                f"the training loss is {float(loss[0])} at optimizer step {step} (epoch {epoch}, batch "
+                f"{batch_idx}); try a lower model.init_args.lr, a longer model.init_args.warmup_epochs, "
+                "trainer.gradient_clip_val (e.g. 5.0), or trainer.precision bf16-mixed / 32-true instead of "
+                "16-mixed, and resume from the last good checkpoint"
             )
+
+    def _check(self, wait: bool = True) -> None:
+        """Read the verdicts in flight: all of them (waiting for the device) or those it has passed."""
+        while self._pending and (wait or self._pending[0][2] is None or self._pending[0][2].query()):
+            self._check_first()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._check()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._check()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._check()
 
 
 class ClassifierSummary(FitSummary):
