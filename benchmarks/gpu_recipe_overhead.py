@@ -14,11 +14,17 @@ step boundaries, after `--warmup` steps), batch 128, bf16, 224², fused backend,
                  (contiguous NCHW, foreach AdamW, cudnn benchmark off).
   recipe rows    `main.py fit` of configs/imagenet/recipe.yaml (the T recipe: ImageFolder loader with timm
                  augmentation in `--workers` processes, mixup/cutmix, EMA, MESA active, clipping 5, TensorBoard +
-                 LearningRateMonitor logging, DDP strategy) for warm-up + timed steps, without validation and
+                 LearningRateMonitor logging, strategy auto: no DDP on one GPU) for warm-up + timed steps, without validation and
                  checkpoint files; then one change at a time: synthetic in-memory batches instead of the loader,
                  and from there MESA off, EMA (and MESA) off, logging off, mixup/cutmix off, clipping off,
-                 strategy auto instead of ddp, cudnn benchmark + TF32 on, and everything off at once.
-  compiled       the throughput.py loop, the recipe with synthetic batches, and the full recipe, compiled
+                 cudnn benchmark + TF32 on, and everything off at once; DDP wrapping the one GPU (as
+                 ddp_scaling.py's 1-GPU baseline runs); then the
+                 synthetic run made to wait for the GPU at every step (what `fit` did before its timer,
+                 non-finite-loss check and progress bar stopped reading values back each step), and the full
+                 recipe with the progress bar on (as an interactive run).
+  compiled       the throughput.py loop (with and without MESA's teacher), the recipe with synthetic batches,
+                 the full recipe, the synthetic run synchronised every step and the full recipe with the
+                 progress bar, compiled
                  (`model.init_args.compile true`; compile s = first step less a steady one), last, each only
                  while the time budget (`--budget-s`) allows; a skipped row says so.
 
@@ -115,10 +121,21 @@ RECIPE_VARIANTS = [
     ("synthetic, logging off", "synthetic", ["logging"]),
     ("synthetic, mixup/cutmix off", "synthetic", ["mixup"]),
     ("synthetic, clipping off", "synthetic", ["clip"]),
-    ("synthetic, strategy auto", "synthetic", ["ddp"]),
+    ("synthetic, DDP on one GPU", "synthetic", ["ddp"]),
     ("synthetic, cudnn benchmark + TF32", "synthetic", ["cudnn"]),
-    ("synthetic, all of the above off", "synthetic", ["mesa", "ema", "logging", "mixup", "clip", "ddp", "cudnn"]),
+    ("synthetic, all of the above off", "synthetic", ["mesa", "ema", "logging", "mixup", "clip", "cudnn"]),
+    ("synthetic, synchronised every step", "synthetic", ["sync"]),
+    ("full recipe, progress bar on", "real", ["bar"]),
 ]
+
+
+class SyncEveryStep(Callback):
+    """Waits for the GPU at the end of every training step, as `fit` did before its timer, non-finite-loss
+    check and progress bar stopped reading values back every step (one such read is enough to stall)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def variant_config(recipe: dict, out: Path, name: str, data: str, changes: list[str]) -> Path:
@@ -146,8 +163,10 @@ def variant_config(recipe: dict, out: Path, name: str, data: str, changes: list[
         elif change == "clip":
             trainer["gradient_clip_val"] = None
         elif change == "ddp":
-            trainer["strategy"] = "auto"
-        elif change != "cudnn":  # cudnn: a process setting, applied around the run
+            trainer["strategy"] = "ddp"
+        elif change == "sync":
+            trainer["callbacks"].append({"class_path": "benchmarks.gpu_recipe_overhead.SyncEveryStep"})
+        elif change not in ("cudnn", "bar"):  # cudnn: a process setting, applied around the run; bar: an override
             raise ValueError(f"unknown change {change!r}")
     path = out / "configs" / (name.replace(" ", "_").replace(",", "").replace("/", "-").replace("+", "and") + ".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +205,7 @@ def run_recipe(args, recipe: dict, name: str, data: str, compiled: bool, classes
         "--model.init_args.compile", str(compiled).lower(), "--model.init_args.warmup_epochs", "0",
         "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.enable_progress_bar", str("bar" in changes).lower(), "--trainer.enable_model_summary", "false",
         "--trainer.log_every_n_steps", str(min(50, args.steps)),
     ]
     if args.cpu:
@@ -347,6 +366,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      functools.partial(run_recipe, args, recipe, "synthetic data", "synthetic", True, classes, [])))
         plan.append(("full recipe", "compiled",
                      functools.partial(run_recipe, args, recipe, "full recipe", "real", True, classes, [])))
+        for name in ("synthetic, synchronised every step", "full recipe, progress bar on"):
+            data, changes = next((d, c) for n, d, c in RECIPE_VARIANTS if n == name)
+            plan.append((name, "compiled", functools.partial(run_recipe, args, recipe, name, data, True, classes, changes)))
 
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
