@@ -483,14 +483,14 @@ class StopOnNonFiniteLoss(Callback):
         if not isinstance(loss, torch.Tensor):
             return
         where = (trainer.global_step, trainer.current_epoch, batch_idx)
-        loss = loss.detach().float().reshape(-1)[:1]
+        finite = torch.isfinite(loss.detach()).all()
+        value = loss.detach().float().reshape(-1)[:1]  # for the message
         if loss.device.type != "cuda":
-            self._pending.append((loss, torch.isfinite(loss).all(), None, where))
+            self._pending.append((value, finite, None, where))
             self._check()
             return
         self._check(wait=False)  # the earlier steps' verdicts, as far as the device has got
-        finite = torch.isfinite(loss).all()
-        host_loss = torch.empty(1, pin_memory=True).copy_(loss, non_blocking=True)
+        host_loss = torch.empty(1, pin_memory=True).copy_(value, non_blocking=True)
         host_finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
