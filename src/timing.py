@@ -60,8 +60,8 @@ class StepTimer:
         self._durations: list[float] = []  # each resolved timed step's
         self.first_step_s: float | None = None
         self._begin: float | None = None
-        self._last: float | None = None  # wall time of the last boundary (CPU), None after restart()
-        self._after_restart = True
+        self._last: float | None = None  # wall time of the last boundary (CPU)
+        self._after_restart = True  # the next boundary is not timed (the run's first, or the first after restart())
         self._pending: list[tuple[object, int | None]] = []  # (event, images or None if untimed), oldest first
         self._last_event = None  # the newest resolved boundary's event
 
@@ -76,7 +76,6 @@ class StepTimer:
 
     def restart(self) -> None:
         """The next step's interval is not timed (call at an epoch start: validation and loader start-up precede it)."""
-        self._last = None
         self._after_restart = True
 
     def step(self, images: int) -> bool:
