@@ -5,6 +5,9 @@ Backends compute the same function (tests prove it against `reference.py`):
     triton  Triton scan kernel + PyTorch fusion
     fused   one Triton op: scan -> fusion -> observation
     auto    `fused` on CUDA, `torch` elsewhere
+
+`layer_norm` is the blocks' LayerNorm (optionally gated): Triton kernels (`norms.py`) with the fused backend
+in eager mode, `nn.LayerNorm` otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from src.errors import UserError
 
@@ -20,7 +24,8 @@ from .reference import FUSION_PADDINGS, SCANS, structure_aware_ssm_ref
 
 BACKENDS = ("torch", "triton", "fused", "auto")
 
-__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
+__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "layer_norm", "resolve_backend", "structure_aware_ssm",
+           "structure_aware_ssm_ref"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -69,3 +74,18 @@ def structure_aware_ssm(
 
     fn = ops.structure_aware_ssm_triton if backend == "triton" else ops.structure_aware_ssm_fused
     return fn(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, gate: torch.Tensor | None = None,
+               backend: str = "torch") -> torch.Tensor:
+    """`norm(x)` over the last dim of channels-last activations, times `silu(gate)` if a gate is given. With
+    backend `fused` (or `auto` on CUDA), on CUDA or under the Triton interpreter, the Triton kernels of
+    `norms.py` compute it (in autocast's dtype, eager only: see there); with any other backend it is
+    `norm(x) · F.silu(gate)`, the plain PyTorch modules. Never raises where `norm(x)` would not."""
+    resolved = ("fused" if x.device.type == "cuda" else "torch") if backend == "auto" else backend
+    if resolved == "fused" and (x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        from .norms import layer_norm as kernel_layer_norm  # imports Triton: only when it runs
+
+        return kernel_layer_norm(x, norm, gate)
+    y = norm(x)
+    return y if gate is None else y * F.silu(gate)

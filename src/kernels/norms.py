@@ -1,0 +1,206 @@
+"""LayerNorm over the last dimension, optionally gated by SiLU, in Triton: the eager fast path of the fused backend.
+
+    y = (x − mean(x)) / sqrt(var(x) + eps) · weight + bias            (rows of x: every position of a map)
+    y = y · silu(z)                                                    (with a gate z of x's shape)
+
+Why: in eager mixed precision, `nn.LayerNorm` is on autocast's fp32 list, so every norm of a block reads its
+bf16 input as a fp32 copy (a cast kernel), writes fp32 output, and the next linear casts that back to bf16
+(another kernel); the out-norm's gate then multiplies in fp32 too. On an H100, T's 55 norms with their casts
+and the gate cost ~20 ms of a 105 ms training step (torch.profiler, batch 128). These kernels read the
+activations in their own dtype once, compute in fp32 and write the output in that dtype: the bytes moved per
+element fall from ~20 to 4 in the forward. `torch.compile` fuses the same ops itself, so traced code keeps
+`F.layer_norm` (see `layer_norm`).
+
+Backward: one pass over rows recomputes x̂ from the saved per-row mean and 1/std, gives dx (and dz), and
+accumulates the weight and bias gradients of its rows in fp32; the per-program partials are summed in a fixed
+order afterwards (no atomics: the same bits on every run). Parameters stay fp32; their gradients come back in
+their dtype.
+
+`layer_norm_ref` (below) is the specification; `tests/test_norms.py` compares both directions with it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .triton_scan import _num_sms, triton_interpreted
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float, gate: Tensor | None = None) -> Tensor:
+    """The definition, in x's dtype (float64 for checks): LayerNorm over the last dim, times silu(gate) if given."""
+    y = F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps)
+    return y if gate is None else y * F.silu(gate.to(y.dtype))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _ln_fwd_kernel(x_ptr, z_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, z_row_stride, eps,
+                   HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask_m = rows < M
+    mask_n = cols < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    if HAS_GATE:
+        z = tl.load(z_ptr + rows[:, None] * z_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=mask_m)
+    tl.store(rstd_ptr + rows, rstd, mask=mask_m)
+
+
+@triton.jit(do_not_specialize=["M", "blocks_per_program"])
+def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
+                   db_part_ptr, M, N, z_row_stride, blocks_per_program,
+                   HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        b = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, blocks_per_program):
+        rows = (pid.to(tl.int64) * blocks_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = rows < M
+        mask = mask_m[:, None] & mask_n[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_GATE:
+            z = tl.load(z_ptr + rows[:, None] * z_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            y = xhat * w[None, :] + b[None, :]
+            tl.store(dz_ptr + offs, (dy * y * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mask)
+            dy = dy * z * sig
+        wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(dw_part_ptr + pid * N + cols, dw, mask=mask_n)
+    tl.store(db_part_ptr + pid * N + cols, db, mask=mask_n)
+
+
+def _tile(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N ≥ N columns, warps): about 4096 elements per program, whole rows."""
+    block_n = triton.next_power_of_2(N)
+    block_m = max(1, min(64, 4096 // block_n))
+    return block_m, block_n, 4 if block_n * block_m <= 4096 else 8
+
+
+def _rows(t: Tensor | None, N: int) -> Tensor | None:
+    """(..., N) -> (M, N), a view with unit column stride (a gate that is one half of a chunked projection
+    qualifies: its rows sit at a fixed stride), or None where no such view exists."""
+    if t is None:
+        return None
+    try:
+        t2 = t.view(-1, N)
+    except RuntimeError:
+        return None
+    return t2 if t2.stride(1) == 1 else None
+
+
+def _forward(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
+    N = x.shape[-1]
+    x2, z2 = x.view(-1, N), _rows(z, N)
+    M = x2.shape[0]
+    y = torch.empty_like(x2)
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block_m, block_n, warps = _tile(N)
+    _ln_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x2, x2 if z2 is None else z2, weight, bias, y, mean, rstd, M, N, N if z2 is None else z2.stride(0), eps,
+        HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return y.view(x.shape), mean, rstd
+
+
+def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor):
+    N = x.shape[-1]
+    x2, z2 = x.view(-1, N), _rows(z, N)
+    M = x2.shape[0]
+    dy2 = dy.reshape(-1, N)
+    if not dy2.is_contiguous():
+        dy2 = dy2.contiguous()
+    dx = torch.empty_like(x2)
+    dz = None if z is None else torch.empty_like(x2)  # contiguous even for a strided gate
+    block_m, block_n, warps = _tile(N)
+    blocks = triton.cdiv(M, block_m)
+    programs = min(blocks, 4 * _num_sms(x.device))
+    per_program = triton.cdiv(blocks, programs)
+    programs = triton.cdiv(blocks, per_program)
+    dw_part = torch.empty(programs, N, device=x.device, dtype=torch.float32)
+    db_part = torch.empty_like(dw_part)
+    _ln_bwd_kernel[(programs,)](
+        dy2, x2, x2 if z2 is None else z2, weight, bias, mean, rstd, dx, dx if dz is None else dz,
+        dw_part, db_part, M, N, N if z2 is None else z2.stride(0), per_program,
+        HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    dw = dw_part.sum(0).to(weight.dtype)  # a fixed-order reduction over the programs' partials
+    db = db_part.sum(0).to(bias.dtype)
+    return dx.view(x.shape), None if dz is None else dz.view(x.shape), dw, db
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, z):
+        y, mean, rstd = _forward(x, z, weight, bias, eps)
+        ctx.save_for_backward(x, z, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dz, dw, db = _backward(dy, x, z, weight, bias, mean, rstd)
+        return dx, dw, db, None, dz
+
+
+def layer_norm(x: Tensor, norm: torch.nn.LayerNorm, gate: Tensor | None = None, kernel: bool = True) -> Tensor:
+    """`norm(x)` (times silu(gate) if given) for channels-last activations (..., C).
+
+    With `kernel` the Triton kernels run where they can: x of a kernel dtype (copied if not contiguous; a
+    gate of its shape and dtype is read in place if its rows have unit column stride, as a half of a chunked
+    projection does, else copied too), fp32
+    parameters, not traced (torch.compile fuses the plain ops itself) and not under a dispatch mode (fake
+    tensors, FlopCounterMode). Under autocast the input and gate are cast to autocast's dtype, and so is the
+    output — autocast's own LayerNorm would return fp32, which the next linear casts back. Anywhere else (or
+    with `kernel=False`) this is `norm(x)` and, with a gate, `· F.silu(gate)`: the reference behaviour."""
+    weight, bias = norm.weight, norm.bias
+    usable = (kernel and (x.is_cuda or triton_interpreted()) and weight is not None and bias is not None and weight.dtype == torch.float32
+              and bias.dtype == torch.float32 and tuple(norm.normalized_shape) == (x.shape[-1],)
+              and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
+    if usable and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        gate = None if gate is None else gate.to(dtype)
+    usable = (usable and x.dtype in KERNEL_DTYPES and x.numel() > 0
+              and (gate is None or (gate.shape == x.shape and gate.dtype == x.dtype and gate.device == x.device)))
+    if not usable:
+        y = norm(x)
+        return y if gate is None else y * F.silu(gate)
+    if gate is not None and _rows(gate, x.shape[-1]) is None:
+        gate = gate.contiguous()
+    with torch.autocast(x.device.type, enabled=False):
+        return _LayerNorm.apply(x.contiguous(), weight, bias, norm.eps, gate)
+
+
+__all__ = ["KERNEL_DTYPES", "layer_norm", "layer_norm_ref"]
