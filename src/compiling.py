@@ -28,6 +28,16 @@ graphs of 1053, 573, 211, 208 and 6 nodes under a 1-process DDP), each partition
 gradients of T are 28 M numbers, whose all-reduce over NVLink takes about a millisecond of a ~90 ms step, so
 `ddp_split=False` (the LightningModules' default, `compile_ddp_split`) keeps one graph and lets DDP reduce after
 the backward; True restores torch's split, for slow interconnects where the overlap matters.
+
+Compiled, T is still bound by the host on a GPU machine with a slow CPU: on an H100 VM whose host took
+85 ms to issue one compiled training step (batch 128; `benchmarks/profile_step.py`: the compiled graphs' Python
+wrappers, ~1,500 kernel launches, and the fused SSM op's custom-op dispatch and Triton launches, ~16 ms), the
+kernels of that step took 70 ms. `cudagraphs=True` (`compile_cudagraphs` in the LightningModules;
+`torch.compile(mode="reduce-overhead")`, CUDA graph trees) records each compiled graph once and replays it
+with one launch: the same process trained at 1647 img/s against 1403 without (`benchmarks/throughput.py
+--modes cudagraphs,compiled`). Its costs: a recording per new input shape (the last, smaller batch of an
+epoch; each validation size), memory held in the graphs' private pool, and a graph's outputs are overwritten
+by its next replay (fine for a training step, which consumes them before the next).
 """
 
 from __future__ import annotations
@@ -52,27 +62,29 @@ def set_memory_budget(budget: float, key: str = "compile_memory_budget") -> None
 
 
 def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-                         regional: bool = False, ddp_split: bool = False,
+                         regional: bool = False, ddp_split: bool = False, cudagraphs: bool = False,
                          key: str = "compile_memory_budget") -> None:
     """`module.compile()` (in place: parameter names and checkpoint keys unchanged) of each module given (None
     entries are skipped), with `memory_budget` set first (see the module docstring). `regional`: the module's
     own regional compilation (`SpatialMamba.compile(regional=True)`: one graph per stage shape, shared by the
     blocks of the stage) instead of one whole graph; a module without it is refused. `ddp_split`: under DDP,
     split the graphs at DDP's bucket boundaries (torch's default) instead of keeping them whole (see the module
-    docstring; process-wide, like the budget)."""
+    docstring; process-wide, like the budget). `cudagraphs`: replay the compiled graphs as CUDA graphs
+    (`torch.compile(mode="reduce-overhead")`, see the module docstring)."""
     import torch._dynamo
 
     set_memory_budget(memory_budget, key)
     torch._dynamo.config.optimize_ddp = bool(ddp_split)
+    kwargs = {"mode": "reduce-overhead"} if cudagraphs else {}
     for module in modules:
         if module is None:
             continue
         if not regional:
-            module.compile()
+            module.compile(**kwargs)
             continue
         if "regional" not in inspect.signature(module.compile).parameters:
             from src.errors import UserError
 
             raise UserError(f"compile_regional: {type(module).__name__} has no regional compilation (a Spatial-Mamba "
                             "backbone has); set compile_regional to false")
-        module.compile(regional=True)
+        module.compile(regional=True, **kwargs)

@@ -93,3 +93,21 @@ def test_regional_compile_is_reached_from_the_config(monkeypatch):
 def test_regional_compile_of_a_module_without_it_is_refused():
     with pytest.raises(UserError, match="compile_regional: Linear has no regional compilation"):
         compile_for_training(torch.nn.Linear(2, 2), regional=True)
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_cuda_graphs_are_reached_from_the_config(monkeypatch, regional):
+    """compile_cudagraphs compiles with torch.compile's mode "reduce-overhead" (graphs replayed as CUDA graphs),
+    whole or regionally; off, no mode is passed (torch's default)."""
+    from src.models.spatial_mamba import SpatialMamba
+
+    for cudagraphs in (True, False):
+        calls = []
+        monkeypatch.setattr(SpatialMamba, "compile",
+                            lambda self, *a, regional=False, **k: calls.append(k | ({"regional": True} if regional else {})))
+        cli = main.cli(["--model.init_args.compile=true", f"--model.init_args.compile_regional={regional}",
+                        f"--model.init_args.compile_cudagraphs={cudagraphs}", "--model.init_args.ema_decay=null",
+                        "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
+        cli.model.setup("fit")
+        expected = ({"mode": "reduce-overhead"} if cudagraphs else {}) | ({"regional": True} if regional else {})
+        assert calls == [expected]

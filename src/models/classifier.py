@@ -70,6 +70,9 @@ class ImageClassifier(L.LightningModule):
         compile_ddp_split: under DDP, let dynamo split the compiled graph at DDP's gradient-bucket boundaries
             so that all-reduce overlaps the backward (torch's default), instead of one graph reduced after the
             backward (src/compiling.py). Off by default: on one host the reduce is ~1 ms of a step.
+        compile_cudagraphs: replay the compiled graphs as CUDA graphs (`torch.compile` mode "reduce-overhead",
+            src/compiling.py): the host no longer launches each kernel, which matters where a slow host CPU
+            bounds the step. Costs a recording per new input shape and memory in the graphs' pool. Off by default.
         channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
             layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
             slower with NCHW images and the foreach AdamW than with this. Ignored on other devices.
@@ -107,6 +110,7 @@ class ImageClassifier(L.LightningModule):
         compile_memory_budget: float = DEFAULT_MEMORY_BUDGET,
         compile_regional: bool = False,
         compile_ddp_split: bool = False,
+        compile_cudagraphs: bool = False,
         channels_last: bool = True,
         lr_base_batch: int | None = None,
         mixup: float = 0.0,
@@ -211,6 +215,7 @@ class ImageClassifier(L.LightningModule):
             compile_for_training(self.backbone, self.ema.module if self.ema is not None else None,
                                  memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
+                                 cudagraphs=self.hparams.compile_cudagraphs,
                                  key="model.init_args.compile_memory_budget")
             self._compiled = True
 

@@ -99,6 +99,9 @@ class SemanticSegmenter(L.LightningModule):
         compile_ddp_split: under DDP, let dynamo split the compiled graph at DDP's gradient-bucket boundaries
             so that all-reduce overlaps the backward (torch's default), instead of one graph reduced after the
             backward (src/compiling.py). Off by default: on one host the reduce is ~1 ms of a step.
+        compile_cudagraphs: replay the compiled graphs as CUDA graphs (`torch.compile` mode "reduce-overhead",
+            src/compiling.py): the host no longer launches each kernel, which matters where a slow host CPU
+            bounds the step. Costs a recording per new input shape and memory in the graphs' pool. Off by default.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class SemanticSegmenter(L.LightningModule):
         compile_memory_budget: float = DEFAULT_MEMORY_BUDGET,
         compile_regional: bool = False,
         compile_ddp_split: bool = False,
+        compile_cudagraphs: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -167,6 +171,7 @@ class SemanticSegmenter(L.LightningModule):
         if self.hparams.compile and not getattr(self, "_compiled", False):
             compile_for_training(self.backbone, memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
+                                 cudagraphs=self.hparams.compile_cudagraphs,
                                  key="model.init_args.compile_memory_budget")
             self._compiled = True
 
