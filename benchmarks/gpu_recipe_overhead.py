@@ -27,6 +27,9 @@ step boundaries, after `--warmup` steps), batch 128, bf16, 224², fused backend,
                  progress bar, compiled
                  (`model.init_args.compile true`; compile s = first step less a steady one), last, each only
                  while the time budget (`--budget-s`) allows; a skipped row says so.
+  cudagraphs     the loop (with and without MESA's teacher), the recipe with synthetic batches and the full
+                 recipe, compiled and replayed as CUDA graphs (`compile_cudagraphs true`; not in the default
+                 --modes).
 
 Output: one Markdown table (img/s, ÷ the throughput.py loop of the same mode, ÷ the full recipe, peak GPU
 memory, compile s) at the end, and after every row `<out>/overhead.md` and `<out>/overhead.json` (a run cut
@@ -164,6 +167,8 @@ def variant_config(recipe: dict, out: Path, name: str, data: str, changes: list[
             trainer["gradient_clip_val"] = None
         elif change == "ddp":
             trainer["strategy"] = "ddp"
+        elif change == "cudagraphs":
+            model["compile_cudagraphs"] = True
         elif change == "sync":
             trainer["callbacks"].append({"class_path": "benchmarks.gpu_recipe_overhead.SyncEveryStep"})
         elif change not in ("cudnn", "bar"):  # cudnn: a process setting, applied around the run; bar: an override
@@ -237,9 +242,10 @@ def build_backbone(args, classes: int) -> nn.Module:
     return spatial_mamba_t(backend=args.backend, num_classes=classes)
 
 
-def run_loop(args, compiled: bool, as_throughput_py: bool, classes: int = 1000, mesa: bool = False) -> dict:
+def run_loop(args, compiled: bool | str, as_throughput_py: bool, classes: int = 1000, mesa: bool = False) -> dict:
     """throughput.py's training loop (`measure`; with `mesa`, plus MESA's teacher forward as the recipe runs it),
-    or the same loop with the recipe's layout and optimizer."""
+    or the same loop with the recipe's layout and optimizer. compiled: False, True or "cudagraphs" (the
+    throughput.py loop only)."""
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = None if args.cpu else torch.bfloat16
     torch.manual_seed(0)
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per row")
     p.add_argument("--steps", type=int, default=30, help="timed steps per row")
     p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
-    p.add_argument("--modes", default="eager,compiled")
+    p.add_argument("--modes", default="eager,compiled", help="any of eager,compiled,cudagraphs")
     p.add_argument("--budget-s", type=float, default=420, help="rows that would start after this many seconds "
                    "(compiled ones: after budget − --compile-estimate-s) are skipped")
     p.add_argument("--compile-estimate-s", type=float, default=150, help="expected length of a compiled row")
@@ -370,6 +376,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             data, changes = next((d, c) for n, d, c in RECIPE_VARIANTS if n == name)
             plan.append((name, "compiled", functools.partial(run_recipe, args, recipe, name, data, True, classes, changes)))
 
+    if "cudagraphs" in modes:  # compiled and replayed as CUDA graphs (compile_cudagraphs)
+        plan.append((LOOP, "cudagraphs", lambda: run_loop(args, "cudagraphs", True)))
+        plan.append((LOOP_MESA, "cudagraphs", lambda: run_loop(args, "cudagraphs", True, mesa=True)))
+        for name, data in (("synthetic data", "synthetic"), ("full recipe", "real")):
+            plan.append((name, "cudagraphs", functools.partial(run_recipe, args, recipe, name, data, True, classes,
+                                                               ["cudagraphs"])))
+
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or "?"
@@ -385,7 +398,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if only and name not in only:
             continue
         elapsed = time.perf_counter() - start
-        reserve = args.compile_estimate_s if mode == "compiled" else 0.0
+        reserve = args.compile_estimate_s if mode != "eager" else 0.0
         row = {"name": name, "mode": mode}
         if elapsed + reserve > args.budget_s:
             row["note"] = f"skipped: {elapsed:.0f} s elapsed of a {args.budget_s:.0f} s budget"

@@ -47,15 +47,15 @@ BASELINES = {  # names for --baselines; anything else is passed to timm.create_m
 RATIO_BASES = ("convnext_tiny", "swin_tiny_patch4_window7_224")
 
 
-def build(name: str, backend: str) -> nn.Module:
+def build(name: str, backend: str, fused_norms: bool = False) -> nn.Module:
     if name in FACTORIES:
-        return FACTORIES[name](backend=backend)
+        return FACTORIES[name](backend=backend, fused_norms=fused_norms)
     if name.endswith((".yaml", ".yml")):
         import main
 
         model = main.cli(["--config", name], run=False).model
         model = getattr(model, "backbone", model)
-        model.set_backend(backend)
+        model.set_backend(backend, fused_norms)
         return model
     import timm  # baselines
 
@@ -67,7 +67,8 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
-    "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape). `mesa`: every training step also
+    "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape), "cudagraphs" = one graph
+    replayed as CUDA graphs. `mesa`: every training step also
     runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher.
     `ddp` ("split" or "whole", training only): the model compiled in place and wrapped in DistributedDataParallel
     over a one-process group, as Lightning's ddp strategy runs it, with dynamo's graph split at DDP's buckets
@@ -86,8 +87,11 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         model.compile()
         teacher = torch.compile(teacher) if teacher is not None else None
     elif compiled:
-        fn = torch.compile(model)
-        teacher = torch.compile(teacher) if teacher is not None else None
+        # "cudagraphs": the graphs replayed as CUDA graphs (torch.compile's mode "reduce-overhead"), so the host no
+        # longer launches each kernel of a step
+        mode = "reduce-overhead" if compiled == "cudagraphs" else None
+        fn = torch.compile(model, mode=mode)
+        teacher = torch.compile(teacher, mode=mode) if teacher is not None else None
     if ddp and train:
         fn = _one_process_ddp(model, device)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -119,8 +123,8 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     for _ in range(warmup + steps):
         step()
         timer.step(batch)
-        if timer.steps == warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        if timer.steps == warmup and device.type == "cuda" and compiled != "cudagraphs":
+            torch.cuda.reset_peak_memory_stats(device)  # (CUDA graphs: their pool is allocated while recording)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     return timer.img_per_s, peak, timer.compile_s
 
@@ -141,17 +145,19 @@ def _one_process_ddp(model: nn.Module, device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
 
 
-def run_one(name, backend, prec, mode, args, device) -> dict:
-    row = dict(model=name, backend=backend if name in FACTORIES or name.endswith(".yaml") else "-",
+def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) -> dict:
+    ours = name in FACTORIES or name.endswith(".yaml")
+    row = dict(model=name, backend=(backend + (", Triton norms" if fused_norms else "")) if ours else "-",
                precision=prec, mode=mode + (" + MESA" if args.mesa else "") + (f" + DDP {args.ddp}" if args.ddp else ""))
     for train in (True,) if args.no_infer else (True, False):
         key = "train" if train else "infer"
         try:
             torch.manual_seed(0)
-            model = build(name, backend)
+            model = build(name, backend, fused_norms)
             regional = mode == "regional" and row["backend"] != "-"  # the timm baselines: whole graph
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec],
-                                       "regional" if regional else mode in ("compiled", "regional"),
+                                       "regional" if regional else "cudagraphs" if mode == "cudagraphs"
+                                       else mode in ("compiled", "regional"),
                                        args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp)
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
@@ -180,7 +186,7 @@ def table(rows: list[dict], baselines: dict) -> str:
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         compile_s = (f"{r.get('train_compile_s', float('nan')):.0f} / {r.get('infer_compile_s', float('nan')):.0f}"
-                     if r["mode"].startswith(("compiled", "regional")) else "-")
+                     if r["mode"].startswith(("compiled", "regional", "cudagraphs")) else "-")
         ratios = []
         for base in RATIO_BASES:
             b = baselines.get((base, r["precision"], r["mode"]))
@@ -199,8 +205,9 @@ def main() -> None:
     p.add_argument("--config", action="append", default=[], help="a config file whose backbone to measure")
     p.add_argument("--backends", default="auto")
     p.add_argument("--precisions", default="bf16")
-    p.add_argument("--modes", default="compiled", help="eager,compiled,regional (regional: Spatial-Mamba's "
-                   "one graph per stage shape; the baselines compile whole)")
+    p.add_argument("--modes", default="compiled", help="eager,compiled,regional,cudagraphs (regional: Spatial-Mamba's "
+                   "one graph per stage shape, the baselines compile whole; cudagraphs: one graph replayed as CUDA "
+                   "graphs, torch.compile mode 'reduce-overhead')")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)
@@ -214,6 +221,9 @@ def main() -> None:
                    help="activation memory budget of compiled training graphs, as the LightningModules' "
                         "compile_memory_budget (src/compiling.py; 1 = the partitioner's default, less = recompute "
                         "more in the backward)")
+    p.add_argument("--fused-norms", default="off", choices=["on", "off", "on,off", "off,on"],
+                   help="the fused backend's LayerNorms as Triton kernels in eager mode (on), nn.LayerNorm (off, "
+                        "the models' default), or a row of each")
     p.add_argument("--no-infer", action="store_true", help="training rows only")
     p.add_argument("--ddp", choices=["split", "whole"], default="",
                    help="train inside a one-process DistributedDataParallel, as Lightning's ddp strategy does; "
@@ -260,7 +270,8 @@ def main() -> None:
                     rows.append(r)
             for name in models:
                 for backend in args.backends.split(","):
-                    rows.append(run_one(name, backend, prec, mode, args, device))
+                    for norms in args.fused_norms.split(","):
+                        rows.append(run_one(name, backend, prec, mode, args, device, fused_norms=norms == "on"))
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     try:
@@ -271,7 +282,8 @@ def main() -> None:
 
     header = (f"{datetime.date.today()} · {dev} · torch {torch.__version__} · triton {triton.__version__} · commit "
               f"{commit or '?'} · batch {args.batch}, {args.size}², {args.warmup} warm-up + {args.steps} timed steps"
-              + (f" · compiled with activation memory budget {args.memory_budget}" if {"compiled", "regional"} & set(modes) else ""))
+              + (f" · compiled with activation memory budget {args.memory_budget}"
+                 if {"compiled", "regional", "cudagraphs"} & set(modes) else ""))
     text = f"{header}\n\n{table(rows, baselines)}\n"
     print("\n" + text)
     with open(args.json, "w") as f:
