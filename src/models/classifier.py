@@ -1,8 +1,9 @@
 """LightningModule for image classification with any backbone (Spatial-Mamba by default).
 
 Beyond cross-entropy + AdamW + warm-up/cosine it carries the published ImageNet recipe as knobs: mixup /
-cutmix with soft-target cross-entropy (timm), an EMA of the weights (timm `ModelEmaV3`, a submodule, so
-its weights are in every checkpoint and validated separately as `val_ema/*`), MESA self-distillation
+cutmix with soft-target cross-entropy (timm), an EMA of the weights (timm's `ModelEmaV3` with a cheaper
+per-step update, `src.ema`; a submodule, so its weights are in every checkpoint and validated separately as
+`val_ema/*`), MESA self-distillation
 from the EMA model, linear scaling of the learning rate by the global batch, and the RNG states of
 every rank in each checkpoint so that a resumed run continues the random stream it was interrupted in.
 Gradient clipping and mixed precision are the trainer's (`gradient_clip_val`, `precision`).
@@ -29,11 +30,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import distribute_bn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.callbacks import FitSummary, PredictionCSVWriter, TrainSpeed
+from src.ema import ModelEma
 from src.checkpoints import (AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain,
                              restore_rng_state, rng_states)
 from src.checks import non_negative, positive, probability, require
@@ -169,7 +171,7 @@ class ImageClassifier(L.LightningModule):
             self.criterion = self.soft_target_ce
         self.ema = None
         if ema_decay:
-            self.ema = ModelEmaV3(backbone, decay=ema_decay)
+            self.ema = ModelEma(backbone, decay=ema_decay)
             self.ema.requires_grad_(False)
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
