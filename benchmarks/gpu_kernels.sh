@@ -4,7 +4,7 @@
 # check. Logs and JSON go to $OUT (default out/).
 #
 #   bash benchmarks/gpu_kernels.sh            # tests + op benchmark (stage 1 only: --quick)
-#   bash benchmarks/gpu_kernels.sh full       # + every op shape, throughput (T eager/compiled, ConvNeXt-T,
+#   bash benchmarks/gpu_kernels.sh full       # + every op shape, throughput (T eager/compiled/CUDA graphs, ConvNeXt-T,
 #                                             #   Swin-T) and the training-equivalence check
 #   bash benchmarks/gpu_kernels.sh bench|speed|equivalence   # only the op benchmark / + throughput / only the check
 set -u
@@ -25,7 +25,7 @@ if [ "$what" = "quick" ] || [ "$what" = "bench" ]; then
 elif [ "$what" = "full" ] || [ "$what" = "speed" ]; then
   python benchmarks/ops.py --skip-torch --profile --host --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
   python benchmarks/throughput.py --models t,convnext_tiny,swin_tiny_patch4_window7_224 --backends fused \
-    --precisions bf16 --modes eager,compiled 2>&1 | tee "$OUT/throughput.log"
+    --precisions bf16 --modes eager,compiled,cudagraphs 2>&1 | tee "$OUT/throughput.log"
 fi
 if [ "$what" = "full" ] || [ "$what" = "equivalence" ]; then
   python benchmarks/loss_curve.py --model t --size 64 --batch 32 --steps 200 --json "$OUT/equivalence.json" \
