@@ -103,10 +103,11 @@ class TrainSpeed(Callback):
     - `compile_s` in TensorBoard and one printed line, once, when the model was compiled: the first training
       step's wall time less a steady step's (the training graphs compile in the first step; the evaluation
       graphs during the sanity check or the first validation);
-    - one printed line per epoch (rank 0): img/s, the share of the timed time the host spent waiting for the
-      batch (from the end of a step's hooks to the start of the next step; on a GPU the device may still be
-      working through queued steps meanwhile, so this bounds the loader's cost from above), peak GPU memory
-      of this rank.
+    - one printed line per epoch (rank 0): img/s; the share of the timed time the host spent between steps
+      (from the end of this callback's step hook to the start of the next step: the loader's next batch and
+      its copy to the device, Lightning's loop, the later hooks, the learning-rate step; on a GPU the device
+      may still be working through queued steps meanwhile); peak GPU memory of this rank. A large share with
+      an idle device is a slow loader or a slow host: with in-memory batches it is the host alone.
 
     The timer never makes the host wait for the device during the timed steps (`src.timing`): it reads the
     device's timestamps once per logging interval.
@@ -135,7 +136,7 @@ class TrainSpeed(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self.timer.begin()  # only before the first step of the fit
-        # the host's wait for this batch: from the end of the last step's hooks to here (the loader's share)
+        # the host's time between steps: from the end of the last step's hook to here (loader, loop)
         self.gap = time.perf_counter() - self.step_end if self.step_end is not None else 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -173,7 +174,8 @@ class TrainSpeed(Callback):
         memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(pl_module.device) / 2**30:.1f} GiB"
                   if pl_module.device.type == "cuda" else "")
         print(f"train speed, epoch {trainer.current_epoch}: {images / seconds:.0f} img/s ({images} images in "
-              f"{seconds:.1f} s), waiting for data {100 * self.wait / seconds:.1f} %{memory}", flush=True)
+              f"{seconds:.1f} s), host between steps (loader, loop) {100 * self.wait / seconds:.1f} %{memory}",
+              flush=True)
 
 
 def _resolved_backend(backend: str, device: torch.device) -> str:
