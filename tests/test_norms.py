@@ -163,7 +163,7 @@ def test_model_with_kernel_norms_matches_nn_layernorm(monkeypatch):
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [64, 96, 128, 1536])
+@pytest.mark.parametrize("N", [96, 1536])  # B's stage-1 width and its widest gate; 64: the test below
 def test_gpu_bf16(N):
     check_against_reference((4, 33, 17), N, True, torch.bfloat16)
     check_against_reference((4, 33, 17), N, False, torch.bfloat16)
