@@ -14,7 +14,10 @@ Protocol: batch 128, 224², 10 warm-up + 30 timed steps, AMP. Prints a table (ro
 table at the end), writes the rows as JSON (`--json`, default throughput.json) and, with --record, appends
 the table to benchmarks/RESULTS.md with date, device, versions and commit. `--mesa` adds to every training
 step what MESA adds in the recipe: a no-grad forward of a frozen copy of the model (the EMA teacher, in eval
-mode), so the recipe's img/s can be compared with this loop's at the same work.
+mode), so the recipe's img/s can be compared with this loop's at the same work. On a GPU each training row
+also gives the host's time to issue one step from an idle GPU beside the step's wall time ("host issue /
+wall ms"): where the two are close, the host bounds the step (`--modes cudagraphs` replays the compiled graphs
+as CUDA graphs, which takes the launches off the host).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -63,7 +67,7 @@ def build(name: str, backend: str, fused_norms: bool = False) -> nn.Module:
 
 
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool | str, warmup: int, steps: int,
-            train: bool, mesa: bool = False, ddp: str = "") -> tuple[float, float, float]:
+            train: bool, mesa: bool = False, ddp: str = "", extra: dict | None = None) -> tuple[float, float, float]:
     """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
@@ -126,7 +130,22 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         if timer.steps == warmup and device.type == "cuda" and compiled != "cudagraphs":
             torch.cuda.reset_peak_memory_stats(device)  # (CUDA graphs: their pool is allocated while recording)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    if extra is not None and device.type == "cuda":
+        extra["host_ms"] = host_issue_ms(step)
     return timer.img_per_s, peak, timer.compile_s
+
+
+def host_issue_ms(step, repeats: int = 3) -> float:
+    """The host's time to issue one step from an idle GPU (until `step()` returns), median of `repeats`, in ms.
+    Close to the step's wall time, the host bounds the step (launch overhead, Python), not the GPU."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def _one_process_ddp(model: nn.Module, device) -> nn.Module:
@@ -155,12 +174,15 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) 
             torch.manual_seed(0)
             model = build(name, backend, fused_norms)
             regional = mode == "regional" and row["backend"] != "-"  # the timm baselines: whole graph
+            extra = {}
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec],
                                        "regional" if regional else "cudagraphs" if mode == "cudagraphs"
                                        else mode in ("compiled", "regional"),
-                                       args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp)
+                                       args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp, extra=extra)
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
+            if "host_ms" in extra:
+                row[f"{key}_host_ms"] = extra["host_ms"]
             if train:
                 row["peak_gb"] = peak
         except torch.OutOfMemoryError:
@@ -180,10 +202,19 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) 
     return row
 
 
-def table(rows: list[dict], baselines: dict) -> str:
+def host_wall(row: dict, batch: int) -> str:
+    """"host / wall" ms of a training step: the host's time to issue it from an idle GPU (`host_issue_ms`) and
+    the steady step's wall time (batch ÷ img/s). Host close to wall: the host bounds the step."""
+    host, ips = row.get("train_host_ms"), row.get("train_ips")
+    if host is None or not ips or ips != ips:
+        return "-"
+    return f"{host:.0f} / {1e3 * batch / ips:.0f}"
+
+
+def table(rows: list[dict], baselines: dict, batch: int) -> str:
     head = ("| model | backend | precision | mode | train img/s | infer img/s | peak train GB | train ÷ ConvNeXt-T | "
-            "train ÷ Swin-T | compile s (train / infer) | note |")
-    lines = [head, "|" + "---|" * 11]
+            "train ÷ Swin-T | compile s (train / infer) | train step: host issue / wall ms | note |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         compile_s = (f"{r.get('train_compile_s', float('nan')):.0f} / {r.get('infer_compile_s', float('nan')):.0f}"
                      if r["mode"].startswith(("compiled", "regional", "cudagraphs")) else "-")
@@ -194,7 +225,7 @@ def table(rows: list[dict], baselines: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['precision']} | {r['mode']} | {r.get('train_ips', float('nan')):.0f} | "
             f"{r.get('infer_ips', float('nan')):.0f} | {r.get('peak_gb', float('nan')):.1f} | {ratios[0]} | {ratios[1]} | "
-            f"{compile_s} | {r.get('note', '')} |"
+            f"{compile_s} | {host_wall(r, batch)} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 
@@ -284,7 +315,7 @@ def main() -> None:
               f"{commit or '?'} · batch {args.batch}, {args.size}², {args.warmup} warm-up + {args.steps} timed steps"
               + (f" · compiled with activation memory budget {args.memory_budget}"
                  if {"compiled", "regional", "cudagraphs"} & set(modes) else ""))
-    text = f"{header}\n\n{table(rows, baselines)}\n"
+    text = f"{header}\n\n{table(rows, baselines, args.batch)}\n"
     print("\n" + text)
     with open(args.json, "w") as f:
         json.dump({"header": header, "device": dev, "torch": torch.__version__, "triton": triton.__version__,
