@@ -94,14 +94,12 @@ class SemanticSegmenter(L.LightningModule):
         compile: `torch.compile` the backbone (fixed training crops; validation sizes vary and recompile).
         compile_memory_budget: activation memory budget of the compiled training graph, in (0, 1] (see
             src/compiling.py; 1 = the partitioner's default, less = recompute more in the backward).
-        compile_regional: compile each block on its own (one graph per stage shape, shared by the blocks of
-            the stage; src/compiling.py) instead of the whole backbone as one graph. Off by default.
-        compile_ddp_split: under DDP, let dynamo split the compiled graph at DDP's gradient-bucket boundaries
-            so that all-reduce overlaps the backward (torch's default), instead of one graph reduced after the
-            backward (src/compiling.py). Off by default: on one host the reduce is ~1 ms of a step.
-        compile_cudagraphs: replay the compiled graphs as CUDA graphs (`torch.compile` mode "reduce-overhead",
-            src/compiling.py): the host no longer launches each kernel, which matters where a slow host CPU
-            bounds the step. Costs a recording per new input shape and memory in the graphs' pool. Off by default.
+        compile_regional: one graph per stage shape instead of the whole backbone (as the classifier's; see
+            src/compiling.py). Off by default.
+        compile_ddp_split: under DDP, split the compiled graph at DDP's gradient buckets (as the classifier's;
+            see src/compiling.py). Off by default.
+        compile_cudagraphs: replay the compiled graphs as CUDA graphs (as the classifier's; see
+            src/compiling.py). Off by default; every new validation size is recorded once.
     """
 
     def __init__(
