@@ -20,8 +20,9 @@ their dtype.
 `layer_norm_ref` (below) is the specification; `tests/test_norms.py` compares both directions with it.
 
 Measured (eager T, bf16, batch 128, one H100; benchmarks/RESULTS.md): the kernels of a training step fell from
-105 to 81 ms and the peak memory from 16.3 to 12.9 GB, but each launch through Triton's launcher cost that
-machine's host ~170 µs (forward) and ~190 µs (backward) per norm against ~20 µs for PyTorch's LayerNorm, and
+105 to 81 ms and the peak memory from 16.3 to 12.9 GB, but this Python path (autograd.Function, allocations,
+Triton's launcher) cost that machine's host ~170 µs (forward) and ~190 µs (backward) of self time per norm
+(torch.profiler) against ~20 µs for PyTorch's LayerNorm, and
 eager T there is bound by the host: training got slower (911 vs 1152 img/s), inference faster (4723 vs 3760).
 Hence off by default: a gain where the GPU is the bottleneck (large maps, a fast host).
 """
