@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.errors import reports_user_errors  # noqa: E402
+from src.timing import host_issue_s  # noqa: E402
 from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
 
 FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
@@ -84,13 +85,7 @@ def main() -> None:
           f"kernels {total / 1e3 / args.steps:.1f} ms ({100 * total / 1e6 / args.steps / wall:.0f} % of the wall time)")
     # the host's share: from an idle GPU, how long the host takes to issue one step (until step() returns) and
     # how many times the step makes the host wait for the GPU (torch's sync debug mode warns on each)
-    issue = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        issue.append(time.perf_counter() - t0)
-        torch.cuda.synchronize()
+    issue = host_issue_s(step, device, repeats=5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -100,7 +95,7 @@ def main() -> None:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message).splitlines()[0][:100] for w in caught  # (less torch's notice that the mode is a prototype)
              if "synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)]
-    print(f"host time to issue one step: {1e3 * sorted(issue)[len(issue) // 2]:.1f} ms (median of 5); "
+    print(f"host time to issue one step: {1e3 * issue:.1f} ms (median of 5); "
           f"synchronising calls in a step: {len(syncs)}" + "".join(f"\n  {m}" for m in syncs[:10]))
     if args.cpu_top:
         with profile(activities=[ProfilerActivity.CPU]) as cpu_prof:

@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -40,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
 from src.compiling import DEFAULT_MEMORY_BUDGET, set_memory_budget  # noqa: E402
 from src.errors import UserError  # noqa: E402
-from src.timing import StepTimer  # noqa: E402
+from src.timing import StepTimer, host_issue_s  # noqa: E402
 
 FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -131,21 +130,8 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
             torch.cuda.reset_peak_memory_stats(device)  # (CUDA graphs: their pool is allocated while recording)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     if extra is not None and device.type == "cuda":
-        extra["host_ms"] = host_issue_ms(step)
+        extra["host_ms"] = 1e3 * host_issue_s(step, device)
     return timer.img_per_s, peak, timer.compile_s
-
-
-def host_issue_ms(step, repeats: int = 3) -> float:
-    """The host's time to issue one step from an idle GPU (until `step()` returns), median of `repeats`, in ms.
-    Close to the step's wall time, the host bounds the step (launch overhead, Python), not the GPU."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def _one_process_ddp(model: nn.Module, device) -> nn.Module:
@@ -173,11 +159,12 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) 
         try:
             torch.manual_seed(0)
             model = build(name, backend, fused_norms)
-            regional = mode == "regional" and row["backend"] != "-"  # the timm baselines: whole graph
+            # measure's `compiled`: False, True (one graph), "regional" or "cudagraphs"; the timm baselines
+            # have no regional compilation and compile as one graph
+            compiled = {"eager": False, "compiled": True, "cudagraphs": "cudagraphs",
+                        "regional": "regional" if ours else True}[mode]
             extra = {}
-            ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec],
-                                       "regional" if regional else "cudagraphs" if mode == "cudagraphs"
-                                       else mode in ("compiled", "regional"),
+            ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], compiled,
                                        args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp, extra=extra)
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
@@ -203,7 +190,7 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) 
 
 
 def host_wall(row: dict, batch: int) -> str:
-    """"host / wall" ms of a training step: the host's time to issue it from an idle GPU (`host_issue_ms`) and
+    """"host / wall" ms of a training step: the host's time to issue it from an idle GPU (`host_issue_s`) and
     the steady step's wall time (batch ÷ img/s). Host close to wall: the host bounds the step."""
     host, ips = row.get("train_host_ms"), row.get("train_ips")
     if host is None or not ips or ips != ips:
@@ -263,6 +250,9 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="quick look on the CPU: batch 4, 2 + 3 steps, eager fp32")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
+    unknown = [m for m in args.modes.split(",") if m not in ("eager", "compiled", "regional", "cudagraphs")]
+    if unknown:
+        p.error(f"--modes: unknown {unknown}; expected any of eager,compiled,regional,cudagraphs")
     if args.cpu:
         device = torch.device("cpu")
         args.batch, args.warmup, args.steps = min(args.batch, 4), 2, 3

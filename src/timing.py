@@ -37,6 +37,20 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_issue_s(step, device: torch.device | str | None, repeats: int = 3) -> float:
+    """The host's time to issue one `step()` from an idle device (until it returns), median of `repeats`, in
+    seconds. Close to the step's wall time (`StepTimer`), the host bounds the step (Python, launches), not the
+    device; on the CPU the two are the same thing."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    synchronize(device)
+    return statistics.median(times)
+
+
 class StepTimer:
     """Times training steps between step boundaries (see the module docstring).
 

@@ -1,5 +1,7 @@
 """Training img/s and compile seconds (src.timing), and the TrainSpeed callback that logs them during `fit`."""
 
+import time
+
 import lightning as L
 import pytest
 import torch
@@ -9,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from src import timing
 from src.callbacks import TrainSpeed, is_compiled
-from src.timing import StepTimer
+from src.timing import StepTimer, host_issue_s
 
 
 class FakeClock:
@@ -220,3 +222,10 @@ def test_the_default_progress_bar_reads_metrics_at_most_every_few_seconds(monkey
     slow = L.Trainer(callbacks=[TQDMProgressBar(refresh_rate=5, leave=True)], logger=False, enable_checkpointing=False)
     use_progress_bar(slow)
     assert type(slow.progress_bar_callback) is ProgressBar and slow.progress_bar_callback.refresh_rate == 5
+
+
+def test_host_issue_time_is_the_median_of_the_calls():
+    durations = iter([0.03, 0.001, 0.01])
+    calls = []
+    seconds = host_issue_s(lambda: calls.append(time.sleep(next(durations))), "cpu", repeats=3)
+    assert len(calls) == 3 and 0.01 <= seconds < 0.03

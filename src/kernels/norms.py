@@ -117,11 +117,9 @@ def _tile(N: int) -> tuple[int, int, int]:
     return block_m, block_n, 4 if block_n * block_m <= 4096 else 8
 
 
-def _rows(t: Tensor | None, N: int) -> Tensor | None:
+def _rows(t: Tensor, N: int) -> Tensor | None:
     """(..., N) -> (M, N), a view with unit column stride (a gate that is one half of a chunked projection
     qualifies: its rows sit at a fixed stride), or None where no such view exists."""
-    if t is None:
-        return None
     try:
         t2 = t.view(-1, N)
     except RuntimeError:
@@ -130,28 +128,24 @@ def _rows(t: Tensor | None, N: int) -> Tensor | None:
 
 
 def _forward(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
-    N = x.shape[-1]
-    x2, z2 = x.view(-1, N), _rows(z, N)
-    M = x2.shape[0]
-    y = torch.empty_like(x2)
+    """x (M, N) contiguous, z None or (M, N) with unit column stride -> y (M, N), per-row mean and 1/std."""
+    M, N = x.shape
+    y = torch.empty_like(x)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_m, block_n, warps = _tile(N)
     _ln_fwd_kernel[(triton.cdiv(M, block_m),)](
-        x2, x2 if z2 is None else z2, weight, bias, y, mean, rstd, M, N, N if z2 is None else z2.stride(0), eps,
+        x, x if z is None else z, weight, bias, y, mean, rstd, M, N, N if z is None else z.stride(0), eps,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
 
 
 def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor):
-    N = x.shape[-1]
-    x2, z2 = x.view(-1, N), _rows(z, N)
-    M = x2.shape[0]
-    dy2 = dy.reshape(-1, N)
-    if not dy2.is_contiguous():
-        dy2 = dy2.contiguous()
-    dx = torch.empty_like(x2)
-    dz = None if z is None else torch.empty_like(x2)  # contiguous even for a strided gate
+    """Shapes as `_forward`'s; dz comes back contiguous even for a strided gate."""
+    M, N = x.shape
+    dy = dy.contiguous()
+    dx = torch.empty_like(x)
+    dz = None if z is None else torch.empty_like(x)
     block_m, block_n, warps = _tile(N)
     blocks = triton.cdiv(M, block_m)
     programs = min(blocks, 4 * _num_sms(x.device))
@@ -160,15 +154,17 @@ def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Ten
     dw_part = torch.empty(programs, N, device=x.device, dtype=torch.float32)
     db_part = torch.empty_like(dw_part)
     _ln_bwd_kernel[(programs,)](
-        dy2, x2, x2 if z2 is None else z2, weight, bias, mean, rstd, dx, dx if dz is None else dz,
-        dw_part, db_part, M, N, N if z2 is None else z2.stride(0), per_program,
+        dy, x, x if z is None else z, weight, bias, mean, rstd, dx, dx if dz is None else dz,
+        dw_part, db_part, M, N, N if z is None else z.stride(0), per_program,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     dw = dw_part.sum(0).to(weight.dtype)  # a fixed-order reduction over the programs' partials
     db = db_part.sum(0).to(bias.dtype)
-    return dx.view(x.shape), None if dz is None else dz.view(x.shape), dw, db
+    return dx, dz, dw, db
 
 
 class _LayerNorm(torch.autograd.Function):
+    """Over rows: x (M, N) contiguous, z None or (M, N) with unit column stride (see `_rows`)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, eps, z):
         y, mean, rstd = _forward(x, z, weight, bias, eps)
@@ -194,7 +190,8 @@ def layer_norm(x: Tensor, norm: torch.nn.LayerNorm, gate: Tensor | None = None, 
     is `norm(x)` and, with a gate, `· F.silu(gate)`: the reference behaviour."""
     weight, bias = norm.weight, norm.bias
     usable = (kernel and (x.is_cuda or triton_interpreted()) and weight is not None and bias is not None
-              and weight.dtype == torch.float32 and bias.dtype == torch.float32 and tuple(norm.normalized_shape) == (x.shape[-1],)
+              and weight.dtype == torch.float32 and bias.dtype == torch.float32
+              and tuple(norm.normalized_shape) == (x.shape[-1],)
               and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
     if usable and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -205,10 +202,13 @@ def layer_norm(x: Tensor, norm: torch.nn.LayerNorm, gate: Tensor | None = None, 
     if not usable:
         y = norm(x)
         return y if gate is None else y * F.silu(gate)
-    if gate is not None and _rows(gate, x.shape[-1]) is None:
-        gate = gate.contiguous()
+    N = x.shape[-1]
+    z2 = None if gate is None else _rows(gate, N)
+    if gate is not None and z2 is None:
+        z2 = gate.contiguous().view(-1, N)
     with torch.autocast(x.device.type, enabled=False):
-        return _LayerNorm.apply(x.contiguous(), weight, bias, norm.eps, gate)
+        y = _LayerNorm.apply(x.contiguous().view(-1, N), weight, bias, norm.eps, z2)
+    return y.view(x.shape)
 
 
 __all__ = ["KERNEL_DTYPES", "layer_norm", "layer_norm_ref"]
