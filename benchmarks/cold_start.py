@@ -5,14 +5,23 @@ img/s in a few repeated windows (compiled throughput varies from process to proc
     python benchmarks/cold_start.py                          # T, fused, bf16, batch 128: eager and compiled
     python benchmarks/cold_start.py --models t,s --modes compiled --windows 5
     python benchmarks/cold_start.py --modes compiled,regional     # whole graph against one graph per stage shape
+    python benchmarks/cold_start.py --modes compiled --profile prof   # where the first step's time goes
+
+`--profile DIR` runs the first step under cProfile and writes DIR/<model>-<mode>.pstats (open it with
+`python -m pstats` or snakeviz), prints its 30 costliest functions by cumulative time and, for compiled modes,
+dynamo's and inductor's phase times (`torch._dynamo.utils.compile_times`). The profiler slows Python-heavy work
+(dynamo, inductor, Triton's front end) about twofold: read its shares, not its seconds.
 
 Each model × mode runs in its own child process (fresh caches under a temporary folder). Prints one JSON line
-per run and a Markdown table at the end. Needs a CUDA GPU.
+per run and a Markdown table at the end, with the number and seconds of the @triton.jit compiles inside the first
+step (this project's kernels, compiled one after another at their first launches; inductor's own kernels compile
+in its worker processes and are not counted). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -26,7 +35,46 @@ sys.path.insert(0, ROOT)
 from src.errors import UserError, reports_user_errors  # noqa: E402
 
 
-def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int) -> dict:
+@contextlib.contextmanager
+def _slow_triton_compiles(threshold_s: float = 0.3):
+    """Yields a list that collects "kernel: seconds" for each @triton.jit compile in the block that took longer
+    than `threshold_s` (a real compile; a variant found in Triton's disk cache loads in milliseconds)."""
+    from triton.runtime.jit import JITFunction
+
+    found, do_compile = [], JITFunction._do_compile
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return do_compile(self, *args, **kwargs)
+        finally:
+            if time.perf_counter() - start > threshold_s:
+                found.append(f"{self.fn.__name__}: {time.perf_counter() - start:.1f}")
+
+    JITFunction._do_compile = timed
+    try:
+        yield found
+    finally:
+        JITFunction._do_compile = do_compile
+
+
+MODES = ("eager", "compiled", "regional", "cudagraphs", "regional-cudagraphs")
+
+
+def _profiled(fn, path: str) -> None:
+    """Run fn() under cProfile, save the stats to `path` and print the costliest entries to stderr."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    prof.dump_stats(path)
+    stats = pstats.Stats(prof, stream=sys.stderr)
+    stats.sort_stats("cumulative").print_stats(30)
+
+
+def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int,
+          profile: str | None = None) -> dict:
     import torch
     import torch.nn as nn
 
@@ -36,10 +84,11 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     torch.manual_seed(0)
     model = getattr(spatial_mamba, f"spatial_mamba_{model_name}")(backend="fused")
     model = model.to(device).to(memory_format=torch.channels_last)
-    if mode in ("compiled", "regional"):
+    if mode != "eager":
         from src.compiling import compile_for_training
 
-        compile_for_training(model, regional=mode == "regional")  # the LightningModules' default memory budget
+        # the LightningModules' default memory budget
+        compile_for_training(model, regional=mode.startswith("regional"), cudagraphs=mode.endswith("cudagraphs"))
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -57,11 +106,24 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    first = run(1)
+    def first_step() -> dict:
+        start = time.perf_counter()
+        with _slow_triton_compiles() as compiled_in_step:
+            run(1)
+        return dict(first_step_s=round(time.perf_counter() - start, 1), triton_compiles=len(compiled_in_step),
+                    triton_compile_s=round(sum(float(c.rsplit(": ", 1)[1]) for c in compiled_in_step), 1))
+
+    if profile:
+        first = {}
+        _profiled(lambda: first.update(first_step()), os.path.join(profile, f"{model_name}-{mode}.pstats"))
+        if mode != "eager":
+            print(torch._dynamo.utils.compile_times(repr="str"), file=sys.stderr, flush=True)
+    else:
+        first = first_step()
     run(warmup)
     torch.cuda.reset_peak_memory_stats()
     rates = [round(batch * steps / run(steps)) for _ in range(windows)]
-    return dict(model=model_name, mode=mode, first_step_s=round(first, 1), img_s=rates,
+    return dict(model=model_name, mode=mode, **first, img_s=rates,
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
 
 
@@ -69,23 +131,26 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="t", help="comma list of t, s, b")
-    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled (whole graph), regional")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled (whole graph), regional "
+                   "(one graph per stage shape), cudagraphs and regional-cudagraphs (the same replayed as CUDA graphs)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows")
+    p.add_argument("--profile", metavar="DIR", help="profile the first step (cProfile stats into DIR, summary "
+                   "printed; the profiler itself slows the step)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         model_name, mode = args.child.split(":")
         print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
-                                           args.windows)), flush=True)
+                                           args.windows, args.profile)), flush=True)
         return
-    bad = [m for m in args.modes.split(",") if m not in ("eager", "compiled", "regional")]
+    bad = [m for m in args.modes.split(",") if m not in MODES]
     bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
     if bad:
-        raise UserError(f"unknown model or mode {bad}; models are t, s, b and modes eager, compiled, regional")
+        raise UserError(f"unknown model or mode {bad}; models are t, s, b and modes {', '.join(MODES)}")
     rows = []
     for model_name in args.models.split(","):
         for mode in args.modes.split(","):
@@ -96,17 +161,24 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", f"{model_name}:{mode}", "--batch", str(args.batch),
                        "--size", str(args.size), "--warmup", str(args.warmup), "--steps", str(args.steps),
                        "--windows", str(args.windows)]
+                if args.profile:
+                    os.makedirs(args.profile, exist_ok=True)
+                    cmd += ["--profile", os.path.abspath(args.profile)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if args.profile:
+                    print(out.stderr[-20000:], file=sys.stderr, flush=True)
             lines = [line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             row = json.loads(lines[-1]) if lines else dict(model=model_name, mode=mode, error=out.stderr[-300:])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| model | mode | first step s (cold) | train img/s per window | peak GB |\n|---|---|---:|---|---:|")
+    print("\n| model | mode | first step s (cold) | of which @triton.jit compiles: count / s | train img/s per window "
+          "| peak GB |\n|---|---|---:|---:|---|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['mode']} | failed | {r['error'].splitlines()[-1] if r['error'] else ''} | |")
+            print(f"| {r['model']} | {r['mode']} | failed | | {r['error'].splitlines()[-1] if r['error'] else ''} | |")
         else:
-            print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {' / '.join(map(str, r['img_s']))} | "
+            print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r['triton_compiles']} / {r['triton_compile_s']} | "
+                  f"{' / '.join(map(str, r['img_s']))} | "
                   f"{r['peak_gb']} |")
 
 

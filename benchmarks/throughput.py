@@ -234,6 +234,8 @@ def main() -> None:
                    help="timm models measured first, comma list; 'default' = ConvNeXt-T, Swin-T; 'peers' = "
                         "ConvNeXt-T/S/B, Swin-T, MambaOut-T")
     p.add_argument("--no-baselines", action="store_true", help="skip the timm baselines")
+    p.add_argument("--baseline-modes", default="", help="modes of the baselines if not --modes (e.g. eager, so that "
+                   "compiling five peers does not take the run's time)")
     p.add_argument("--mesa", action="store_true", help="add MESA's teacher forward to every training step")
     p.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET,
                    help="activation memory budget of compiled training graphs, as the LightningModules' "
@@ -250,9 +252,10 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="quick look on the CPU: batch 4, 2 + 3 steps, eager fp32")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
-    unknown = [m for m in args.modes.split(",") if m not in ("eager", "compiled", "regional", "cudagraphs")]
-    if unknown:
-        p.error(f"--modes: unknown {unknown}; expected any of eager,compiled,regional,cudagraphs")
+    for flag, value in (("--modes", args.modes), ("--baseline-modes", args.baseline_modes)):
+        unknown = [m for m in value.split(",") if value and m not in ("eager", "compiled", "regional", "cudagraphs")]
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; expected any of eager,compiled,regional,cudagraphs")
     if args.cpu:
         device = torch.device("cpu")
         args.batch, args.warmup, args.steps = min(args.batch, 4), 2, 3
@@ -282,14 +285,15 @@ def main() -> None:
         have_timm = not args.no_baselines
     except ImportError:
         print("timm is not installed: no baselines")
+    baseline_modes = args.baseline_modes.split(",") if args.baseline_modes else modes
     for prec in precisions:
-        for mode in modes:
-            if have_timm:
+        for mode in dict.fromkeys(modes + baseline_modes):  # in order, each once
+            if have_timm and mode in baseline_modes:
                 for base in baseline_names:
                     r = run_one(base, "-", prec, mode, args, device)
                     baselines[(base, prec, r["mode"])] = r.get("train_ips")
                     rows.append(r)
-            for name in models:
+            for name in models if mode in modes else []:
                 for backend in args.backends.split(","):
                     for norms in args.fused_norms.split(","):
                         rows.append(run_one(name, backend, prec, mode, args, device, fused_norms=norms == "on"))
