@@ -37,8 +37,8 @@ from src.errors import UserError, reports_user_errors  # noqa: E402
 
 @contextlib.contextmanager
 def _slow_triton_compiles(threshold_s: float = 0.3):
-    """Yields a list that collects "kernel: seconds" for each @triton.jit compile in the block that took longer
-    than `threshold_s` (a real compile; a variant found in Triton's disk cache loads in milliseconds)."""
+    """Yields a list that collects (kernel name, seconds) for each @triton.jit compile in the block that took
+    longer than `threshold_s` (a real compile; a variant found in Triton's disk cache loads in milliseconds)."""
     from triton.runtime.jit import JITFunction
 
     found, do_compile = [], JITFunction._do_compile
@@ -49,7 +49,7 @@ def _slow_triton_compiles(threshold_s: float = 0.3):
             return do_compile(self, *args, **kwargs)
         finally:
             if time.perf_counter() - start > threshold_s:
-                found.append(f"{self.fn.__name__}: {time.perf_counter() - start:.1f}")
+                found.append((self.fn.__name__, time.perf_counter() - start))
 
     JITFunction._do_compile = timed
     try:
@@ -111,7 +111,7 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         with _slow_triton_compiles() as compiled_in_step:
             run(1)
         return dict(first_step_s=round(time.perf_counter() - start, 1), triton_compiles=len(compiled_in_step),
-                    triton_compile_s=round(sum(float(c.rsplit(": ", 1)[1]) for c in compiled_in_step), 1))
+                    triton_compile_s=round(sum(s for _, s in compiled_in_step), 1))
 
     if profile:
         first = {}
@@ -177,9 +177,8 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['model']} | {r['mode']} | failed | | {r['error'].splitlines()[-1] if r['error'] else ''} | |")
         else:
-            print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r['triton_compiles']} / {r['triton_compile_s']} | "
-                  f"{' / '.join(map(str, r['img_s']))} | "
-                  f"{r['peak_gb']} |")
+            print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r['triton_compiles']} / "
+                  f"{r['triton_compile_s']} | {' / '.join(map(str, r['img_s']))} | {r['peak_gb']} |")
 
 
 if __name__ == "__main__":
