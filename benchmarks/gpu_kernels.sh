@@ -17,7 +17,10 @@ git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
 
 if [ "$what" = "quick" ] || [ "$what" = "full" ]; then
   start=$(date +%s)
-  python -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests 2>&1 | tee "$OUT/gpu_tests.log"
+  skip=()  # a GPU image installed with --no-deps may lack pycocotools; no GPU test needs it, but collecting
+  # tests/test_detection.py imports it, and a collection error would stop every GPU test
+  python -c "import pycocotools" 2>/dev/null || { echo "pycocotools missing: tests/test_detection.py not collected"; skip=(--ignore=tests/test_detection.py); }
+  python -m pytest -m gpu -q -rf -p no:cacheprovider --durations=8 "${skip[@]}" tests 2>&1 | tee "$OUT/gpu_tests.log"
   echo "pytest -m gpu: $(( $(date +%s) - start )) s from a cold start" | tee -a "$OUT/gpu_tests.log"
 fi
 if [ "$what" = "quick" ] || [ "$what" = "bench" ]; then
