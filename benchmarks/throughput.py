@@ -234,8 +234,8 @@ def main() -> None:
                    help="timm models measured first, comma list; 'default' = ConvNeXt-T, Swin-T; 'peers' = "
                         "ConvNeXt-T/S/B, Swin-T, MambaOut-T")
     p.add_argument("--no-baselines", action="store_true", help="skip the timm baselines")
-    p.add_argument("--baseline-modes", default="", help="modes of the baselines if not --modes (e.g. eager, so that "
-                   "compiling five peers does not take the run's time); the ÷ columns compare rows of one mode")
+    p.add_argument("--baseline-modes", default="", help="modes of the baselines if not --modes (e.g. eager: compiling "
+                   "the five peers takes several minutes); the ÷ columns compare rows of one mode")
     p.add_argument("--mesa", action="store_true", help="add MESA's teacher forward to every training step")
     p.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET,
                    help="activation memory budget of compiled training graphs, as the LightningModules' "
