@@ -63,15 +63,27 @@ def set_memory_budget(budget: float, key: str = "compile_memory_budget") -> None
 
 def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
                          regional: bool = False, ddp_split: bool = False, cudagraphs: bool = False,
-                         key: str = "compile_memory_budget") -> None:
+                         accumulate_grad_batches: int = 1, key: str = "compile_memory_budget") -> None:
     """`module.compile()` (in place: parameter names and checkpoint keys unchanged) of each module given (None
     entries are skipped), with `memory_budget` set first (see the module docstring). `regional`: the module's
     own regional compilation (`SpatialMamba.compile(regional=True)`: one graph per stage shape, shared by the
     blocks of the stage) instead of one whole graph; a module without it is refused. `ddp_split`: under DDP,
     split the graphs at DDP's bucket boundaries (torch's default) instead of keeping them whole (see the module
     docstring; process-wide, like the budget). `cudagraphs`: replay the compiled graphs as CUDA graphs
-    (`torch.compile(mode="reduce-overhead")`, see the module docstring)."""
+    (`torch.compile(mode="reduce-overhead")`, see the module docstring); refused with gradient accumulation
+    (`accumulate_grad_batches` > 1: the trainer's setting), which CUDA graph trees do not support: the first
+    micro-batch's gradients become the parameters' `.grad` while still living in the graph's output buffers,
+    and the next replay overwrites them (torch issue 169545: wrong gradients or an error, depending on the
+    version)."""
     import torch._dynamo
+
+    if cudagraphs and accumulate_grad_batches > 1:
+        from src.errors import UserError
+
+        raise UserError(f"compile_cudagraphs: CUDA graphs do not support gradient accumulation (trainer."
+                        f"accumulate_grad_batches={accumulate_grad_batches}): each replay of the backward graph "
+                        "overwrites the gradients the previous micro-batch left in .grad. Set "
+                        "model.init_args.compile_cudagraphs false (plain compile) or trainer.accumulate_grad_batches 1")
 
     set_memory_budget(memory_budget, key)
     torch._dynamo.config.optimize_ddp = bool(ddp_split)

@@ -111,3 +111,16 @@ def test_cuda_graphs_are_reached_from_the_config(monkeypatch, regional):
         cli.model.setup("fit")
         expected = ({"mode": "reduce-overhead"} if cudagraphs else {}) | ({"regional": True} if regional else {})
         assert calls == [expected]
+
+
+def test_cuda_graphs_with_gradient_accumulation_are_refused():
+    """CUDA graph trees overwrite the first micro-batch's gradients at the next replay: the recipe refuses the
+    combination by name instead of training on wrong gradients."""
+    cli = main.cli(["--model.init_args.compile=true", "--model.init_args.compile_cudagraphs=true",
+                    "--model.init_args.ema_decay=null", "--trainer.accumulate_grad_batches=2",
+                    "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
+    cli.trainer.strategy.connect(cli.model)
+    cli.model.trainer = cli.trainer
+    with pytest.raises(UserError, match=r"compile_cudagraphs: .*accumulate_grad_batches=2\).*compile_cudagraphs false"):
+        cli.model.setup("fit")
+    compile_for_training(torch.nn.Linear(2, 2), cudagraphs=False, accumulate_grad_batches=2)  # plain compile: fine

@@ -74,7 +74,8 @@ class ImageClassifier(L.LightningModule):
             backward (src/compiling.py). Off by default: on one host the reduce is ~1 ms of a step.
         compile_cudagraphs: replay the compiled graphs as CUDA graphs (`torch.compile` mode "reduce-overhead",
             src/compiling.py): the host no longer launches each kernel, which matters where a slow host CPU
-            bounds the step. Costs a recording per new input shape and memory in the graphs' pool. Off by default.
+            bounds the step. Costs a recording per new input shape and memory in the graphs' pool. Off by default
+            (the ImageNet recipe turns it on); refused with trainer.accumulate_grad_batches > 1.
         channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
             layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
             slower with NCHW images and the foreach AdamW than with this. Ignored on other devices.
@@ -218,6 +219,7 @@ class ImageClassifier(L.LightningModule):
                                  memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
                                  cudagraphs=self.hparams.compile_cudagraphs,
+                                 accumulate_grad_batches=self.trainer.accumulate_grad_batches if self._trainer else 1,
                                  key="model.init_args.compile_memory_budget")
             self._compiled = True
 

@@ -99,7 +99,8 @@ class SemanticSegmenter(L.LightningModule):
         compile_ddp_split: under DDP, split the compiled graph at DDP's gradient buckets (as the classifier's;
             see src/compiling.py). Off by default.
         compile_cudagraphs: replay the compiled graphs as CUDA graphs (as the classifier's; see
-            src/compiling.py). Off by default; every new validation size is recorded once.
+            src/compiling.py). Off by default; every new validation size is recorded once; refused with
+            trainer.accumulate_grad_batches > 1.
     """
 
     def __init__(
@@ -170,6 +171,7 @@ class SemanticSegmenter(L.LightningModule):
             compile_for_training(self.backbone, memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
                                  cudagraphs=self.hparams.compile_cudagraphs,
+                                 accumulate_grad_batches=self.trainer.accumulate_grad_batches if self._trainer else 1,
                                  key="model.init_args.compile_memory_budget")
             self._compiled = True
 
