@@ -17,7 +17,8 @@ step what MESA adds in the recipe: a no-grad forward of a frozen copy of the mod
 mode), so the recipe's img/s can be compared with this loop's at the same work. On a GPU each training row
 also gives the host's time to issue one step from an idle GPU beside the step's wall time ("host issue /
 wall ms"): where the two are close, the host bounds the step (`--modes cudagraphs` replays the compiled graphs
-as CUDA graphs, which takes the launches off the host).
+as CUDA graphs, which takes the launches off the host; `--modes graphed` does the same for the eager step, with
+no compile at all: with `--fused-norms on` the fastest start).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
     "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape), "cudagraphs" = one graph
-    replayed as CUDA graphs. `mesa`: every training step also
+    replayed as CUDA graphs, "graphed" = no compile: the eager step (forward, loss, backward, AdamW) recorded
+    once as one CUDA graph with `torch.cuda.graph` and replayed (`_graph`). `mesa`: every training step also
     runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher.
     `ddp` ("split" or "whole", training only): the model compiled in place and wrapped in DistributedDataParallel
     over a one-process group, as Lightning's ddp strategy runs it, with dynamo's graph split at DDP's buckets
@@ -79,6 +81,7 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     model = model.to(device).train(train)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats(device)  # (modes that keep their warm-up in the peak: not an earlier row's)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if mesa and train else None
     fn = model
     if compiled == "regional":  # the backbone's own regional compile, in place (as the LightningModules do)
@@ -89,7 +92,7 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         torch._dynamo.config.optimize_ddp = ddp == "split"
         model.compile()
         teacher = torch.compile(teacher) if teacher is not None else None
-    elif compiled:
+    elif compiled and compiled != "graphed":
         # "cudagraphs": the graphs replayed as CUDA graphs (torch.compile's mode "reduce-overhead"), so the host no
         # longer launches each kernel of a step
         mode = "reduce-overhead" if compiled == "cudagraphs" else None
@@ -101,12 +104,18 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if train else None
+    graphed = compiled == "graphed"
+    if graphed and (device.type != "cuda" or (train and dtype == torch.float16)):
+        raise ValueError("graphed needs a CUDA GPU and no loss scaling (bf16 or fp32)")
+    # graphed: AdamW's step count stays on the GPU (capturable), so the step can be replayed from a CUDA graph
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=graphed) if train else None
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16 and train)
     crit = nn.CrossEntropyLoss()
 
     def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        # graphed: autocast's cache of cast weights would hand the graph tensors freed after the capture
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                            cache_enabled=not graphed):
             if not train:
                 with torch.inference_mode():
                     return fn(x)
@@ -119,19 +128,52 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        opt.zero_grad(set_to_none=True)
+        if not graphed:  # graphed: the captured backward writes the gradients where it wrote them when recorded
+            opt.zero_grad(set_to_none=True)
+
+    if graphed:
+        step = _graph(step, opt, device)
 
     timer = StepTimer(warmup, device)
     timer.begin()
     for _ in range(warmup + steps):
         step()
         timer.step(batch)
-        if timer.steps == warmup and device.type == "cuda" and compiled != "cudagraphs":
+        if timer.steps == warmup and device.type == "cuda" and compiled not in ("cudagraphs", "graphed"):
             torch.cuda.reset_peak_memory_stats(device)  # (CUDA graphs: their pool is allocated while recording)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     if extra is not None and device.type == "cuda":
         extra["host_ms"] = 1e3 * host_issue_s(step, device)
     return timer.img_per_s, peak, timer.compile_s
+
+
+def _graph(step, opt, device):
+    """`step` (eager kernels: a training step's forward, loss, backward and optimizer step, or an inference
+    forward) recorded once as one CUDA graph; returns a function that replays it. The first call runs `step`
+    three times on a side stream first (Triton compiles, tile choice, cuBLAS and cuDNN workspaces, AdamW's
+    state) and then records it, so it is the "compile" step of the timer."""
+    replay = None
+
+    def run():
+        nonlocal replay
+        if replay is None:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)  # the recorded backward allocates the gradients in the graph's pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            replay = graph.replay
+        replay()
+
+    return run
 
 
 def _one_process_ddp(model: nn.Module, device) -> nn.Module:
@@ -150,6 +192,9 @@ def _one_process_ddp(model: nn.Module, device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
 
 
+MODES = ("eager", "compiled", "regional", "cudagraphs", "graphed")
+
+
 def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) -> dict:
     ours = name in FACTORIES or name.endswith(".yaml")
     row = dict(model=name, backend=(backend + (", Triton norms" if fused_norms else "")) if ours else "-",
@@ -161,7 +206,7 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) 
             model = build(name, backend, fused_norms)
             # measure's `compiled`: False, True (one graph), "regional" or "cudagraphs"; the timm baselines
             # have no regional compilation and compile as one graph
-            compiled = {"eager": False, "compiled": True, "cudagraphs": "cudagraphs",
+            compiled = {"eager": False, "compiled": True, "cudagraphs": "cudagraphs", "graphed": "graphed",
                         "regional": "regional" if ours else True}[mode]
             extra = {}
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], compiled,
@@ -204,7 +249,7 @@ def table(rows: list[dict], baselines: dict, batch: int) -> str:
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         compile_s = (f"{r.get('train_compile_s', float('nan')):.0f} / {r.get('infer_compile_s', float('nan')):.0f}"
-                     if r["mode"].startswith(("compiled", "regional", "cudagraphs")) else "-")
+                     if r["mode"].startswith(("compiled", "regional", "cudagraphs", "graphed")) else "-")
         ratios = []
         for base in RATIO_BASES:
             b = baselines.get((base, r["precision"], r["mode"]))
@@ -225,7 +270,8 @@ def main() -> None:
     p.add_argument("--precisions", default="bf16")
     p.add_argument("--modes", default="compiled", help="eager,compiled,regional,cudagraphs (regional: Spatial-Mamba's "
                    "one graph per stage shape, the baselines compile whole; cudagraphs: one graph replayed as CUDA "
-                   "graphs, torch.compile mode 'reduce-overhead')")
+                   "graphs, torch.compile mode 'reduce-overhead'; graphed: no compile, the eager step's kernels recorded as one CUDA "
+                   "graph with torch.cuda.graph, bf16/fp32 only)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)
@@ -253,9 +299,9 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
     for flag, value in (("--modes", args.modes), ("--baseline-modes", args.baseline_modes)):
-        unknown = [m for m in value.split(",") if value and m not in ("eager", "compiled", "regional", "cudagraphs")]
+        unknown = [m for m in value.split(",") if value and m not in MODES]
         if unknown:
-            p.error(f"{flag}: unknown {unknown}; expected any of eager,compiled,regional,cudagraphs")
+            p.error(f"{flag}: unknown {unknown}; expected any of {','.join(MODES)}")
     if args.cpu:
         device = torch.device("cpu")
         args.batch, args.warmup, args.steps = min(args.batch, 4), 2, 3
