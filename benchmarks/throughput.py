@@ -108,7 +108,8 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     if graphed and (device.type != "cuda" or (train and dtype == torch.float16)):
         raise ValueError("graphed needs a CUDA GPU and no loss scaling (bf16 or fp32)")
     # graphed: AdamW's step count stays on the GPU (capturable), so the step can be replayed from a CUDA graph
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=graphed) if train else None
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=graphed)
+           if train else None)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16 and train)
     crit = nn.CrossEntropyLoss()
 
@@ -204,7 +205,7 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) 
         try:
             torch.manual_seed(0)
             model = build(name, backend, fused_norms)
-            # measure's `compiled`: False, True (one graph), "regional" or "cudagraphs"; the timm baselines
+            # measure's `compiled`: False, True (one graph), "regional", "cudagraphs" or "graphed"; the timm baselines
             # have no regional compilation and compile as one graph
             compiled = {"eager": False, "compiled": True, "cudagraphs": "cudagraphs", "graphed": "graphed",
                         "regional": "regional" if ours else True}[mode]
@@ -268,10 +269,10 @@ def main() -> None:
     p.add_argument("--config", action="append", default=[], help="a config file whose backbone to measure")
     p.add_argument("--backends", default="auto")
     p.add_argument("--precisions", default="bf16")
-    p.add_argument("--modes", default="compiled", help="eager,compiled,regional,cudagraphs (regional: Spatial-Mamba's "
-                   "one graph per stage shape, the baselines compile whole; cudagraphs: one graph replayed as CUDA "
-                   "graphs, torch.compile mode 'reduce-overhead'; graphed: no compile, the eager step's kernels recorded as one CUDA "
-                   "graph with torch.cuda.graph, bf16/fp32 only)")
+    p.add_argument("--modes", default="compiled", help="eager,compiled,regional,cudagraphs,graphed (regional: "
+                   "Spatial-Mamba's one graph per stage shape, the baselines compile whole; cudagraphs: one graph "
+                   "replayed as CUDA graphs, torch.compile mode 'reduce-overhead'; graphed: no compile, the eager "
+                   "step's kernels recorded as one CUDA graph with torch.cuda.graph, bf16/fp32 only)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=10)
