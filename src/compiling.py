@@ -73,8 +73,8 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
     (`torch.compile(mode="reduce-overhead")`, see the module docstring); refused with gradient accumulation
     (`accumulate_grad_batches` > 1: the trainer's setting), which CUDA graph trees do not support: the first
     micro-batch's gradients become the parameters' `.grad` while still living in the graph's output buffers,
-    and the next replay overwrites them (torch issue 169545: wrong gradients or an error, depending on the
-    version)."""
+    and the next replay overwrites them (wrong gradients or an error, depending on the version:
+    https://github.com/pytorch/pytorch/issues/169545)."""
     import torch._dynamo
 
     if cudagraphs and accumulate_grad_batches > 1:
