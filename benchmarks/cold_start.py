@@ -6,6 +6,7 @@ img/s in a few repeated windows (compiled throughput varies from process to proc
     python benchmarks/cold_start.py --models t,s --modes compiled --windows 5
     python benchmarks/cold_start.py --modes compiled,regional     # whole graph against one graph per stage shape
     python benchmarks/cold_start.py --modes compiled --profile prof   # where the first step's time goes
+    python benchmarks/cold_start.py --modes graphed,cudagraphs --fused-norms   # no compile against compiled graphs
 
 `--profile DIR` runs the first step under cProfile and writes DIR/<model>-<mode>.pstats (open it with
 `python -m pstats` or snakeviz), prints its 30 costliest functions by cumulative time and, for compiled modes,
@@ -15,7 +16,8 @@ dynamo's and inductor's phase times (`torch._dynamo.utils.compile_times`). The p
 Each model × mode runs in its own child process (fresh caches under a temporary folder). Prints one JSON line
 per run and a Markdown table at the end, with the number and seconds of the @triton.jit compiles inside the first
 step (this project's kernels, compiled one after another at their first launches; inductor's own kernels compile
-in its worker processes and are not counted). Needs a CUDA GPU.
+in its worker processes and are not counted). Peak GB is that of the timed windows; for the modes replayed as
+CUDA graphs it is the whole run's (their memory pool is allocated while recording). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _slow_triton_compiles(threshold_s: float = 0.3):
         JITFunction._do_compile = do_compile
 
 
-MODES = ("eager", "compiled", "regional", "cudagraphs", "regional-cudagraphs")
+MODES = ("eager", "compiled", "regional", "cudagraphs", "regional-cudagraphs", "graphed")
 
 
 def _profiled(fn, path: str) -> None:
@@ -74,35 +76,44 @@ def _profiled(fn, path: str) -> None:
 
 
 def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int,
-          profile: str | None = None) -> dict:
+          profile: str | None = None, fused_norms: bool = False) -> dict:
     import torch
     import torch.nn as nn
 
+    from src.cudagraphs import graph_step
     from src.models import spatial_mamba
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = getattr(spatial_mamba, f"spatial_mamba_{model_name}")(backend="fused")
+    model = getattr(spatial_mamba, f"spatial_mamba_{model_name}")(backend="fused", fused_norms=fused_norms)
     model = model.to(device).to(memory_format=torch.channels_last)
-    if mode != "eager":
+    graphed = mode == "graphed"
+    if mode not in ("eager", "graphed"):
         from src.compiling import compile_for_training
 
         # the LightningModules' default memory budget
         compile_for_training(model, regional=mode.startswith("regional"), cudagraphs=mode.endswith("cudagraphs"))
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
     criterion = nn.CrossEntropyLoss()
+
+    def one_step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
+            loss = criterion(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        if not graphed:  # graphed: the recorded backward writes the gradients in place at every replay
+            opt.zero_grad(set_to_none=True)
+
+    # graphed: the eager step recorded as one CUDA graph at its first call (three warm-up runs, then the recording)
+    one = graph_step(one_step, opt, device) if graphed else one_step
 
     def run(n: int) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(n):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = criterion(model(x).float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            one()
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
@@ -116,14 +127,15 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     if profile:
         first = {}
         _profiled(lambda: first.update(first_step()), os.path.join(profile, f"{model_name}-{mode}.pstats"))
-        if mode != "eager":
+        if mode not in ("eager", "graphed"):
             print(torch._dynamo.utils.compile_times(repr="str"), file=sys.stderr, flush=True)
     else:
         first = first_step()
     run(warmup)
-    torch.cuda.reset_peak_memory_stats()
+    if "cudagraphs" not in mode and not graphed:  # (CUDA graphs: their pool is allocated while recording)
+        torch.cuda.reset_peak_memory_stats()
     rates = [round(batch * steps / run(steps)) for _ in range(windows)]
-    return dict(model=model_name, mode=mode, **first, img_s=rates,
+    return dict(model=model_name, mode=mode + (" + Triton norms" if fused_norms else ""), **first, img_s=rates,
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
 
 
@@ -132,7 +144,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="t", help="comma list of t, s, b")
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled (whole graph), regional "
-                   "(one graph per stage shape), cudagraphs and regional-cudagraphs (the same replayed as CUDA graphs)")
+                   "(one graph per stage shape), cudagraphs and regional-cudagraphs (the same replayed as CUDA graphs), "
+                   "graphed (no compile: the eager step recorded as one CUDA graph, src/cudagraphs.py)")
+    p.add_argument("--fused-norms", action="store_true", help="the backbone's LayerNorms as Triton kernels in eager "
+                   "mode and in graphed (fused_norms; compiled modes trace plain LayerNorms either way)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
@@ -145,7 +160,7 @@ def main() -> None:
     if args.child:
         model_name, mode = args.child.split(":")
         print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
-                                           args.windows, args.profile)), flush=True)
+                                           args.windows, args.profile, args.fused_norms)), flush=True)
         return
     bad = [m for m in args.modes.split(",") if m not in MODES]
     bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
@@ -160,7 +175,7 @@ def main() -> None:
                            SPATIAL_MAMBA_CACHE=os.path.join(tmp, "tiles"))
                 cmd = [sys.executable, __file__, "--child", f"{model_name}:{mode}", "--batch", str(args.batch),
                        "--size", str(args.size), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                       "--windows", str(args.windows)]
+                       "--windows", str(args.windows)] + (["--fused-norms"] if args.fused_norms else [])
                 if args.profile:
                     os.makedirs(args.profile, exist_ok=True)
                     cmd += ["--profile", os.path.abspath(args.profile)]

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
 from src.compiling import DEFAULT_MEMORY_BUDGET, set_memory_budget  # noqa: E402
+from src.cudagraphs import graph_step  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.timing import StepTimer, host_issue_s  # noqa: E402
 
@@ -73,7 +74,7 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
     "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape), "cudagraphs" = one graph
     replayed as CUDA graphs, "graphed" = no compile: the eager step (forward, loss, backward, AdamW) recorded
-    once as one CUDA graph with `torch.cuda.graph` and replayed (`_graph`). `mesa`: every training step also
+    once as one CUDA graph with `torch.cuda.graph` and replayed (`src.cudagraphs.graph_step`). `mesa`: every training step also
     runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher.
     `ddp` ("split" or "whole", training only): the model compiled in place and wrapped in DistributedDataParallel
     over a one-process group, as Lightning's ddp strategy runs it, with dynamo's graph split at DDP's buckets
@@ -133,7 +134,7 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
             opt.zero_grad(set_to_none=True)
 
     if graphed:
-        step = _graph(step, opt, device)
+        step = graph_step(step, opt, device)
 
     timer = StepTimer(warmup, device)
     timer.begin()
@@ -146,35 +147,6 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     if extra is not None and device.type == "cuda":
         extra["host_ms"] = 1e3 * host_issue_s(step, device)
     return timer.img_per_s, peak, timer.compile_s
-
-
-def _graph(step, opt, device):
-    """`step` (eager kernels: a training step's forward, loss, backward and optimizer step, or an inference
-    forward) recorded once as one CUDA graph; returns a function that replays it. The first call runs `step`
-    three times on a side stream first (Triton compiles, tile choice, cuBLAS and cuDNN workspaces, AdamW's
-    state) and then records it, so it is the "compile" step of the timer."""
-    replay = None
-
-    def run():
-        nonlocal replay
-        if replay is None:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
-                    step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)  # the recorded backward allocates the gradients in the graph's pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            replay = graph.replay
-        replay()
-
-    return run
 
 
 def _one_process_ddp(model: nn.Module, device) -> nn.Module:
