@@ -311,3 +311,27 @@ def test_augmix_refused_for_the_torchvision_decoder(jpeg_root):
     dm = ImageFolderDataModule(root=str(jpeg_root), decoder="torchvision", auto_augment="augmix-m5-w3", **SMALL)
     with pytest.raises(UserError, match=r"data.init_args.auto_augment: AugMix .* decoder 'torchvision'"):
         dm.train_transform()
+
+
+def test_automatic_worker_count(monkeypatch):
+    """num_workers null: the CPUs this process may use ÷ the node's loading processes (devices), less one
+    each, at most MAX_AUTO_WORKERS; a number is taken as given."""
+    from types import SimpleNamespace
+
+    from src.data import sharded
+    from src.data.imagefolder import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(root=None, num_workers=None)
+    for cpus, devices, want in ((32, 2, 15), (16, 1, 15), (128, 8, 15), (2, 1, 1), (1, 1, 0), (256, 1, 32)):
+        monkeypatch.setattr(sharded.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        dm.trainer = SimpleNamespace(num_devices=devices)
+        assert dm.num_workers() == want, (cpus, devices)
+        assert dm._loader_kwargs()["num_workers"] == want
+    dm.trainer = None
+    assert dm.num_workers() == 32  # no trainer: one process (256 CPUs, capped)
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    monkeypatch.setattr(sharded.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    dm.trainer = SimpleNamespace(num_devices=8, strategy=SimpleNamespace(cluster_environment=SLURMEnvironment()))
+    assert dm.num_workers() == 11  # srun: each rank a task with its own 12 CPUs (cpus-per-task)
+    assert ImageFolderDataModule(root=None, num_workers=3).num_workers() == 3

@@ -251,7 +251,8 @@ class ImageFolderDataModule(ShardedDataModule):
         batch_size: images per GPU per step (global batch = batch_size × devices × nodes × accumulation).
         val_batch_size: images per GPU per validation step (None: 2 × batch_size).
         image_size: training crop and test crop side (a multiple of 32).
-        num_workers: DataLoader worker processes per GPU (decoding + augmentation run there).
+        num_workers: DataLoader worker processes per GPU (decoding + augmentation run there); null: the CPUs
+            this process may use ÷ the devices of this node, minus one (the ImageNet recipe's choice).
         pin_memory: page-locked host batches (faster copies to the GPU).
         persistent_workers: keep workers alive between epochs.
         prefetch_factor: batches loaded ahead by each worker (None: PyTorch's default, 2).
@@ -293,7 +294,7 @@ class ImageFolderDataModule(ShardedDataModule):
         batch_size: int = 128,
         val_batch_size: int | None = None,
         image_size: int = 224,
-        num_workers: int = 8,
+        num_workers: int | None = 8,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
@@ -333,7 +334,8 @@ class ImageFolderDataModule(ShardedDataModule):
             raise UserError(f"data.re_mode must be 'pixel', 'rand' or 'const', got {re_mode!r}")
         key = "data.init_args."
         require(val_batch_size is None or val_batch_size >= 1, key + "val_batch_size", ">= 1 or null", val_batch_size)
-        non_negative(key + "num_workers", num_workers)
+        if num_workers is not None:
+            non_negative(key + "num_workers", num_workers)
         require(prefetch_factor is None or prefetch_factor >= 1, key + "prefetch_factor", ">= 1 or null", prefetch_factor)
         increasing_pair(key + "scale", scale, high=1.0)
         increasing_pair(key + "ratio", ratio)

@@ -67,6 +67,20 @@ class ResumableLoader(DataLoader):
         yield from super().__iter__()
 
 
+def _processes_sharing_cpus(trainer) -> int:
+    """How many loading processes of this node share this process's CPU set: one per device, except where srun
+    started each rank as a task with its own CPUs."""
+    if trainer is None:
+        return 1
+    env = getattr(getattr(trainer, "strategy", None), "cluster_environment", None)
+    if type(env).__name__ == "SLURMEnvironment" and getattr(env, "creates_processes_externally", False):
+        return 1
+    return max(1, getattr(trainer, "num_devices", 1))
+
+
+MAX_AUTO_WORKERS = 32  # `num_workers: null` on a large host with one GPU: enough to feed it, not one per core
+
+
 class ShardedDataModule(L.LightningDataModule):
     """The loaders of a data module whose hparams hold `batch_size`, `num_workers`, `pin_memory`,
     `persistent_workers`, `seed` (None: the run's seed_everything) and optionally `prefetch_factor`, and whose
@@ -89,9 +103,31 @@ class ShardedDataModule(L.LightningDataModule):
     def eval_batch_size(self) -> int:
         return self.hparams.val_batch_size
 
+    def num_workers(self) -> int:
+        """`num_workers`, where None means: the CPUs this process may use, shared by the processes of this node
+        that load data (one per device), less one each for the process itself — e.g. 15 per GPU for 2 GPUs on
+        32 cores — at most `MAX_AUTO_WORKERS`. Under srun (Lightning's SLURM environment) every rank is a task
+        with its own CPUs (`--cpus-per-task`), so nothing is shared: cpus-per-task − 1."""
+        workers = self.hparams.num_workers
+        if workers is not None:
+            return workers
+        try:
+            cpus = len(os.sched_getaffinity(0))  # a job's allocation (SLURM cpus-per-task, taskset), not the host's
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        local = _processes_sharing_cpus(self.trainer)
+        auto = min(MAX_AUTO_WORKERS, max(0, cpus // local - 1))
+        if not getattr(self, "_told_workers", False):
+            self._told_workers = True
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"data: {auto} loader workers per process (num_workers null: {cpus} CPUs for {local} "
+                           "process(es) on this node, one CPU each kept for the process)")
+        return auto
+
     def _loader_kwargs(self) -> dict:
         hp = self.hparams
-        workers = hp.num_workers
+        workers = self.num_workers()
         return dict(
             num_workers=workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and workers > 0,
