@@ -74,8 +74,9 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
     "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape), "cudagraphs" = one graph
     replayed as CUDA graphs, "graphed" = no compile: the eager step (forward, loss, backward, AdamW) recorded
-    once as one CUDA graph with `torch.cuda.graph` and replayed (`src.cudagraphs.graph_step`). `mesa`: every training step also
-    runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as MESA's EMA teacher.
+    once as one CUDA graph with `torch.cuda.graph` and replayed (`src.cudagraphs.graph_step`). `mesa`: every
+    training step also runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as
+    MESA's EMA teacher.
     `ddp` ("split" or "whole", training only): the model compiled in place and wrapped in DistributedDataParallel
     over a one-process group, as Lightning's ddp strategy runs it, with dynamo's graph split at DDP's buckets
     (torch's default) or one graph (src/compiling.py)."""
