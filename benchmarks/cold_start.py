@@ -143,9 +143,9 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="t", help="comma list of t, s, b")
-    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled (whole graph), regional "
-                   "(one graph per stage shape), cudagraphs and regional-cudagraphs (the same replayed as CUDA graphs), "
-                   "graphed (no compile: the eager step recorded as one CUDA graph, src/cudagraphs.py)")
+    p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled (whole graph), "
+                   "regional (one graph per stage shape), cudagraphs and regional-cudagraphs (the same replayed as "
+                   "CUDA graphs), graphed (no compile: the eager step recorded as one CUDA graph, src/cudagraphs.py)")
     p.add_argument("--fused-norms", action="store_true", help="the backbone's LayerNorms as Triton kernels in eager "
                    "mode and in graphed (fused_norms; compiled modes trace plain LayerNorms either way)")
     p.add_argument("--batch", type=int, default=128)
