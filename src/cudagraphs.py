@@ -12,6 +12,23 @@ tensors (write new data into them in place), no host synchronisation inside the 
 `capturable=True`, no loss scaling, and autocast without its weight cache (`cache_enabled=False`: a cast made
 while recording would be freed while the graph still reads it). The gradients live in the graph's memory pool
 and are overwritten, not accumulated, by each replay.
+
+For the LightningModules (`eager_cudagraphs` in the classifier), where Lightning runs the optimizer, the loss
+and the EMA update, the pieces are recorded instead of the whole step:
+
+* `graph_training_forward(module, sample, dtype)`: in place, `module`'s forward and backward in training mode
+  for inputs shaped like `sample` become one recorded graph each (`torch.cuda.make_graphed_callables`); other
+  shapes, eval mode or no-grad calls run the module's own forward. The optimizer, the loss, gradient clipping
+  and the EMA update stay eager (a few fused kernels). Recording runs three warm-up passes of forward and
+  backward on `sample` first, which also updates BatchNorm running statistics three times with that batch and
+  draws drop-path masks from the RNG.
+* `InferenceGraph(module, sample, dtype)`: a no-grad forward (the MESA teacher's) recorded once; calls with
+  another shape run the module itself.
+
+Both need the parameters to stay where they are (optimizers, EMA updates and `load_state_dict` write in
+place; `.to(...)` after recording would not). The graph's outputs are overwritten by its next replay:
+`InferenceGraph` returns a copy; `graph_training_forward`'s outputs are consumed by the step's loss before the
+next replay.
 """
 
 from __future__ import annotations
@@ -19,37 +36,108 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 
-__all__ = ["graph_step"]
+__all__ = ["InferenceGraph", "autocast_dtype", "graph_step", "graph_training_forward"]
+
+
+def _record(step: Callable[[], object], device: torch.device, warmup: int,
+            before: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run `step` `warmup` times on a side stream (Triton compiles, tile choice, cuBLAS and cuDNN workspaces, an
+    optimizer's state), then record one call as a CUDA graph; `before` runs before each of those calls, outside
+    the recording. Returns the graph and what the recorded call returned (its outputs, in the graph's pool)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            if before is not None:
+                before()
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if before is not None:
+        before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 def graph_step(step: Callable[[], object], optimizer: torch.optim.Optimizer | None, device: torch.device,
                warmup: int = 3) -> Callable[[], None]:
-    """A function that, at its first call, runs `step` `warmup` times on a side stream (Triton compiles, tile
-    choice, cuBLAS and cuDNN workspaces, the optimizer's state) and records it once as a CUDA graph, then
-    replays the graph at every call (the first included). `optimizer` (None for inference) has its gradients
-    set to None before each warm-up run and before the recording, so that the recorded backward allocates them
-    in the graph's pool; `step` itself must not zero them. The warm-up runs are real steps: with an optimizer,
-    the first call updates the weights `warmup` + 1 times."""
+    """A function that, at its first call, runs `step` `warmup` times on a side stream and records it once as a
+    CUDA graph (`_record`), then replays the graph at every call (the first included). `optimizer` (None for
+    inference) has its gradients set to None before each warm-up run and before the recording, so that the
+    recorded backward allocates them in the graph's pool; `step` itself must not zero them. The warm-up runs
+    are real steps: with an optimizer, the first call updates the weights `warmup` + 1 times."""
     replay = None
 
     def run() -> None:
         nonlocal replay
         if replay is None:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    if optimizer is not None:
-                        optimizer.zero_grad(set_to_none=True)
-                    step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            replay = graph.replay
+            before = (lambda: optimizer.zero_grad(set_to_none=True)) if optimizer is not None else None
+            replay = _record(step, device, warmup, before)[0].replay
         replay()
 
     return run
+
+
+def autocast_dtype(device_type: str = "cuda") -> torch.dtype | None:
+    """The dtype autocast casts to right now on `device_type`, None where it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _recording_autocast(dtype: torch.dtype | None):
+    """Autocast as the step runs it, without the cast-weight cache (a cached cast made while recording would be
+    freed after the recording while the graph still reads it)."""
+    if dtype is None:
+        return torch.autocast("cuda", enabled=False)
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
+
+def _same_layout(x: torch.Tensor, sample: torch.Tensor) -> bool:
+    return (x.is_cuda and x.shape == sample.shape and x.stride() == sample.stride() and x.dtype == sample.dtype
+            and x.device == sample.device)
+
+
+def graph_training_forward(module: nn.Module, sample: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Record `module`'s training forward and backward for inputs like `sample` (CUDA, shape, strides, dtype)
+    under autocast to `dtype` (None: no autocast), in place (module docstring)."""
+    if not sample.is_cuda:
+        raise ValueError(f"CUDA graphs need a CUDA input, got one on {sample.device}")
+    own_forward = module.forward
+    sample = sample.detach().clone(memory_format=torch.preserve_format)
+    with _recording_autocast(dtype):
+        torch.cuda.make_graphed_callables(module, (sample,), num_warmup_iters=3, allow_unused_input=True)
+    graphed = module.forward  # make_graphed_callables set it on the instance; it runs the graph in training mode
+
+    def forward(x, *args, **kwargs):
+        if not args and not kwargs and module.training and torch.is_grad_enabled() and _same_layout(x, sample):
+            return graphed(x)
+        return own_forward(x, *args, **kwargs)
+
+    module.forward = forward
+
+
+class InferenceGraph:
+    """A no-grad forward of `module` (in its current mode) recorded for inputs like `sample` under autocast to
+    `dtype`; calling it with such an input replays the graph and returns a copy of the output, any other input
+    runs `module(x)`."""
+
+    def __init__(self, module: nn.Module, sample: torch.Tensor, dtype: torch.dtype | None):
+        if not sample.is_cuda:
+            raise ValueError(f"CUDA graphs need a CUDA input, got one on {sample.device}")
+        self.module = module
+        self.input = sample.detach().clone(memory_format=torch.preserve_format)
+
+        def forward():
+            with torch.no_grad(), _recording_autocast(dtype):
+                return module(self.input)
+
+        self.graph, self.output = _record(forward, sample.device, warmup=3)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not _same_layout(x, self.input):
+            return self.module(x)
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output.clone()

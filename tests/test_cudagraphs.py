@@ -1,10 +1,14 @@
-"""src/cudagraphs.py: the eager step recorded as one CUDA graph gives the eager step's weights (GPU only)."""
+"""src/cudagraphs.py: the eager step recorded as one CUDA graph gives the eager step's weights; the classifier's
+`eager_cudagraphs` (the knob's wiring on the CPU; on a GPU the recorded training forward/backward and teacher
+forward against the eager module, and a short `fit` with EMA, MESA, mixup and bf16)."""
 
 import copy
 
 import pytest
 import torch
 
+import main
+from src.errors import UserError
 from tests.conftest import requires_cuda
 
 
@@ -47,3 +51,96 @@ def test_graph_step_trains_as_the_eager_step(monkeypatch, fused_norms):
     ref_step(new)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+BACKBONE = "--model.init_args.backbone.init_args."
+
+
+def test_eager_cudagraphs_with_compile_is_refused():
+    from src.models.classifier import ImageClassifier
+
+    with pytest.raises(UserError, match=r"eager_cudagraphs records the eager kernels .*compile to null or false"):
+        ImageClassifier(torch.nn.Linear(4, 10), num_classes=10, eager_cudagraphs=True, compile=True)
+    ImageClassifier(torch.nn.Linear(4, 10), num_classes=10, eager_cudagraphs=True, compile=False)
+
+
+def test_eager_cudagraphs_turns_the_automatic_compile_off():
+    """compile: null means "on for CUDA" unless eager_cudagraphs is on; an explicit false stays false."""
+    for graphs, compile_, on_gpu in ((False, "null", True), (True, "null", False), (False, "false", False)):
+        cli = main.cli([f"--model.init_args.eager_cudagraphs={graphs}", f"--model.init_args.compile={compile_}",
+                        *QUIET], run=False)
+        assert cli.model._use_compile(on_gpu=True) is on_gpu, (graphs, compile_)
+
+
+def _tiny_backbone():
+    from src.models.spatial_mamba import SpatialMamba
+
+    return SpatialMamba(dims=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_classes=10, backend="fused",
+                        drop_path_rate=0.0).cuda().to(memory_format=torch.channels_last)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_graphed_training_forward_matches_eager(monkeypatch):
+    """Training mode uses batch statistics, so the three warm-up passes' BatchNorm updates do not change the
+    outputs: the replayed forward and backward give the eager module's logits and gradients."""
+    from src.cudagraphs import graph_training_forward
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = _tiny_backbone()
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    graph_training_forward(model, x, None)
+    for _ in range(2):  # each replay takes the new input
+        xi = torch.randn_like(x)
+        got, want = model(xi), ref(xi)
+        got.square().mean().backward()
+        want.square().mean().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+            p.grad, q.grad = None, None
+    other = torch.randn(2, 3, 64, 64, device="cuda")  # another shape: the module's own forward
+    torch.testing.assert_close(model(other), ref(other), rtol=1e-5, atol=1e-5)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_inference_graph_matches_the_module_and_returns_copies():
+    from src.cudagraphs import InferenceGraph
+
+    model = _tiny_backbone().eval()
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    graph = InferenceGraph(model, x, torch.bfloat16)
+    first = graph(x)
+    y = torch.randn_like(x)
+    second = graph(y)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(first, model(x))
+        torch.testing.assert_close(second, model(y))
+        assert not torch.equal(first, second)  # the first output was not overwritten by the second replay
+        torch.testing.assert_close(graph(x[:2]), model(x[:2]))  # another shape: the module itself
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_fit_with_eager_cudagraphs(tmp_path, monkeypatch):
+    """A short fit with the recipe's pieces (EMA, MESA from the start, mixup, bf16) records the graphs once and
+    trains to finite losses; validation (eval mode) runs the modules themselves."""
+    monkeypatch.chdir(tmp_path)
+    cli = main.cli([*QUIET, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=6",
+                    "--trainer.limit_val_batches=2", "--trainer.val_check_interval=3", "--trainer.accelerator=gpu",
+                    "--trainer.devices=1", "--trainer.precision=bf16-mixed", "--model.init_args.eager_cudagraphs=true",
+                    "--model.init_args.ema_decay=0.99", "--model.init_args.mesa=1.0", "--model.init_args.mesa_start=0",
+                    "--model.init_args.mixup=0.8", "--model.init_args.cutmix=1.0",
+                    f"{BACKBONE}dims=[8, 16, 32, 64]", f"{BACKBONE}depths=[1, 1, 1, 1]", f"{BACKBONE}backend=fused",
+                    f"{BACKBONE}fused_norms=true", "--data.init_args.batch_size=16"], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 6
+    assert cli.model._graphed and cli.model._teacher_graph is not None
+    assert torch.isfinite(torch.as_tensor(cli.trainer.callback_metrics["train/loss"])).all()
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())

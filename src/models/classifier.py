@@ -40,6 +40,7 @@ from src.checkpoints import (AtomicCheckpointIO, check_architecture, check_check
                              restore_rng_state, rng_states)
 from src.checks import non_negative, positive, probability, require
 from src.compiling import DEFAULT_MEMORY_BUDGET, compile_for_training
+from src.cudagraphs import InferenceGraph, autocast_dtype, graph_training_forward
 from src.errors import UserError
 from src.tb import log_hparams
 
@@ -76,6 +77,12 @@ class ImageClassifier(L.LightningModule):
             src/compiling.py): the host no longer launches each kernel, which matters where a slow host CPU
             bounds the step. Costs a recording per new input shape and memory in the graphs' pool. Off by default
             (the ImageNet recipe turns it on); refused with trainer.accumulate_grad_batches > 1.
+        eager_cudagraphs: no torch.compile; on a CUDA GPU the backbone's training forward and backward (eager
+            kernels) are recorded as CUDA graphs at the first training step and replayed for every batch of
+            that shape, and so is the MESA teacher's forward (src/cudagraphs.py). Starts in well under a
+            minute where compiling takes minutes; T trained at 1580 img/s this way with the Triton LayerNorms
+            (the backbone's fused_norms) on an H100 (benchmarks/RESULTS.md). `compile: null` then means off;
+            `compile: true` with it is refused. Ignored on other devices.
         channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
             layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
             slower with NCHW images and the foreach AdamW than with this. Ignored on other devices.
@@ -114,6 +121,7 @@ class ImageClassifier(L.LightningModule):
         compile_regional: bool = False,
         compile_ddp_split: bool = False,
         compile_cudagraphs: bool = False,
+        eager_cudagraphs: bool = False,
         channels_last: bool = True,
         lr_base_batch: int | None = None,
         mixup: float = 0.0,
@@ -154,6 +162,10 @@ class ImageClassifier(L.LightningModule):
         non_negative(key + "weight_decay", weight_decay)
         require(len(betas) == 2 and all(0 <= b < 1 for b in betas), key + "betas", "two numbers in [0, 1)", list(betas))
         positive(key + "eps", eps)
+        if eager_cudagraphs and compile:
+            raise UserError("model.init_args.eager_cudagraphs records the eager kernels as CUDA graphs instead of "
+                            "compiling; set model.init_args.compile to null or false (or compile_cudagraphs: true "
+                            "for compiled graphs replayed as CUDA graphs)")
         require(not isinstance(compile_memory_budget, bool) and 0 < compile_memory_budget <= 1,
                 key + "compile_memory_budget", "a number in (0, 1]", compile_memory_budget)
         non_negative(key + "warmup_epochs", warmup_epochs)
@@ -187,6 +199,7 @@ class ImageClassifier(L.LightningModule):
         self.lr_scale = 1.0
         self._rng_to_restore = None
         self._trained = False  # weights from a checkpoint or from training steps (not only the initialisation)
+        self._graphed, self._teacher_graph = False, None  # eager_cudagraphs: recorded at the first training step
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
@@ -213,8 +226,7 @@ class ImageClassifier(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
             if self.ema is not None:
                 self.ema.to(memory_format=torch.channels_last)
-        use = on_gpu if self.hparams.compile is None else self.hparams.compile
-        if use and not getattr(self, "_compiled", False):
+        if self._use_compile(on_gpu) and not getattr(self, "_compiled", False):
             compile_for_training(self.backbone, self.ema.module if self.ema is not None else None,
                                  memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
@@ -222,6 +234,12 @@ class ImageClassifier(L.LightningModule):
                                  accumulate_grad_batches=self.trainer.accumulate_grad_batches if self._trainer else 1,
                                  key="model.init_args.compile_memory_budget")
             self._compiled = True
+
+    def _use_compile(self, on_gpu: bool) -> bool:
+        """`compile`, where null means: on a CUDA GPU, unless `eager_cudagraphs` records the eager kernels instead."""
+        if self.hparams.compile is None:
+            return on_gpu and not self.hparams.eager_cudagraphs
+        return self.hparams.compile
 
     def _batch_size(self) -> int | None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -256,11 +274,17 @@ class ImageClassifier(L.LightningModule):
         images = self._layout(images)
         if self.mixup_fn is not None:
             images, soft_targets = self.mixup_fn(images, targets)  # (B, num_classes) mixed, smoothed targets
+        graphs = self.hparams.eager_cudagraphs and images.is_cuda
+        if graphs and not self._graphed:
+            graph_training_forward(self.backbone, images, autocast_dtype())
+            self._graphed = True
         logits = self(images)
         loss = self.criterion(logits, soft_targets if self.mixup_fn is not None else targets)
         if self.mesa_active():
             with torch.no_grad():
-                teacher = self.ema.module(images).float().softmax(-1)
+                if graphs and self._teacher_graph is None:
+                    self._teacher_graph = InferenceGraph(self.ema.module, images, autocast_dtype())
+                teacher = (self._teacher_graph if graphs else self.ema.module)(images).float().softmax(-1)
             mesa_loss = self.soft_target_ce(logits.float(), teacher)
             self.log("train/mesa_loss", mesa_loss)
             loss = loss + self.hparams.mesa * mesa_loss
