@@ -79,9 +79,9 @@ class ImageClassifier(L.LightningModule):
             (the ImageNet recipe turns it on); refused with trainer.accumulate_grad_batches > 1.
         eager_cudagraphs: no torch.compile; on a CUDA GPU the backbone's training forward and backward (eager
             kernels) are recorded as CUDA graphs at the first training step and replayed for every batch of
-            that shape, and so is the MESA teacher's forward (src/cudagraphs.py). Starts in well under a
-            minute where compiling takes minutes; T trained at 1580 img/s this way with the Triton LayerNorms
-            (the backbone's fused_norms) on an H100 (benchmarks/RESULTS.md). `compile: null` then means off;
+            that shape, and so is the MESA teacher's forward (src/cudagraphs.py). No inductor compile at the
+            start; the eager step recorded as one graph trained T at 1580 img/s with the Triton LayerNorms (the
+            backbone's fused_norms) on an H100 (benchmarks/RESULTS.md). `compile: null` then means off;
             `compile: true` with it is refused. Ignored on other devices.
         channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
             layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
