@@ -51,6 +51,17 @@ def is_compiled(module: torch.nn.Module) -> bool:
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
+def first_step_work(module: torch.nn.Module) -> str | None:
+    """What makes `module`'s first training step slow, as `TrainSpeed` prints it: "compile" (compiled in place),
+    "CUDA-graph recording" (`eager_cudagraphs` on a CUDA device: the eager kernels' Triton compiles, three
+    warm-up passes and the recording, src/cudagraphs.py) or None."""
+    if is_compiled(module):
+        return "compile"
+    hparams = getattr(module, "hparams", None) or {}
+    device = getattr(module, "device", torch.device("cpu"))
+    return "CUDA-graph recording" if hparams.get("eager_cudagraphs") and device.type == "cuda" else None
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's TQDM progress bar, whose counter moves every `refresh_rate` steps as before but whose
     training metrics (the loss and whatever else is logged with `prog_bar=True`) are read at most once every
@@ -100,9 +111,10 @@ class TrainSpeed(Callback):
 
     - `train/img_per_s` in TensorBoard: img/s over the timed steps of each logging interval
       (`trainer.log_every_n_steps`);
-    - `compile_s` in TensorBoard and one printed line, once, when the model was compiled: the first training
-      step's wall time less a steady step's (the training graphs compile in the first step; the evaluation
-      graphs during the sanity check or the first validation);
+    - `compile_s` in TensorBoard and one printed line, once, when the model was compiled or records CUDA graphs
+      (`first_step_work`): the first training step's wall time less a steady step's (the training graphs
+      compile, or the eager step is recorded, in the first step; the evaluation graphs compile during the
+      sanity check or the first validation);
     - one printed line per epoch (rank 0): img/s; the share of the timed time the host spent between steps
       (from the end of this callback's step hook to the start of the next step: the loader's next batch and
       its copy to the device, Lightning's loop, the later hooks, the learning-rate step; on a GPU the device
@@ -123,7 +135,7 @@ class TrainSpeed(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.timer = StepTimer(self.warmup_steps, pl_module.device)
-        self.compiled, self.compile_reported = is_compiled(pl_module), False
+        self.compiled, self.compile_reported = first_step_work(pl_module), False
         self.window = (0, 0.0)  # timer.images, timer.seconds at the last logged value
         # also set here: a run resumed from a checkpoint written after an epoch's last batch ends that epoch
         # without starting it again
@@ -155,7 +167,7 @@ class TrainSpeed(Callback):
             if compile_s is not None:
                 metrics["compile_s"] = compile_s
                 if trainer.is_global_zero:
-                    print(f"compile: first training step {self.timer.first_step_s:.1f} s, steady step "
+                    print(f"{self.compiled}: first training step {self.timer.first_step_s:.1f} s, steady step "
                           f"{self.timer.steady_step_s:.3f} s: compile_s {compile_s:.1f}", flush=True)
         if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -184,6 +184,19 @@ def test_train_speed_logs_img_per_s_and_compile_s(compiled, capsys):
     assert timer.steps == 20 and timer.images == (20 - 2 - 1) * 4  # warm-up steps and epoch 1's first step untimed
 
 
+def test_first_step_work_names_compile_and_cuda_graph_recording():
+    from types import SimpleNamespace
+
+    from src.callbacks import first_step_work
+
+    assert first_step_work(Tiny(None)) is None and first_step_work(Tiny("eager")) == "compile"
+    graphed = Tiny(None)
+    graphed.hparams["eager_cudagraphs"] = True
+    assert first_step_work(graphed) is None  # on the CPU nothing is recorded
+    fake = SimpleNamespace(modules=lambda: [], hparams={"eager_cudagraphs": True}, device=torch.device("cuda", 0))
+    assert first_step_work(fake) == "CUDA-graph recording"
+
+
 def test_the_default_progress_bar_reads_metrics_at_most_every_few_seconds(monkeypatch, tmp_path):
     """The bar's counter moves every step, but the logged metrics (a copy from the GPU, i.e. a wait for it)
     are read once per `metrics_every_s`: main.py swaps Lightning's default bar for this one."""
