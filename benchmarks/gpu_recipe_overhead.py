@@ -30,6 +30,13 @@ step boundaries, after `--warmup` steps), batch 128, bf16, 224², fused backend,
   cudagraphs     the loop (with and without MESA's teacher), the recipe with synthetic batches and the full
                  recipe, compiled and replayed as CUDA graphs (`compile_cudagraphs true`; not in the default
                  --modes).
+  graphed        the same four rows without compiling: the loop's whole eager step recorded as one CUDA graph
+                 (`throughput.py --modes graphed`), the recipe with `eager_cudagraphs true` (what the recipe
+                 ships: the backbone's forward/backward and MESA's teacher recorded, the rest eager; not in the
+                 default --modes).
+
+Every row sets the recipe's compile knobs for its mode (eager: no compile, no CUDA graphs), and the loops build
+the backbone with the recipe's `fused_norms`.
 
 Output: one Markdown table (img/s, ÷ the throughput.py loop of the same mode, ÷ the full recipe, peak GPU
 memory, compile s) at the end, and after every row `<out>/overhead.md` and `<out>/overhead.json` (a run cut
@@ -167,8 +174,6 @@ def variant_config(recipe: dict, out: Path, name: str, data: str, changes: list[
             trainer["gradient_clip_val"] = None
         elif change == "ddp":
             trainer["strategy"] = "ddp"
-        elif change == "cudagraphs":
-            model["compile_cudagraphs"] = True
         elif change == "sync":
             trainer["callbacks"].append({"class_path": "benchmarks.gpu_recipe_overhead.SyncEveryStep"})
         elif change not in ("cudnn", "bar"):  # cudnn: a process setting, applied around the run; bar: an override
@@ -198,7 +203,9 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def run_recipe(args, recipe: dict, name: str, data: str, compiled: bool, classes: int, changes: list[str]) -> dict:
+def run_recipe(args, recipe: dict, name: str, data: str, mode: str, classes: int, changes: list[str]) -> dict:
+    """One `fit` of a recipe variant; `mode` eager, compiled, cudagraphs (compiled, replayed as CUDA graphs) or
+    graphed (eager kernels recorded as CUDA graphs, `eager_cudagraphs`)."""
     import main
 
     config = variant_config(recipe, args.out, name, data, changes)
@@ -207,7 +214,9 @@ def run_recipe(args, recipe: dict, name: str, data: str, compiled: bool, classes
         "--data.init_args.root", str(args.root), "--data.init_args.num_workers", str(args.workers),
         "--data.init_args.batch_size", str(args.batch), "--data.init_args.image_size", str(args.size),
         "--model.init_args.num_classes", str(classes), "--model.init_args.backbone.init_args.num_classes", str(classes),
-        "--model.init_args.compile", str(compiled).lower(), "--model.init_args.warmup_epochs", "0",
+        "--model.init_args.compile", str(mode in ("compiled", "cudagraphs")).lower(),
+        "--model.init_args.compile_cudagraphs", str(mode == "cudagraphs").lower(),
+        "--model.init_args.eager_cudagraphs", str(mode == "graphed").lower(), "--model.init_args.warmup_epochs", "0",
         "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", str("bar" in changes).lower(), "--trainer.enable_model_summary", "false",
@@ -227,7 +236,7 @@ def run_recipe(args, recipe: dict, name: str, data: str, compiled: bool, classes
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         timer = probe.timer
-        return {"img_per_s": timer.img_per_s, "compile_s": timer.compile_s if compiled else None,
+        return {"img_per_s": timer.img_per_s, "compile_s": timer.compile_s if mode != "eager" else None,
                 "timed_steps": len(timer.durations), "peak_gib": peak_gib()}
     finally:
         del cli
@@ -235,17 +244,18 @@ def run_recipe(args, recipe: dict, name: str, data: str, compiled: bool, classes
 
 
 def build_backbone(args, classes: int) -> nn.Module:
+    """T (the tiny one with --cpu), with the recipe's `fused_norms` (`args.fused_norms`)."""
     from src.models.spatial_mamba import SpatialMamba, spatial_mamba_t
 
     if args.cpu:
         return SpatialMamba(num_classes=classes, **TINY_BACKBONE)
-    return spatial_mamba_t(backend=args.backend, num_classes=classes)
+    return spatial_mamba_t(backend=args.backend, num_classes=classes, fused_norms=args.fused_norms)
 
 
 def run_loop(args, compiled: bool | str, as_throughput_py: bool, classes: int = 1000, mesa: bool = False) -> dict:
     """throughput.py's training loop (`measure`; with `mesa`, plus MESA's teacher forward as the recipe runs it),
-    or the same loop with the recipe's layout and optimizer. compiled: False, True or "cudagraphs" (the
-    throughput.py loop only)."""
+    or the same loop with the recipe's layout and optimizer. compiled: False, True, or "cudagraphs" or "graphed"
+    (the throughput.py loop only)."""
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = None if args.cpu else torch.bfloat16
     torch.manual_seed(0)
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per row")
     p.add_argument("--steps", type=int, default=30, help="timed steps per row")
     p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
-    p.add_argument("--modes", default="eager,compiled", help="any of eager,compiled,cudagraphs")
+    p.add_argument("--modes", default="eager,compiled", help="any of eager,compiled,cudagraphs,graphed")
     p.add_argument("--budget-s", type=float, default=420, help="rows that would start after this many seconds "
                    "(compiled ones: after budget − --compile-estimate-s) are skipped")
     p.add_argument("--compile-estimate-s", type=float, default=150, help="expected length of a compiled row")
@@ -354,7 +364,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"error: {args.root}/train has {have} images; {images_needed} are needed "
                  f"(({args.warmup} + {args.steps} + 2) steps × batch {args.batch})")
     recipe = yaml.safe_load(args.config.read_text())
+    args.fused_norms = bool(recipe["model"]["init_args"].get("backbone", {}).get("init_args", {}).get("fused_norms"))
     modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - {"eager", "compiled", "cudagraphs", "graphed"}
+    if unknown:
+        sys.exit(f"error: --modes: unknown {sorted(unknown)}; expected any of eager,compiled,cudagraphs,graphed")
     only = {n.strip() for n in args.only.split(";") if n.strip()}
 
     plan = []  # (name, mode, runner)
@@ -363,25 +377,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plan.append((LOOP_MESA, "eager", lambda: run_loop(args, False, True, mesa=True)))
         plan.append(("loop, recipe layout + AdamW", "eager", lambda: run_loop(args, False, False)))
         for name, data, changes in RECIPE_VARIANTS:
-            plan.append((name, "eager", functools.partial(run_recipe, args, recipe, name, data, False, classes, changes)))
+            plan.append((name, "eager",
+                         functools.partial(run_recipe, args, recipe, name, data, "eager", classes, changes)))
     if "compiled" in modes:
         # the loop first: it compiles the backbone's training graph, whose cache entries the recipe rows reuse
         plan.append((LOOP, "compiled", lambda: run_loop(args, True, True)))
         plan.append((LOOP_MESA, "compiled", lambda: run_loop(args, True, True, mesa=True)))
         plan.append(("synthetic data", "compiled",
-                     functools.partial(run_recipe, args, recipe, "synthetic data", "synthetic", True, classes, [])))
+                     functools.partial(run_recipe, args, recipe, "synthetic data", "synthetic", "compiled", classes,
+                                       [])))
         plan.append(("full recipe", "compiled",
-                     functools.partial(run_recipe, args, recipe, "full recipe", "real", True, classes, [])))
+                     functools.partial(run_recipe, args, recipe, "full recipe", "real", "compiled", classes, [])))
         for name in ("synthetic, synchronised every step", "full recipe, progress bar on"):
             data, changes = next((d, c) for n, d, c in RECIPE_VARIANTS if n == name)
-            plan.append((name, "compiled", functools.partial(run_recipe, args, recipe, name, data, True, classes, changes)))
+            plan.append((name, "compiled",
+                         functools.partial(run_recipe, args, recipe, name, data, "compiled", classes, changes)))
 
-    if "cudagraphs" in modes:  # compiled and replayed as CUDA graphs (compile_cudagraphs)
-        plan.append((LOOP, "cudagraphs", lambda: run_loop(args, "cudagraphs", True)))
-        plan.append((LOOP_MESA, "cudagraphs", lambda: run_loop(args, "cudagraphs", True, mesa=True)))
-        for name, data in (("synthetic data", "synthetic"), ("full recipe", "real")):
-            plan.append((name, "cudagraphs", functools.partial(run_recipe, args, recipe, name, data, True, classes,
-                                                               ["cudagraphs"])))
+    for mode in ("cudagraphs", "graphed"):  # compiled and replayed as CUDA graphs; eager kernels recorded as graphs
+        if mode in modes:
+            plan.append((LOOP, mode, functools.partial(run_loop, args, mode, True)))
+            plan.append((LOOP_MESA, mode, functools.partial(run_loop, args, mode, True, mesa=True)))
+            for name, data in (("synthetic data", "synthetic"), ("full recipe", "real")):
+                plan.append((name, mode, functools.partial(run_recipe, args, recipe, name, data, mode, classes, [])))
 
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -76,6 +76,16 @@ def test_eager_cudagraphs_with_compile_is_refused():
     ImageClassifier(torch.nn.Linear(4, 10), num_classes=10, eager_cudagraphs=True, compile=False)
 
 
+def test_eager_cudagraphs_with_gradient_accumulation_is_refused():
+    cli = main.cli(["--model.init_args.eager_cudagraphs=true", "--model.init_args.compile=false",
+                    "--trainer.accumulate_grad_batches=2", "--trainer.accelerator=cpu", *QUIET], run=False)
+    cli.trainer.strategy.connect(cli.model)
+    cli.model.trainer = cli.trainer
+    with pytest.raises(UserError,
+                       match=r"eager_cudagraphs with gradient accumulation .*=2\).*accumulate_grad_batches 1"):
+        cli.model.setup("fit")
+
+
 def test_eager_cudagraphs_turns_the_automatic_compile_off():
     """compile: null means "on for CUDA" unless eager_cudagraphs is on; an explicit false stays false."""
     for graphs, compile_, on_gpu in ((False, "null", True), (True, "null", False), (False, "false", False)):

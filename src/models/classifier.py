@@ -82,7 +82,8 @@ class ImageClassifier(L.LightningModule):
             that shape, and so is the MESA teacher's forward (src/cudagraphs.py). No inductor compile at the
             start; the eager step recorded as one graph trained T at 1580 img/s with the Triton LayerNorms (the
             backbone's fused_norms) on an H100 (benchmarks/RESULTS.md). `compile: null` then means off;
-            `compile: true` with it is refused. Ignored on other devices.
+            `compile: true` with it is refused, and so is trainer.accumulate_grad_batches > 1 (on any device).
+            Ignored on other devices.
         channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
             layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
             slower with NCHW images and the foreach AdamW than with this. Ignored on other devices.
@@ -220,6 +221,13 @@ class ImageClassifier(L.LightningModule):
             batch = self._batch_size()
             if batch is not None and batch % 2:
                 raise UserError(f"mixup/cutmix mixes each batch with its flip and needs an even data.batch_size, got {batch}")
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if self.hparams.eager_cudagraphs and accumulate > 1:
+            raise UserError(
+                f"model.init_args.eager_cudagraphs with gradient accumulation (trainer.accumulate_grad_batches="
+                f"{accumulate}): the recorded backward writes its gradients into the graph's own buffers, which the "
+                "next micro-batch's replay overwrites, so accumulated gradients would be wrong; set "
+                "model.init_args.eager_cudagraphs false or trainer.accumulate_grad_batches 1")
         on_gpu = self.device.type == "cuda" or (
             self._trainer is not None and self.trainer.strategy.root_device.type == "cuda")
         if on_gpu and self.hparams.channels_last:
@@ -231,7 +239,7 @@ class ImageClassifier(L.LightningModule):
                                  memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
                                  cudagraphs=self.hparams.compile_cudagraphs,
-                                 accumulate_grad_batches=self.trainer.accumulate_grad_batches if self._trainer else 1,
+                                 accumulate_grad_batches=accumulate,
                                  key="model.init_args.compile_memory_budget")
             self._compiled = True
 
