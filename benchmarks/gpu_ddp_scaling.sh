@@ -6,8 +6,10 @@
 # the two epochs of one run differed by up to 17 %), batch 128
 # per GPU. Prints img/s per GPU, scaling efficiency (target ≥ 90 %) and the post-run checks (identical weights
 # on all ranks, checkpoints written once, logged val metrics = 1-GPU validate of the checkpoint).
-# Each device count takes 2-5 minutes with compile on (first step ~100-140 s with a cold inductor cache), so on a host with a 10-minute
-# limit per command run it in parts; every call continues the summary of the last (`ddp_scaling.py --continue`):
+# The recipe records its eager kernels as CUDA graphs (eager_cudagraphs, no compile): each device count takes 1-2 minutes
+# (first step ~36 s from cold caches; the script's arguments go to main.py: with `--model.init_args.eager_cudagraphs false
+# --model.init_args.compile_cudagraphs true` it compiles, 2-5 minutes each, first step ~140-190 s with a cold inductor cache),
+# so on a host with a 10-minute limit per command run it in parts; every call continues the summary of the last (`ddp_scaling.py --continue`):
 #   COUNTS=1,2 bash benchmarks/gpu_ddp_scaling.sh      # then, on the same warm host:
 #   bash benchmarks/gpu_ddp_scaling.sh                 # the remaining counts (4, 8 where the host has them)
 # Results under $OUT (default /tmp/ddp_scaling); runs and summary.json under $RUN.
@@ -36,8 +38,9 @@ if [ ! -d "$DATA/train" ]; then
     2>&1 | tee "$OUT/make.log"
 fi
 
+EXTRA=(); [ "$#" -gt 0 ] && EXTRA=(-- "$@")   # main.py options for every run
 timeout 1500 python benchmarks/ddp_scaling.py --root "$DATA" --devices "$DEVICES" --steps 100 --epochs 2 --warmup 10 \
-  --out "$RUN" --continue 2>&1 | tee -a "$OUT/scaling.log"
+  --out "$RUN" --continue "${EXTRA[@]}" 2>&1 | tee -a "$OUT/scaling.log"
 echo "exit code ${PIPESTATUS[0]}" | tee -a "$OUT/scaling.log"
 cp "$RUN/summary.json" "$OUT/" 2>/dev/null
 for d in "$RUN"/*dev; do mkdir -p "$OUT/$(basename "$d")"; cp "$d"/*.log "$d"/*.json "$OUT/$(basename "$d")/" 2>/dev/null; done
