@@ -19,11 +19,16 @@ and the EMA update, the pieces are recorded instead of the whole step:
 * `graph_training_forward(module, sample, dtype)`: in place, `module`'s forward and backward in training mode
   for inputs shaped like `sample` become one recorded graph each (`torch.cuda.make_graphed_callables`); other
   shapes, eval mode or no-grad calls run the module's own forward. The optimizer, the loss, gradient clipping
-  and the EMA update stay eager (a few fused kernels). Recording runs three warm-up passes of forward and
-  backward on `sample` first, which also updates BatchNorm running statistics three times with that batch and
-  draws drop-path masks from the RNG.
+  and the EMA update stay eager (a few fused kernels).
 * `InferenceGraph(module, sample, dtype)`: a no-grad forward (the MESA teacher's) recorded once; calls with
   another shape run the module itself.
+
+Recording leaves no trace: its warm-up passes (three forwards and backwards on `sample`) update BatchNorm's
+running statistics and draw drop-path masks from the CUDA generator, so both record with the module's buffers
+and the generator's state saved first and put back afterwards. The first replay then computes what the first
+eager step would have, masks included (a recorded draw takes its numbers from the generator's state at each
+replay), and a run resumed from a checkpoint, which records again at its first step, continues bit for bit
+as the uninterrupted run.
 
 Both need the parameters to stay where they are (optimizers, EMA updates and `load_state_dict` write in
 place; `.to(...)` after recording would not). The graph's outputs are overwritten by its next replay:
@@ -33,12 +38,28 @@ next replay.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 __all__ = ["InferenceGraph", "autocast_dtype", "graph_step", "graph_training_forward"]
+
+
+@contextlib.contextmanager
+def _leaving_no_trace(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Put `module`'s buffers (BatchNorm running statistics and counters) and `device`'s CUDA generator state
+    back as they were once the block is done: a recording's warm-up passes are not steps of the run."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    rng = torch.cuda.get_rng_state(device)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.cuda.set_rng_state(rng, device)
 
 
 def _record(step: Callable[[], object], device: torch.device, warmup: int,
@@ -106,7 +127,7 @@ def graph_training_forward(module: nn.Module, sample: torch.Tensor, dtype: torch
         raise ValueError(f"CUDA graphs need a CUDA input, got one on {sample.device}")
     own_forward = module.forward
     sample = sample.detach().clone(memory_format=torch.preserve_format)
-    with _recording_autocast(dtype):
+    with _leaving_no_trace(module, sample.device), _recording_autocast(dtype):
         torch.cuda.make_graphed_callables(module, (sample,), num_warmup_iters=3, allow_unused_input=True)
     graphed = module.forward  # make_graphed_callables set it on the instance; it runs the graph in training mode
 
@@ -133,7 +154,8 @@ class InferenceGraph:
             with torch.no_grad(), _recording_autocast(dtype):
                 return module(self.input)
 
-        self.graph, self.output = _record(forward, sample.device, warmup=3)
+        with _leaving_no_trace(module, sample.device):
+            self.graph, self.output = _record(forward, sample.device, warmup=3)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not _same_layout(x, self.input):

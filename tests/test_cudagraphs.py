@@ -125,13 +125,53 @@ def test_graphed_training_forward_matches_eager(monkeypatch):
             p.grad, q.grad = None, None
     other = torch.randn(2, 3, 64, 64, device="cuda")  # another shape: the module's own forward
     torch.testing.assert_close(model(other), ref(other), rtol=1e-5, atol=1e-5)
-    # eval mode runs the module itself, with BatchNorm's running statistics, which the recording's three warm-up
-    # passes moved three more times than the reference's (module docstring): compare with the same statistics
-    for mine, theirs in zip(model.buffers(), ref.buffers()):
-        theirs.copy_(mine)
+    # eval mode runs the module itself, with BatchNorm's running statistics: the recording's warm-up passes left
+    # them as they were, so both modules have seen the same three batches
     model.eval(), ref.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_recording_leaves_no_trace_and_replays_draw_drop_path_masks_as_eager(monkeypatch):
+    """Recording restores BatchNorm's statistics and the CUDA generator, so that from the same seed the replayed
+    steps of a backbone with stochastic depth draw the eager module's drop-path masks: same logits, gradients and
+    running statistics step by step (what makes a resumed `eager_cudagraphs` run the uninterrupted one)."""
+    from src.cudagraphs import graph_training_forward
+    from src.models.spatial_mamba import SpatialMamba
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = SpatialMamba(dims=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_classes=10, backend="fused",
+                         drop_path_rate=0.5).cuda().to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    inputs = [torch.randn_like(x) for _ in range(3)]
+    torch.manual_seed(1234)
+    state = torch.cuda.get_rng_state()
+    graph_training_forward(model, x, None)
+    assert torch.equal(torch.cuda.get_rng_state(), state), "recording left the CUDA generator advanced"
+    for (name, mine), theirs in zip(model.named_buffers(), ref.buffers()):
+        assert torch.equal(mine, theirs), f"recording changed buffer {name}"
+
+    def run(module):
+        torch.cuda.set_rng_state(state)
+        outs = []
+        for xi in inputs:
+            logits = module(xi)
+            logits.square().mean().backward()
+            outs.append((logits.detach().clone(), [p.grad.clone() for p in module.parameters()]))
+            module.zero_grad(set_to_none=True)
+        return outs
+
+    got, want = run(model), run(ref)
+    names = [n for n, _ in model.named_parameters()]
+    for step, ((logits, grads), (ref_logits, ref_grads)) in enumerate(zip(got, want)):
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+        for name, g, h in zip(names, grads, ref_grads):
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, mine), theirs in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @requires_cuda

@@ -83,8 +83,8 @@ class ImageClassifier(L.LightningModule):
             start; the eager step recorded as one graph trained T at 1580 img/s with the Triton LayerNorms (the
             backbone's fused_norms) on an H100 (benchmarks/RESULTS.md). `compile: null` then means off;
             `compile: true` with it is refused, and so is trainer.accumulate_grad_batches > 1 (on any device).
-            The recording's warm-up passes update BatchNorm statistics and draw random numbers, so a resumed
-            run is not bit for bit the uninterrupted one. Ignored on other devices.
+            The recording puts back the BatchNorm statistics and random-number state its warm-up passes used,
+            so a resumed run continues bit for bit. Ignored on other devices.
         channels_last: on a CUDA GPU, keep the backbone's conv weights and the images channels-last (NHWC), the
             layout the blocks compute in, and step with the fused AdamW — on an H200 the recipe trained 27 %
             slower with NCHW images and the foreach AdamW than with this. Ignored on other devices.
