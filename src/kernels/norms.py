@@ -29,6 +29,8 @@ Hence off by default: a gain where the GPU is the bottleneck (large maps, a fast
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -110,6 +112,7 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_pt
     tl.store(db_part_ptr + pid * N + cols, db, mask=mask_n)
 
 
+@functools.lru_cache(maxsize=None)
 def _tile(N: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N ≥ N columns, warps): about 4096 elements per program, whole rows."""
     block_n = triton.next_power_of_2(N)
@@ -131,8 +134,7 @@ def _forward(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: flo
     """x (M, N) contiguous, z None or (M, N) with unit column stride -> y (M, N), per-row mean and 1/std."""
     M, N = x.shape
     y = torch.empty_like(x)
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    mean, rstd = torch.empty(2, M, device=x.device, dtype=torch.float32)  # one allocation (host time)
     block_m, block_n, warps = _tile(N)
     _ln_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, x if z is None else z, weight, bias, y, mean, rstd, M, N, N if z is None else z.stride(0), eps,
@@ -146,20 +148,25 @@ def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Ten
     dy = dy.contiguous()
     dx = torch.empty_like(x)
     dz = None if z is None else torch.empty_like(x)
-    block_m, block_n, warps = _tile(N)
-    blocks = triton.cdiv(M, block_m)
-    programs = min(blocks, 4 * _num_sms(x.device))
-    per_program = triton.cdiv(blocks, programs)
-    programs = triton.cdiv(blocks, per_program)
-    dw_part = torch.empty(programs, N, device=x.device, dtype=torch.float32)
-    db_part = torch.empty_like(dw_part)
+    block_m, block_n, warps, programs, per_program = _bwd_grid(M, N, x.device)
+    parts = torch.empty(2, programs, N, device=x.device, dtype=torch.float32)  # weight and bias partials
     _ln_bwd_kernel[(programs,)](
         dy, x, x if z is None else z, weight, bias, mean, rstd, dx, dx if dz is None else dz,
-        dw_part, db_part, M, N, N if z is None else z.stride(0), per_program,
+        parts[0], parts[1], M, N, N if z is None else z.stride(0), per_program,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    dw = dw_part.sum(0).to(weight.dtype)  # a fixed-order reduction over the programs' partials
-    db = db_part.sum(0).to(bias.dtype)
-    return dx, dz, dw, db
+    dw, db = parts.sum(1)  # a fixed-order reduction over the programs' partials
+    return dx, dz, dw.to(weight.dtype), db.to(bias.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_grid(M: int, N: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """The backward's tile, its program count (at most 4 per SM, each over whole row blocks) and row blocks
+    per program, cached per shape: the arithmetic is a measurable share of the host's time per norm."""
+    block_m, block_n, warps = _tile(N)
+    blocks = triton.cdiv(M, block_m)
+    programs = min(blocks, 4 * _num_sms(device))
+    per_program = triton.cdiv(blocks, programs)
+    return block_m, block_n, warps, triton.cdiv(blocks, per_program), per_program
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -206,8 +213,8 @@ def layer_norm(x: Tensor, norm: torch.nn.LayerNorm, gate: Tensor | None = None, 
     z2 = None if gate is None else _rows(gate, N)
     if gate is not None and z2 is None:
         z2 = gate.contiguous().view(-1, N)
-    with torch.autocast(x.device.type, enabled=False):
-        y = _LayerNorm.apply(x.contiguous().view(-1, N), weight, bias, norm.eps, z2)
+    # no autocast region needed: the Function's forward and backward run Triton kernels and fp32 reductions only
+    y = _LayerNorm.apply(x.contiguous().view(-1, N), weight, bias, norm.eps, z2)
     return y.view(x.shape)
 
 
