@@ -7,6 +7,13 @@ img/s in a few repeated windows (compiled throughput varies from process to proc
     python benchmarks/cold_start.py --modes compiled,regional     # whole graph against one graph per stage shape
     python benchmarks/cold_start.py --modes compiled --profile prof   # where the first step's time goes
     python benchmarks/cold_start.py --modes graphed,cudagraphs --fused-norms   # no compile against compiled graphs
+    python benchmarks/cold_start.py --modes regional --set _inductor.config.reorder_for_peak_memory=False
+                                                             # a compiler setting's effect on the cold start
+
+`--set NAME=VALUE` (repeatable) sets `torch.NAME` (a dynamo, inductor or functorch config entry, e.g.
+`_inductor.config.pattern_matcher=False`) in the child after the model's own compile settings, before the first
+step; VALUE is a Python literal. For the compiled modes each row also gives dynamo's and inductor's phase times
+(`torch._dynamo.utils.compilation_time_metrics`, summed over the graphs; phases nest, so they do not add up).
 
 `--profile DIR` runs the first step under cProfile and writes DIR/<model>-<mode>.pstats (open it with
 `python -m pstats` or snakeviz), prints its 30 costliest functions by cumulative time and, for compiled modes,
@@ -75,8 +82,58 @@ def _profiled(fn, path: str) -> None:
     stats.sort_stats("cumulative").print_stats(30)
 
 
+def _config_owner(name: str):
+    """(object, attribute) for a dotted NAME under torch, e.g. "_inductor.config.triton.autotune_pointwise":
+    the longest importable module prefix, then attributes down to the last one; None where there is none."""
+    import importlib
+
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            owner = importlib.import_module("torch." + ".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:-1]:
+            owner = getattr(owner, attr, None)
+        return (owner, parts[-1]) if owner is not None and hasattr(owner, parts[-1]) else None
+    return None
+
+
+def parse_settings(items: list[str]) -> list[tuple[str, object]]:
+    """`--set` entries "NAME=VALUE" as (NAME, value); a bad entry or a NAME that is not a config entry under
+    torch is a UserError naming it."""
+    import ast
+
+    out = []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = None
+        if not sep or value is None or _config_owner(name.strip()) is None:
+            raise UserError(f"--set {item!r}: expected NAME=VALUE with NAME a config entry under torch (e.g. "
+                            "_inductor.config.pattern_matcher) and VALUE a Python literal (False, 64, 0.8)")
+        out.append((name.strip(), value))
+    return out
+
+
+def apply_settings(settings: list[tuple[str, object]]) -> None:
+    for name, value in settings:
+        owner, attr = _config_owner(name)
+        setattr(owner, attr, value)
+
+
+def _phase_times(top: int = 10) -> dict:
+    """Dynamo's timed compile phases, seconds summed over the graphs, the `top` longest."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    sums = {k: round(sum(v), 1) for k, v in compilation_time_metrics.items()}
+    return dict(sorted(sums.items(), key=lambda kv: -kv[1])[:top])
+
+
 def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int,
-          profile: str | None = None, fused_norms: bool = False) -> dict:
+          profile: str | None = None, fused_norms: bool = False, settings: list | None = None) -> dict:
     import torch
     import torch.nn as nn
 
@@ -93,6 +150,7 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
 
         # the LightningModules' default memory budget
         compile_for_training(model, regional=mode.startswith("regional"), cudagraphs=mode.endswith("cudagraphs"))
+    apply_settings(settings or [])
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
@@ -135,7 +193,9 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     if "cudagraphs" not in mode and not graphed:  # (CUDA graphs: their pool is allocated while recording)
         torch.cuda.reset_peak_memory_stats()
     rates = [round(batch * steps / run(steps)) for _ in range(windows)]
-    return dict(model=model_name, mode=mode + (" + Triton norms" if fused_norms else ""), **first, img_s=rates,
+    label = mode + (" + Triton norms" if fused_norms else "") + "".join(f", {k}={v}" for k, v in settings or [])
+    phases = _phase_times() if mode not in ("eager", "graphed") else {}
+    return dict(model=model_name, mode=label, **first, img_s=rates, phases=phases,
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
 
 
@@ -155,12 +215,15 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=3, help="timed windows")
     p.add_argument("--profile", metavar="DIR", help="profile the first step (cProfile stats into DIR, summary "
                    "printed; the profiler itself slows the step)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="set torch.NAME (a dynamo / "
+                   "inductor / functorch config entry) in every run, e.g. _inductor.config.pattern_matcher=False")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    settings = parse_settings(args.set)
     if args.child:
         model_name, mode = args.child.split(":")
         print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
-                                           args.windows, args.profile, args.fused_norms)), flush=True)
+                                           args.windows, args.profile, args.fused_norms, settings)), flush=True)
         return
     bad = [m for m in args.modes.split(",") if m not in MODES]
     bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
@@ -176,6 +239,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", f"{model_name}:{mode}", "--batch", str(args.batch),
                        "--size", str(args.size), "--warmup", str(args.warmup), "--steps", str(args.steps),
                        "--windows", str(args.windows)] + (["--fused-norms"] if args.fused_norms else [])
+                cmd += [f"--set={item}" for item in args.set]
                 if args.profile:
                     os.makedirs(args.profile, exist_ok=True)
                     cmd += ["--profile", os.path.abspath(args.profile)]
@@ -194,6 +258,10 @@ def main() -> None:
         else:
             print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r['triton_compiles']} / "
                   f"{r['triton_compile_s']} | {' / '.join(map(str, r['img_s']))} | {r['peak_gb']} |")
+    for r in rows:
+        if r.get("phases"):
+            print(f"\ncompile phases, {r['model']} {r['mode']} (s, summed over graphs; nested): "
+                  + ", ".join(f"{k} {v}" for k, v in r["phases"].items()))
 
 
 if __name__ == "__main__":
