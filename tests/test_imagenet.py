@@ -25,7 +25,9 @@ T_CONFIG = ROOT / "configs" / "imagenet" / "recipe.yaml"  # the recipe on its ow
 
 # One intra-op thread: these tiny models gain nothing from two, and on a loaded 2-core machine OpenMP threads
 # waiting for each other make each op ~50x slower. Subprocesses get the same through OMP_NUM_THREADS.
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# the repo first on the path, then whatever the caller had there (a GPU machine's extra site folder)
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                  "OMP_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 import main
 from src.checkpoints import load_checkpoint
+from tests.conftest import requires_cuda
 from tests.test_imagenet import ROOT, SUBPROCESS_ENV, make_digits_folder, tiny_recipe_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -48,28 +50,53 @@ def read_losses(path: Path) -> dict[int, str]:
     return losses
 
 
-def recipe(tmp_path, data, name, losses, workers, kill_at=None):
+def recipe(tmp_path, data, name, losses, workers, kill_at=None, gpu=None):
+    """The tiny recipe writing every step's loss to `losses`; `gpu`: None (the CPU) or a dict of trainer
+    settings for a GPU run, which also records the eager kernels as CUDA graphs (`eager_cudagraphs`, the
+    ImageNet recipe's GPU path: fused backend, Triton LayerNorms, bf16, stochastic depth)."""
     callbacks = [{"class_path": "tests.test_resume.LossRecorder", "init_args": {"path": str(losses)}}]
     if kill_at is not None:
         callbacks.append({"class_path": "tests.test_resume.KillAtStep", "init_args": {"step": kill_at}})
     config = tiny_recipe_config(tmp_path / name, data, epochs=2, every_n_steps=2, extra_callbacks=callbacks, name=name)
-    text = config.read_text().replace("num_workers: 0", f"num_workers: {workers}").replace("mesa_start: 0.25", "mesa_start: 0.5")
-    config.write_text(text)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["init_args"]["num_workers"] = workers
+    cfg["model"]["init_args"]["mesa_start"] = 0.5
+    if gpu is not None:
+        cfg["trainer"].update(accelerator="gpu", devices=1, precision="bf16-mixed", **gpu)
+        cfg["model"]["init_args"].update(eager_cudagraphs=True, compile=None)
+        cfg["model"]["init_args"]["backbone"]["init_args"].update(backend="fused", fused_norms=True,
+                                                                  drop_path_rate=0.2)
+    config.write_text(yaml.safe_dump(cfg))
     return config
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, monkeypatch):
+    kill_resume_and_compare(tmp_path, monkeypatch)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_sigkill_then_resume_with_recorded_cuda_graphs_is_bit_exact(tmp_path, monkeypatch):
+    """On a GPU with the recipe's CUDA-graph path as it ships (bf16, fused kernels, Triton LayerNorms, stochastic
+    depth; the resumed process records its graphs again): every step's loss, the weights and the EMA equal the
+    uninterrupted run's."""
+    kill_resume_and_compare(tmp_path, monkeypatch, gpu={})
+
+
+def kill_resume_and_compare(tmp_path, monkeypatch, gpu=None):
     data = make_digits_folder(tmp_path / "data")  # 48 training images: 6 steps of 8 per epoch
     monkeypatch.chdir(tmp_path)
 
     # uninterrupted run, loading in the main process
     (tmp_path / "a").mkdir()
-    ref = main.cli(["fit", "--config", str(recipe(tmp_path, data, "a", tmp_path / "a.txt", workers=0))])
+    ref = main.cli(["fit", "--config", str(recipe(tmp_path, data, "a", tmp_path / "a.txt", workers=0, gpu=gpu))])
     assert ref.trainer.global_step == 12
+    if gpu is not None:
+        assert ref.model._graphed and ref.model._teacher_graph is not None
 
     # the same run with 2 loader workers, killed after step 9 (epoch 1, batch 3); last-step.ckpt is from step 8
     (tmp_path / "b").mkdir()
-    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, kill_at=9)
+    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, kill_at=9, gpu=gpu)
     out = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config)], cwd=tmp_path,
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
@@ -77,7 +104,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, monkeypatch):
     assert last["global_step"] == 8 and last["epoch"] == 1
 
     # resumed with `--ckpt_path last` (the newest of last.ckpt, last-step.ckpt): the same config without the kill
-    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2)
+    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, gpu=gpu)
     resumed = main.cli(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 12
 
