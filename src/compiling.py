@@ -38,11 +38,24 @@ with one launch: the same process trained at 1647 img/s against 1403 without (`b
 --modes cudagraphs,compiled`). Its costs: a recording per new input shape (the last, smaller batch of an
 epoch; each validation size), memory held in the graphs' private pool, and a graph's outputs are overwritten
 by its next replay (fine for a training step, which consumes them before the next).
+
+Compile artifacts in a file (`CompileCache`, the LightningModules' `compile_cache`): torch's portable cache
+(`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`) holds what inductor produced — the compiled
+graphs, AOTAutograd's forward/backward split, the Triton binaries of its kernels, its autotuning results — as one
+blob. The first run writes it next to the experiment; a later process that loads it before its first compile
+(another machine of the same GPU type, torch and Triton versions, a restart, the next ablation) finds its
+graphs in the cache and skips partitioning, inductor's scheduling and code generation and the kernels' compiles.
+Dynamo still traces the model. Entries are keyed by the graph, the versions and the device, so a file from
+another setup is harmless: it misses and is extended.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch.nn as nn
 
@@ -100,3 +113,65 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
             raise UserError(f"compile_regional: {type(module).__name__} has no regional compilation (a Spatial-Mamba "
                             "backbone has); set compile_regional to false")
         module.compile(regional=True, **kwargs)
+
+
+def _artifact_count(info) -> int:
+    return sum(len(v) for v in getattr(info, "artifacts", {}).values()) if info is not None else 0
+
+
+class CompileCache:
+    """torch.compile's cache artifacts in one file (module docstring): `load()` before the first compile,
+    `save()` after new graphs were compiled (the first training step, each validation). A save writes only when
+    the process holds more artifacts than the file had (they include what was loaded), atomically (a temporary
+    file in the same folder renamed over the old one), so a crash mid-save keeps the previous file."""
+
+    def __init__(self, path: str | os.PathLike, key: str = "compile_cache"):
+        from src.errors import NotWritableError
+
+        self.path, self.known = Path(path).expanduser(), 0
+        existing = self.path.parent.absolute()
+        while not existing.exists():  # the nearest part that exists must be a folder we can write in
+            existing = existing.parent
+        if self.path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise NotWritableError(f"{key}: cannot write compile artifacts to {os.fspath(path)!r} (expected a file "
+                                   f"path in a writable folder; {str(existing)!r} is not one)")
+
+    def load(self) -> int:
+        """Load the file's artifacts into this process's caches; returns their number (0: no file, or one that
+        could not be read, which is then rewritten at the next save: a warning says so)."""
+        import torch
+
+        if not self.path.is_file():
+            return 0
+        try:
+            # torch returns None (and logs why) for bytes it cannot read, e.g. a file cut short or of another format
+            info, why = torch.compiler.load_cache_artifacts(self.path.read_bytes()), "torch could not read it"
+        except Exception as e:  # a cache is never worth a crash: compile from scratch instead
+            info, why = None, f"{type(e).__name__}: {e}"
+        if info is None:
+            warnings.warn(f"compile cache {str(self.path)!r} could not be loaded ({why}); compiling from scratch, "
+                          "the file will be rewritten", stacklevel=2)
+            return 0
+        self.known = _artifact_count(info)
+        return self.known
+
+    def save(self) -> int | None:
+        """Write the process's artifacts if there are more than the file holds; returns their number, or None
+        when nothing was written."""
+        import torch
+
+        saved = torch.compiler.save_cache_artifacts()
+        count = _artifact_count(saved[1]) if saved is not None else 0
+        if count <= self.known:
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(saved[0])
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.known = count
+        return count

@@ -39,7 +39,7 @@ from src.ema import ModelEma
 from src.checkpoints import (AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain,
                              restore_rng_state, rng_states)
 from src.checks import non_negative, positive, probability, require
-from src.compiling import DEFAULT_MEMORY_BUDGET, compile_for_training
+from src.compiling import DEFAULT_MEMORY_BUDGET, CompileCache, compile_for_training
 from src.cudagraphs import InferenceGraph, autocast_dtype, graph_training_forward
 from src.errors import UserError
 from src.tb import log_hparams
@@ -77,6 +77,11 @@ class ImageClassifier(L.LightningModule):
             src/compiling.py): the host no longer launches each kernel, which matters where a slow host CPU
             bounds the step. Costs a recording per new input shape and memory in the graphs' pool. Off by default
             (the ImageNet recipe turns it on); refused with trainer.accumulate_grad_batches > 1.
+        compile_cache: a file for torch.compile's cache artifacts (src/compiling.py, `CompileCache`): loaded
+            before the first compile if it exists, (re)written by rank 0 after the first training step and
+            after each validation when new graphs were compiled. A later run given the same file — on another
+            machine with the same GPU type and torch/Triton versions, a restart, the next ablation — skips
+            inductor's work for the graphs it holds. None (default): no file. Used only when compiling.
         eager_cudagraphs: no torch.compile; on a CUDA GPU the backbone's training forward and backward (eager
             kernels) are recorded as CUDA graphs at the first training step and replayed for every batch of
             that shape, and so is the MESA teacher's forward (src/cudagraphs.py). No inductor compile at the
@@ -123,6 +128,7 @@ class ImageClassifier(L.LightningModule):
         compile_regional: bool = False,
         compile_ddp_split: bool = False,
         compile_cudagraphs: bool = False,
+        compile_cache: str | None = None,
         eager_cudagraphs: bool = False,
         channels_last: bool = True,
         lr_base_batch: int | None = None,
@@ -202,6 +208,7 @@ class ImageClassifier(L.LightningModule):
         self._rng_to_restore = None
         self._trained = False  # weights from a checkpoint or from training steps (not only the initialisation)
         self._graphed, self._teacher_graph = False, None  # eager_cudagraphs: recorded at the first training step
+        self._compile_cache = None  # compile_cache: a CompileCache once compiling (setup)
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
@@ -236,6 +243,12 @@ class ImageClassifier(L.LightningModule):
             if self.ema is not None:
                 self.ema.to(memory_format=torch.channels_last)
         if self._use_compile(on_gpu) and not getattr(self, "_compiled", False):
+            if self.hparams.compile_cache:
+                self._compile_cache = CompileCache(self.hparams.compile_cache, key="model.init_args.compile_cache")
+                loaded = self._compile_cache.load()
+                rank_zero_info(f"compile cache {self.hparams.compile_cache}: "
+                               + (f"{loaded} artifacts loaded" if loaded else "no artifacts yet (written after the "
+                                  "first training step)"))
             compile_for_training(self.backbone, self.ema.module if self.ema is not None else None,
                                  memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
@@ -499,6 +512,22 @@ class ImageClassifier(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         states, self._rng_to_restore = self._rng_to_restore, None
         restore_rng_state(self.trainer, states)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._compile_cache is not None and not getattr(self, "_cache_after_first_step", False):
+            self._cache_after_first_step = True  # the training graphs exist now
+            self._save_compile_cache()
+
+    def on_validation_end(self) -> None:
+        self._save_compile_cache()  # the evaluation graphs, at the first validation (later ones add nothing)
+
+    def _save_compile_cache(self) -> None:
+        """`compile_cache`: rank 0 writes the artifacts when there are new ones (a few MB, written atomically)."""
+        if self._compile_cache is None or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        count = self._compile_cache.save()
+        if count:
+            rank_zero_info(f"compile cache {self.hparams.compile_cache}: {count} artifacts written")
 
 
 class NonFiniteLossError(UserError, RuntimeError):
