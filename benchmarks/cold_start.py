@@ -10,6 +10,11 @@ img/s in a few repeated windows (compiled throughput varies from process to proc
     python benchmarks/cold_start.py --modes regional --set _inductor.config.reorder_for_peak_memory=False
                                                              # a compiler setting's effect on the cold start
 
+`--compile-cache FILE` gives the compiled modes torch.compile's artifacts in a file (src/compiling.py,
+`CompileCache`, the LightningModules' `compile_cache`): loaded before the compile when it exists, written after the
+first step. Run twice: the first run, from empty caches, writes it; the second, again from empty caches (a new
+machine), loads it first.
+
 `--set NAME=VALUE` (repeatable) sets `torch.NAME` (a dynamo, inductor or functorch config entry, e.g.
 `_inductor.config.pattern_matcher=False`) in the child after the model's own compile settings, before the first
 step; VALUE is a Python literal. For the compiled modes each row also gives dynamo's and inductor's phase times
@@ -133,7 +138,8 @@ def _phase_times(top: int = 10) -> dict:
 
 
 def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int,
-          profile: str | None = None, fused_norms: bool = False, settings: list | None = None) -> dict:
+          profile: str | None = None, fused_norms: bool = False, settings: list | None = None,
+          compile_cache: str | None = None) -> dict:
     import torch
     import torch.nn as nn
 
@@ -145,8 +151,15 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     model = getattr(spatial_mamba, f"spatial_mamba_{model_name}")(backend="fused", fused_norms=fused_norms)
     model = model.to(device).to(memory_format=torch.channels_last)
     graphed = mode == "graphed"
+    cache, loaded = None, 0
     if mode not in ("eager", "graphed"):
-        from src.compiling import compile_for_training
+        from src.compiling import CompileCache, compile_for_training
+
+        if compile_cache:
+            cache = CompileCache(compile_cache, key="--compile-cache")
+            start = time.perf_counter()
+            loaded = cache.load()
+            loaded_s = time.perf_counter() - start
 
         # the LightningModules' default memory budget
         compile_for_training(model, regional=mode.startswith("regional"), cudagraphs=mode.endswith("cudagraphs"))
@@ -182,6 +195,14 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         return dict(first_step_s=round(time.perf_counter() - start, 1), triton_compiles=len(compiled_in_step),
                     triton_compile_s=round(sum(s for _, s in compiled_in_step), 1))
 
+    if cache is not None:
+        first_step_inner = first_step
+
+        def first_step() -> dict:  # the loading counts towards the first step, as it does in a `fit`
+            out = first_step_inner()
+            out["first_step_s"] = round(out["first_step_s"] + loaded_s, 1)
+            return dict(out, cache_loaded=loaded, cache_written=cache.save())
+
     if profile:
         first = {}
         _profiled(lambda: first.update(first_step()), os.path.join(profile, f"{model_name}-{mode}.pstats"))
@@ -194,6 +215,7 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         torch.cuda.reset_peak_memory_stats()
     rates = [round(batch * steps / run(steps)) for _ in range(windows)]
     label = mode + (" + Triton norms" if fused_norms else "") + "".join(f", {k}={v}" for k, v in settings or [])
+    label += f", {loaded} cached artifacts loaded" if loaded else ""
     phases = _phase_times() if mode not in ("eager", "graphed") else {}
     return dict(model=model_name, mode=label, **first, img_s=rates, phases=phases,
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
@@ -217,13 +239,16 @@ def main() -> None:
                    "printed; the profiler itself slows the step)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="set torch.NAME (a dynamo / "
                    "inductor / functorch config entry) in every run, e.g. _inductor.config.pattern_matcher=False")
+    p.add_argument("--compile-cache", metavar="FILE", help="compiled modes: load torch.compile's artifacts from FILE "
+                   "if it exists, write them there after the first step (see above)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     settings = parse_settings(args.set)
     if args.child:
         model_name, mode = args.child.split(":")
         print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
-                                           args.windows, args.profile, args.fused_norms, settings)), flush=True)
+                                           args.windows, args.profile, args.fused_norms, settings,
+                                           args.compile_cache)), flush=True)
         return
     bad = [m for m in args.modes.split(",") if m not in MODES]
     bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
@@ -240,6 +265,8 @@ def main() -> None:
                        "--size", str(args.size), "--warmup", str(args.warmup), "--steps", str(args.steps),
                        "--windows", str(args.windows)] + (["--fused-norms"] if args.fused_norms else [])
                 cmd += [f"--set={item}" for item in args.set]
+                if args.compile_cache:
+                    cmd += ["--compile-cache", os.path.abspath(args.compile_cache)]
                 if args.profile:
                     os.makedirs(args.profile, exist_ok=True)
                     cmd += ["--profile", os.path.abspath(args.profile)]
