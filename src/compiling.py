@@ -58,6 +58,8 @@ import warnings
 from pathlib import Path
 
 import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 DEFAULT_MEMORY_BUDGET = 0.8
 
@@ -175,3 +177,39 @@ class CompileCache:
             raise
         self.known = count
         return count
+
+
+def open_compile_cache(path: str | os.PathLike, key: str = "model.init_args.compile_cache") -> CompileCache:
+    """A LightningModule's `compile_cache` at setup: the file checked, its artifacts loaded (before the compile),
+    one line printed by rank 0."""
+    cache = CompileCache(path, key=key)
+    loaded = cache.load()
+    rank_zero_info(f"compile cache {os.fspath(path)}: " + (f"{loaded} artifacts loaded" if loaded else
+                   "no artifacts yet (written after the first training step)"))
+    return cache
+
+
+class CompileCacheWriter(Callback):
+    """Writes the module's `_compile_cache` (a `CompileCache`, set in its setup when compiling; None: nothing to
+    do), from rank 0, after the first training step (the training graphs exist) and at the end of every
+    validation (the evaluation graphs, at the first; later ones add nothing and write nothing)."""
+
+    def __init__(self):
+        self._after_first_step = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._after_first_step:
+            self._after_first_step = True
+            self._save(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    @staticmethod
+    def _save(trainer, pl_module) -> None:
+        cache = getattr(pl_module, "_compile_cache", None)
+        if cache is None or not trainer.is_global_zero:
+            return
+        count = cache.save()
+        if count:
+            rank_zero_info(f"compile cache {cache.path}: {count} artifacts written")

@@ -70,6 +70,7 @@ def test_fit_loads_before_compiling_and_writes_after_the_first_step_and_validati
     """The classifier's wiring, without compiling on the CPU: the cache is loaded in setup (before the compile),
     saved after the first training step and at the end of each validation, by rank 0."""
     import main
+    import src.compiling as compiling
     import src.models.classifier as classifier
     from tests.test_hardening import ONE_BATCH, QUIET, TINY
 
@@ -77,6 +78,7 @@ def test_fit_loads_before_compiling_and_writes_after_the_first_step_and_validati
 
     class Recorder:
         def __init__(self, path, key):
+            self.path = path
             calls.append(("init", str(path), key))
 
         def load(self):
@@ -87,7 +89,7 @@ def test_fit_loads_before_compiling_and_writes_after_the_first_step_and_validati
             calls.append("save")
             return 3
 
-    monkeypatch.setattr(classifier, "CompileCache", Recorder)
+    monkeypatch.setattr(compiling, "CompileCache", Recorder)
     monkeypatch.setattr(classifier, "compile_for_training", lambda *a, **k: calls.append("compile"))
     monkeypatch.chdir(tmp_path)
     cli = main.cli([*QUIET, *TINY, "--trainer.accelerator=cpu", "--trainer.max_steps=3",
@@ -98,3 +100,40 @@ def test_fit_loads_before_compiling_and_writes_after_the_first_step_and_validati
     assert calls[:3] == [("init", str(tmp_path / "c.bin"), "model.init_args.compile_cache"), "load", "compile"]
     # after step 1; after the validations at step 2 and at the end (max_steps 3 ends the epoch: no more)
     assert calls[3:] == ["save"] * (len(calls) - 3) and len(calls) - 3 >= 2
+
+
+def test_segmenter_loads_the_cache_before_compiling_and_writes_it_through_its_callback(tmp_path, monkeypatch):
+    import src.compiling as compiling
+    import src.models.segmenter as segmenter
+    from tests.test_segmentation import tiny_segmenter
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, path, key):
+            self.path = path
+            calls.append("init")
+
+        def load(self):
+            calls.append("load")
+            return 5
+
+        def save(self):
+            calls.append("save")
+            return None  # nothing new: nothing written
+
+    monkeypatch.setattr(compiling, "CompileCache", Recorder)
+    monkeypatch.setattr(segmenter, "compile_for_training", lambda *a, **k: calls.append("compile"))
+    model = tiny_segmenter(compile=True, compile_cache=str(tmp_path / "c.bin"))
+    model.setup("fit")
+    assert calls == ["init", "load", "compile"]
+    writers = [c for c in model.configure_callbacks() if isinstance(c, compiling.CompileCacheWriter)]
+    assert len(writers) == 1
+
+    class Trainer:
+        is_global_zero = True
+
+    writers[0].on_train_batch_end(Trainer(), model, None, None, 0)
+    writers[0].on_train_batch_end(Trainer(), model, None, None, 1)  # only after the first step
+    writers[0].on_validation_end(Trainer(), model)
+    assert calls[3:] == ["save", "save"]

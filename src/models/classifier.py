@@ -39,7 +39,7 @@ from src.ema import ModelEma
 from src.checkpoints import (AtomicCheckpointIO, check_architecture, check_checkpoint_folder, plain,
                              restore_rng_state, rng_states)
 from src.checks import non_negative, positive, probability, require
-from src.compiling import DEFAULT_MEMORY_BUDGET, CompileCache, compile_for_training
+from src.compiling import DEFAULT_MEMORY_BUDGET, CompileCacheWriter, compile_for_training, open_compile_cache
 from src.cudagraphs import InferenceGraph, autocast_dtype, graph_training_forward
 from src.errors import UserError
 from src.tb import log_hparams
@@ -244,11 +244,7 @@ class ImageClassifier(L.LightningModule):
                 self.ema.to(memory_format=torch.channels_last)
         if self._use_compile(on_gpu) and not getattr(self, "_compiled", False):
             if self.hparams.compile_cache:
-                self._compile_cache = CompileCache(self.hparams.compile_cache, key="model.init_args.compile_cache")
-                loaded = self._compile_cache.load()
-                rank_zero_info(f"compile cache {self.hparams.compile_cache}: "
-                               + (f"{loaded} artifacts loaded" if loaded else "no artifacts yet (written after the "
-                                  "first training step)"))
+                self._compile_cache = open_compile_cache(self.hparams.compile_cache)
             compile_for_training(self.backbone, self.ema.module if self.ema is not None else None,
                                  memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
@@ -472,7 +468,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_callbacks(self):
         # TrainSpeed: train/img_per_s, and compile_s when the backbone is compiled (setup above)
-        return [StopOnNonFiniteLoss(), ClassifierSummary(), PredictionCSVWriter(), TrainSpeed()]
+        return [StopOnNonFiniteLoss(), ClassifierSummary(), PredictionCSVWriter(), TrainSpeed(), CompileCacheWriter()]
 
     # ---- checkpoints: EMA weights are in state_dict (ema.module.*); add RNG streams and MESA ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -513,21 +509,6 @@ class ImageClassifier(L.LightningModule):
         states, self._rng_to_restore = self._rng_to_restore, None
         restore_rng_state(self.trainer, states)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._compile_cache is not None and not getattr(self, "_cache_after_first_step", False):
-            self._cache_after_first_step = True  # the training graphs exist now
-            self._save_compile_cache()
-
-    def on_validation_end(self) -> None:
-        self._save_compile_cache()  # the evaluation graphs, at the first validation (later ones add nothing)
-
-    def _save_compile_cache(self) -> None:
-        """`compile_cache`: rank 0 writes the artifacts when there are new ones (a few MB, written atomically)."""
-        if self._compile_cache is None or self._trainer is None or not self.trainer.is_global_zero:
-            return
-        count = self._compile_cache.save()
-        if count:
-            rank_zero_info(f"compile cache {self.hparams.compile_cache}: {count} artifacts written")
 
 
 class NonFiniteLossError(UserError, RuntimeError):

@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJac
 
 from src.callbacks import FitSummary, ValidationImageGrid, adopt_data_classes
 from src.checkpoints import check_architecture
-from src.compiling import DEFAULT_MEMORY_BUDGET, compile_for_training
+from src.compiling import DEFAULT_MEMORY_BUDGET, CompileCacheWriter, compile_for_training, open_compile_cache
 from src.errors import UserError
 from src.models.upernet import FCNHead, UperNetHead, resize
 from src.tb import log_hparams
@@ -101,6 +101,8 @@ class SemanticSegmenter(L.LightningModule):
         compile_cudagraphs: replay the compiled graphs as CUDA graphs (as the classifier's; see
             src/compiling.py). Off by default; every new validation size is recorded once; refused with
             trainer.accumulate_grad_batches > 1.
+        compile_cache: a file for torch.compile's artifacts, loaded before the compile and written after the
+            first step and validations (as the classifier's; see src/compiling.py). None: no file.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class SemanticSegmenter(L.LightningModule):
         compile_regional: bool = False,
         compile_ddp_split: bool = False,
         compile_cudagraphs: bool = False,
+        compile_cache: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -168,6 +171,8 @@ class SemanticSegmenter(L.LightningModule):
     def setup(self, stage: str) -> None:
         adopt_data_classes(self, "classes")
         if self.hparams.compile and not getattr(self, "_compiled", False):
+            if self.hparams.compile_cache:
+                self._compile_cache = open_compile_cache(self.hparams.compile_cache)
             compile_for_training(self.backbone, memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
                                  cudagraphs=self.hparams.compile_cudagraphs,
@@ -302,7 +307,7 @@ class SemanticSegmenter(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        callbacks = [SegmentationSummary(), ColorMaskWriter()]
+        callbacks = [SegmentationSummary(), ColorMaskWriter(), CompileCacheWriter()]
         if self.hparams.grid_images > 0:
             callbacks.append(SegmentationImageGrid(self.hparams.grid_images))
         return callbacks
