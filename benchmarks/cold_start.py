@@ -112,11 +112,12 @@ def parse_settings(items: list[str]) -> list[tuple[str, object]]:
     out = []
     for item in items:
         name, sep, raw = item.partition("=")
+        bad = object()
         try:
             value = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
-            value = None
-        if not sep or value is None or _config_owner(name.strip()) is None:
+            value = bad
+        if not sep or value is bad or _config_owner(name.strip()) is None:
             raise UserError(f"--set {item!r}: expected NAME=VALUE with NAME a config entry under torch (e.g. "
                             "_inductor.config.pattern_matcher) and VALUE a Python literal (False, 64, 0.8)")
         out.append((name.strip(), value))
