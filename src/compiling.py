@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -124,8 +123,8 @@ def _artifact_count(info) -> int:
 class CompileCache:
     """torch.compile's cache artifacts in one file (module docstring): `load()` before the first compile,
     `save()` after new graphs were compiled (the first training step, each validation). A save writes only when
-    the process holds more artifacts than the file had (they include what was loaded), atomically (a temporary
-    file in the same folder renamed over the old one), so a crash mid-save keeps the previous file."""
+    the process holds more artifacts than the file had (they include what was loaded), atomically (as checkpoints
+    are, `src.checkpoints.write_atomically`), so a crash mid-save keeps the previous file."""
 
     def __init__(self, path: str | os.PathLike, key: str = "compile_cache"):
         from src.errors import NotWritableError
@@ -166,15 +165,9 @@ class CompileCache:
         count = _artifact_count(saved[1]) if saved is not None else 0
         if count <= self.known:
             return None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(saved[0])
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from src.checkpoints import write_atomically  # the checkpoints' own atomic write (makes the folder too)
+
+        write_atomically(self.path, lambda f: f.write(saved[0]))
         self.known = count
         return count
 

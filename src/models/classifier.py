@@ -510,7 +510,6 @@ class ImageClassifier(L.LightningModule):
         restore_rng_state(self.trainer, states)
 
 
-
 class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite: the run cannot recover from here. A user error (one line, exit 2):
     what fixes it is a setting (learning rate, warm-up, clipping, precision)."""
