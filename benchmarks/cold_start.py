@@ -27,8 +27,10 @@ dynamo's and inductor's phase times (`torch._dynamo.utils.compile_times`). The p
 
 Each model × mode runs in its own child process (fresh caches under a temporary folder). Prints one JSON line
 per run and a Markdown table at the end, with the number and seconds of the @triton.jit compiles inside the first
-step (this project's kernels, compiled one after another at their first launches; inductor's own kernels compile
-in its worker processes and are not counted). Peak GB is that of the timed windows; for the modes replayed as
+step (this project's kernels): those on the main thread, which the step waits for, and those compiled ahead in
+background threads (src/kernels/ahead.py; their seconds overlap each other and the step, so they do not add to
+it). Inductor's own kernels compile in its worker processes and are not counted. `SPATIAL_MAMBA_COMPILE_AHEAD=0`
+in the environment turns the compiling ahead off (rows say so). Peak GB is that of the timed windows; for the modes replayed as
 CUDA graphs it is the whole run's (their memory pool is allocated while recording). Needs a CUDA GPU.
 """
 
@@ -51,8 +53,11 @@ from src.errors import UserError, reports_user_errors  # noqa: E402
 
 @contextlib.contextmanager
 def _slow_triton_compiles(threshold_s: float = 0.3):
-    """Yields a list that collects (kernel name, seconds) for each @triton.jit compile in the block that took
-    longer than `threshold_s` (a real compile; a variant found in Triton's disk cache loads in milliseconds)."""
+    """Yields a list that collects (kernel name, seconds, on the main thread?) for each @triton.jit compile in the
+    block that took longer than `threshold_s` (a real compile; a variant found in Triton's disk cache loads in
+    milliseconds). Compiles off the main thread are src/kernels/ahead.py's, in parallel with the step."""
+    import threading
+
     from triton.runtime.jit import JITFunction
 
     found, do_compile = [], JITFunction._do_compile
@@ -63,7 +68,8 @@ def _slow_triton_compiles(threshold_s: float = 0.3):
             return do_compile(self, *args, **kwargs)
         finally:
             if time.perf_counter() - start > threshold_s:
-                found.append((self.fn.__name__, time.perf_counter() - start))
+                found.append((self.fn.__name__, time.perf_counter() - start,
+                              threading.current_thread() is threading.main_thread()))
 
     JITFunction._do_compile = timed
     try:
@@ -193,8 +199,11 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         start = time.perf_counter()
         with _slow_triton_compiles() as compiled_in_step:
             run(1)
-        return dict(first_step_s=round(time.perf_counter() - start, 1), triton_compiles=len(compiled_in_step),
-                    triton_compile_s=round(sum(s for _, s in compiled_in_step), 1))
+        main = [s for _, s, on_main in compiled_in_step if on_main]
+        ahead = [s for _, s, on_main in compiled_in_step if not on_main]
+        return dict(first_step_s=round(time.perf_counter() - start, 1), triton_compiles=len(main),
+                    triton_compile_s=round(sum(main), 1), ahead_compiles=len(ahead),
+                    ahead_compile_s=round(sum(ahead), 1))
 
     if cache is not None:
         first_step_inner = first_step
@@ -217,6 +226,7 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     rates = [round(batch * steps / run(steps)) for _ in range(windows)]
     label = mode + (" + Triton norms" if fused_norms else "") + "".join(f", {k}={v}" for k, v in settings or [])
     label += f", {loaded} cached artifacts loaded" if loaded else ""
+    label += ", compile ahead off" if os.environ.get("SPATIAL_MAMBA_COMPILE_AHEAD") == "0" else ""
     phases = _phase_times() if mode not in ("eager", "graphed") else {}
     return dict(model=model_name, mode=label, **first, img_s=rates, phases=phases,
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
@@ -278,14 +288,15 @@ def main() -> None:
             row = json.loads(lines[-1]) if lines else dict(model=model_name, mode=mode, error=out.stderr[-300:])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| model | mode | first step s (cold) | of which @triton.jit compiles: count / s | train img/s per window "
-          "| peak GB |\n|---|---|---:|---:|---|---:|")
+    print("\n| model | mode | first step s (cold) | @triton.jit compiles in the step: count / s | the same in the "
+          "background | train img/s per window | peak GB |\n|---|---|---:|---:|---:|---|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['mode']} | failed | | {r['error'].splitlines()[-1] if r['error'] else ''} | |")
+            print(f"| {r['model']} | {r['mode']} | failed | | | {r['error'].splitlines()[-1] if r['error'] else ''} | |")
         else:
             print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r['triton_compiles']} / "
-                  f"{r['triton_compile_s']} | {' / '.join(map(str, r['img_s']))} | {r['peak_gb']} |")
+                  f"{r['triton_compile_s']} | {r['ahead_compiles']} / {r['ahead_compile_s']} | "
+                  f"{' / '.join(map(str, r['img_s']))} | {r['peak_gb']} |")
     for r in rows:
         if r.get("phases"):
             print(f"\ncompile phases, {r['model']} {r['mode']} (s, summed over graphs; nested): "

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ahead
+from .ahead import launch
 from .triton_scan import _num_sms, scan_backward, scan_forward, state_dtype, triton_interpreted
 from .tuning import pick_config
 
@@ -385,13 +387,17 @@ def _mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     K, D, ks, _ = weight.shape
     wa = torch.empty(K * ks * ks, D, device=weight.device, dtype=torch.float32)
     if K:
-        _mix_weights_kernel[(triton.cdiv(D, 256),)](weight, alpha, wa, D, NDIL=K, KS=ks, BLOCK_D=256)
+        launch(_mix_weights_kernel, (triton.cdiv(D, 256),), weight, alpha, wa, D, NDIL=K, KS=ks, BLOCK_D=256)
     return wa
 
 
 def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions):
-    """(y (B, L, D) in x's dtype, states h (B, L, D) in `state_dtype`) — h is what the backward needs."""
+    """(y (B, L, D) in x's dtype, states h (B, L, D) in `state_dtype`) — h is what the backward needs. The first
+    call for a shape class also compiles the backward's kernels in the background (`ahead`)."""
     Bsz, L, Dm = x.shape
+    ahead.plan(("fused", x.shape, x.stride(), dt.stride(), B.stride(), C.stride(), x.dtype, H, W, tuple(dilations),
+                weight.shape[-1], tuple(directions), x.device), x.device,
+               lambda: _plan_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, directions))
     h = scan_forward(x, dt, A, B, dt_bias, H, W, directions, dtype=state_dtype(x.dtype))
     y = torch.empty(Bsz, L, Dm, device=x.device, dtype=x.dtype)
     wa = _mixed_weights(weight, alpha)
@@ -399,7 +405,7 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
 
     def run(cfg):
         grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, x.device)
-        _fusion_fwd_kernel[grid](
+        launch(_fusion_fwd_kernel, grid,
             h, x, C, D, wa, y,
             x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1),
             Dm, H, W, packed, n_ctiles, rows,
@@ -409,6 +415,14 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
     run(pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run, H * W, x.element_size() == 2))
     return y, h
+
+
+def _plan_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions) -> None:
+    """A plan's dry run (`ahead.plan`): the forward and backward launchers on meta tensors of the inputs' shapes,
+    strides and dtypes, with the contiguous dy that the next layer's backward hands over."""
+    m = [ahead.meta_like(t) for t in (x, dt, A, B, C, D, dt_bias, weight, alpha)]
+    y, h = fused_forward(*m, dilations, H, W, directions)
+    fused_backward(torch.empty_like(y), *m, h, dilations, H, W, directions)
 
 
 def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H: int, W: int, directions):
@@ -427,7 +441,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
         grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
         out["dC_part"] = torch.empty(grid[1], Bsz, L, device=dev, dtype=torch.float32)
         out["G_part"] = torch.empty(Bsz, grid[0], max(NTAP, 1), Dm, device=dev, dtype=torch.float32)
-        _fusion_bwd_param_kernel[grid](
+        launch(_fusion_bwd_param_kernel, grid,
             h, C, dy, wa, g, out["dC_part"], out["G_part"],
             C.stride(0), C.stride(1), dy.stride(0), dy.stride(1), dy.stride(2),
             Bsz, Dm, H, W, packed, n_ctiles, rows,
@@ -440,7 +454,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
 
         def run_state(cfg):
             grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
-            _fusion_bwd_state_kernel[grid](
+            launch(_fusion_bwd_state_kernel, grid,
                 g, wa, dh, Dm, H, W, packed, n_ctiles, rows,
                 NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
             )
@@ -458,7 +472,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
         dweight = torch.empty_like(weight)
         n_dblk = triton.cdiv(Dm, 32)
         dalpha_part = torch.empty(NTAP, n_dblk, device=dev, dtype=torch.float64)
-        _weight_grad_kernel[(n_dblk, NTAP)](
+        launch(_weight_grad_kernel, (n_dblk, NTAP),
             G_part, weight, alpha, dweight, dalpha_part, G_part.shape[0] * G_part.shape[1], Dm,
             NDIL=K, KS=ks, BLOCK_R=32, BLOCK_D=32,
         )

@@ -40,6 +40,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import ahead
+from .ahead import launch
 from .triton_scan import _num_sms, triton_interpreted
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -135,13 +137,22 @@ def _rows(t: Tensor, N: int) -> Tensor | None:
 def _forward(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
     """x (M, N) contiguous, z None or (M, N) with unit column stride -> y (M, N), per-row mean and 1/std."""
     M, N = x.shape
+    ahead.plan(("layer_norm", N, x.dtype, None if z is None else z.stride(0), x.device), x.device,
+               lambda: _plan(x, z, weight, bias, eps))
     y = torch.empty_like(x)
     mean, rstd = torch.empty(2, M, device=x.device, dtype=torch.float32)  # one allocation (host time)
     block_m, block_n, warps = _tile(N)
-    _ln_fwd_kernel[(triton.cdiv(M, block_m),)](
+    launch(_ln_fwd_kernel, (triton.cdiv(M, block_m),),
         x, x if z is None else z, weight, bias, y, mean, rstd, M, N, N if z is None else z.stride(0), eps,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y, mean, rstd
+
+
+def _plan(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: float) -> None:
+    """A plan's dry run (`ahead.plan`): forward and backward on meta tensors of the inputs' shapes and strides."""
+    x, z, weight, bias = (ahead.meta_like(t) for t in (x, z, weight, bias))
+    y, mean, rstd = _forward(x, z, weight, bias, eps)
+    _backward(torch.empty_like(y), x, z, weight, bias, mean, rstd)
 
 
 def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor):
@@ -152,7 +163,7 @@ def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Ten
     dz = None if z is None else torch.empty_like(x)
     block_m, block_n, warps, programs, per_program = _bwd_grid(M, N, x.device)
     parts = torch.empty(2, programs, N, device=x.device, dtype=torch.float32)  # weight and bias partials
-    _ln_bwd_kernel[(programs,)](
+    launch(_ln_bwd_kernel, (programs,),
         dy, x, x if z is None else z, weight, bias, mean, rstd, dx, dx if dz is None else dz,
         parts[0], parts[1], M, N, N if z is None else z.stride(0), per_program,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)

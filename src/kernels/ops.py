@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
+from . import ahead
 from .fused import MAX_DILATION, MAX_DILATIONS, fused_backward, fused_forward
 from .reference import SCANS, observe, state_fusion_ref
 from .triton_scan import scan_backward, scan_forward, state_dtype, triton_interpreted
@@ -105,7 +106,17 @@ def check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, sca
 
 @torch.library.custom_op("spatial_mamba::selective_scan", mutates_args=())
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor, H: int, W: int, scan: str) -> Tensor:
-    return scan_forward(x, dt, A.contiguous(), B, dt_bias.contiguous(), H, W, SCANS[scan])
+    A, dt_bias = A.contiguous(), dt_bias.contiguous()
+    ahead.plan(("selective_scan", x.shape, x.stride(), dt.stride(), B.stride(), x.dtype, H, W, scan, x.device),
+               x.device, lambda: _plan_scan(x, dt, A, B, dt_bias, H, W, scan))
+    return scan_forward(x, dt, A, B, dt_bias, H, W, SCANS[scan])
+
+
+def _plan_scan(x, dt, A, B, dt_bias, H: int, W: int, scan: str) -> None:
+    """A plan's dry run (`ahead.plan`): the scan's forward and backward launchers on meta tensors."""
+    x, dt, A, B, dt_bias = (ahead.meta_like(t) for t in (x, dt, A, B, dt_bias))
+    h = scan_forward(x, dt, A, B, dt_bias, H, W, SCANS[scan])
+    scan_backward(x, dt, A, B, dt_bias, h, torch.empty_like(h), H, W, SCANS[scan])
 
 
 @selective_scan.register_fake

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .ahead import launch, real_device
 from .tuning import pick_config
 
 DIRECTION_FLAGS = {  # direction -> (REVERSED, COLUMN)
@@ -258,6 +259,7 @@ _SMS: dict[int, int] = {}
 
 
 def _num_sms(device: torch.device) -> int:
+    device = real_device(device)  # a plan's meta tensors stand for a GPU
     if device.type != "cuda":
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -334,7 +336,7 @@ def scan_forward(x, dt, A, B, dt_bias, H: int, W: int, directions: Sequence[str]
         for i, direction in enumerate(directions):
             reversed_, column = DIRECTION_FLAGS[direction]
             for summary in (True, False) if n_chunks > 1 else (False,):
-                _scan_fwd_kernel[(n_dblk, n_chunks, Bsz)](
+                launch(_scan_fwd_kernel, (n_dblk, n_chunks, Bsz),
                     x, dt, A, B, dt_bias, h, sums, ends,
                     x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),
                     B.stride(0), B.stride(1),
@@ -381,7 +383,7 @@ def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Seque
                 scan_forward(x, dt, A, B, dt_bias, H, W, (direction,), out=states)
             reversed_, column = DIRECTION_FLAGS[direction]
             for summary in (True, False) if n_chunks > 1 else (False,):
-                _scan_bwd_kernel[(n_dblk, n_chunks, Bsz)](
+                launch(_scan_bwd_kernel, (n_dblk, n_chunks, Bsz),
                     x, dt, A, B, dt_bias, states, dh, dy, D_skip,
                     dx, ddt, out["dB_part"], parts[0], parts[1], parts[2], sums, ends,
                     x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), dt.stride(2),

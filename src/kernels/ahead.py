@@ -1,0 +1,142 @@
+"""This project's Triton kernels compiled ahead of their first launch, in background threads.
+
+A `@triton.jit` kernel compiles when it is first launched with a new specialisation (argument dtypes, constexpr
+tiles, 16-byte alignment of pointers, divisibility of integer arguments): the Triton front end, its MLIR passes,
+LLVM and ptxas, 0.5-3 s each. At a new shape the fused op's forward and backward launch about ten kernels, the
+blocks' LayerNorms four more, and each compiled in turn as the step reached it: on a fresh H100 machine the
+first compiled training step of Spatial-Mamba-T spent 14-17 s in these compiles, one after another.
+
+`plan(key, dry_run)` is called by an op the first time it sees a new shape class (the key). It runs `dry_run` —
+the op's own forward and backward launchers on meta tensors of the real shapes, strides and dtypes, so that no
+memory is touched and nothing runs on the GPU — with `launch` turned into compiles of the very variants those
+calls would launch, submitted to a small thread pool. Triton's passes and ptxas release the GIL, so they compile
+in parallel with each other and with whatever the main thread does meanwhile: the forward launches wait only
+for their own kernels, and the backward's kernels compile behind the rest of the forward pass (under
+torch.compile, behind the next graphs' compiles too).
+
+`launch` is how every kernel of this package is started. Outside a plan it first waits for any pending
+background compile of that kernel (so no variant is ever compiled twice at once; the launch then finds it in
+Triton's cache) and launches it. A variant the plan did not foresee (say a gradient with unusual strides)
+simply compiles at its launch, as it would without this module; a background compile that fails is dropped,
+and the launch compiles again and raises where it would have. Tile timing (`tuning.pick_config`) under a plan
+submits every candidate it would time, which then compile in parallel too.
+
+Off in the Triton interpreter and without CUDA; `SPATIAL_MAMBA_COMPILE_AHEAD=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+_local = threading.local()  # .device: the real device of the plan this thread is running (None: not planning)
+_planned: set[Hashable] = set()
+_pending: dict[object, list[Future]] = {}  # kernel -> its background compiles not yet waited for
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether plans run: CUDA present, not the Triton interpreter, SPATIAL_MAMBA_COMPILE_AHEAD not 0."""
+    return (os.environ.get("SPATIAL_MAMBA_COMPILE_AHEAD", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and torch.cuda.is_available())
+
+
+def planning() -> bool:
+    """True inside a plan's dry run (on this thread)."""
+    return getattr(_local, "device", None) is not None
+
+
+def real_device(device: torch.device) -> torch.device:
+    """The device a dry run's meta tensors stand for (`device` itself outside a plan)."""
+    return _local.device if device.type == "meta" and planning() else device
+
+
+def meta_like(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A meta tensor of t's shape, strides and dtype (None for None): what a dry run launches with. Its address
+    (a meta tensor's is its byte offset) is t's modulo 16, since Triton specialises on 16-byte alignment: a
+    half of a projection that starts one element in (the model's C) must be planned as unaligned."""
+    if t is None:
+        return None
+    base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    offset = t.data_ptr() % 16 // t.element_size()
+    if offset == 0:
+        return base
+    size = base.untyped_storage().nbytes() // t.element_size()
+    return torch.empty(size + offset, dtype=t.dtype, device="meta").as_strided(t.shape, t.stride(), offset)
+
+
+def plan(key: Hashable, device: torch.device, dry_run: Callable[[], object]) -> None:
+    """Once per `key` in this process: run `dry_run` with every `launch` in it compiling its variant in the
+    background instead (see the module docstring). `device` is the real device the dry run stands for. Does
+    nothing when disabled, inside another plan, or for a key already planned. An exception in the dry run only
+    ends the plan early (the real launches compile what is missing)."""
+    if key in _planned or planning() or not enabled():
+        return
+    _planned.add(key)
+    _local.device = device
+    try:
+        dry_run()
+    except Exception:  # noqa: BLE001 - a head start, never a new failure: the real call reports real errors
+        pass
+    finally:
+        _local.device = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                       thread_name_prefix="triton-ahead")
+        return _pool
+
+
+def _compile(kernel, device: torch.device, args: tuple, kwargs: dict) -> None:
+    if device.type == "cuda":  # Triton compiles for (and caches under) the thread's current device
+        with torch.cuda.device(device):
+            kernel.warmup(*args, grid=(1,), **kwargs)
+    else:
+        kernel.warmup(*args, grid=(1,), **kwargs)
+
+
+def _submit(kernel, args: tuple, kwargs: dict) -> None:
+    future = _executor().submit(_compile, kernel, _local.device, args, kwargs)
+    _pending.setdefault(kernel, []).append(future)
+
+
+def _launch_now(kernel, grid, args: tuple, kwargs: dict) -> None:
+    kernel[grid](*args, **kwargs)
+
+
+def wait(kernel) -> None:
+    """Block until the background compiles of `kernel` submitted so far have finished (their errors dropped)."""
+    for future in _pending.pop(kernel, ()):
+        try:
+            future.result()
+        except Exception:  # noqa: BLE001 - the launch that follows compiles again and raises the real error
+            pass
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)`; inside a plan, that variant's compile submitted instead (nothing runs)."""
+    if getattr(_local, "device", None) is not None:
+        _submit(kernel, args, kwargs)
+        return
+    if kernel in _pending:
+        wait(kernel)
+    _launch_now(kernel, grid, args, kwargs)
+
+
+def reset() -> None:
+    """Forget the planned keys and wait for every pending compile (tests)."""
+    for kernel in list(_pending):
+        wait(kernel)
+    _planned.clear()
+
+
+__all__ = ["enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait"]

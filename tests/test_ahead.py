@@ -1,0 +1,214 @@
+"""Compiling the Triton kernels ahead (src/kernels/ahead.py): a plan's dry run on meta tensors must foresee exactly
+the kernel variants the real forward and backward launch (else the head start compiles the wrong variants), a
+launch waits for its kernel's background compile, and nothing in the background can fail a real call.
+
+On the CPU the kernels run in Triton's interpreter, where plans are off; the tests turn them on and record the
+submitted compiles instead of compiling. The GPU test compiles for real, in a fresh process with empty caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from src.kernels import ahead, norms
+from src.kernels.ops import selective_scan, structure_aware_ssm_fused
+from tests.conftest import requires_cuda
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _signature(kernel, args, kwargs) -> tuple:
+    """What selects a compiled variant, near enough: the kernel, each argument's dtype and 16-byte alignment
+    (tensors) or value."""
+    def one(a):
+        return ("tensor", a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+
+    return (getattr(kernel, "fn", kernel).__name__, tuple(one(a) for a in args),
+            tuple(sorted((k, one(v)) for k, v in kwargs.items())))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Plans on (even in the interpreter); a plan's submissions and the real launches recorded, not compiled."""
+    planned, launched = [], []
+    launch_now = ahead._launch_now
+    monkeypatch.setattr(ahead, "enabled", lambda: True)
+    monkeypatch.setattr(ahead, "_submit", lambda kernel, args, kwargs: planned.append(_signature(kernel, args, kwargs)))
+
+    def record(kernel, grid, args, kwargs):
+        launched.append(_signature(kernel, args, kwargs))
+        launch_now(kernel, grid, args, kwargs)
+
+    monkeypatch.setattr(ahead, "_launch_now", record)
+    ahead.reset()
+    yield planned, launched
+    ahead.reset()
+
+
+def _fused_inputs(dtype=torch.float32, Bsz=2, D=4, H=5, W=6, K=3):
+    """Activations as the model hands them over: x and dt halves of one projection (strided), fp32 parameters."""
+    L = H * W
+    xdt = torch.randn(Bsz, L, 2 * D, device=DEVICE, dtype=dtype)
+    x, dt = xdt[..., :D], xdt[..., D:]
+    BC = torch.randn(Bsz, L, 2, device=DEVICE, dtype=dtype)
+    par = [-torch.rand(D, 1) - 0.1, torch.randn(D), torch.randn(D) * 0.5 - 2, torch.randn(K, D, 3, 3), torch.randn(K)]
+    A, Dskip, dt_bias, weight, alpha = (p.to(DEVICE) for p in par)
+    leaves = [t.requires_grad_() for t in (x, dt, A, BC, Dskip, dt_bias, weight, alpha)]
+    return leaves, (x, dt, A, BC[..., :1], BC[..., 1:], Dskip, dt_bias, weight, alpha)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_plan_of_the_fused_op_foresees_every_variant_it_launches(recorded, dtype):
+    planned, launched = recorded
+    leaves, args = _fused_inputs(dtype)
+    assert args[4].data_ptr() % 16  # C is not 16-byte aligned (the plan must say so too)
+    y = structure_aware_ssm_fused(*args, [1, 2, 3], 5, 6, "row")
+    y.backward(torch.randn_like(y))
+    assert launched and planned, "nothing launched or planned"
+    assert set(planned) == set(launched)
+    names = {p[0] for p in planned}
+    assert {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel", "_fusion_bwd_param_kernel",
+            "_fusion_bwd_state_kernel", "_weight_grad_kernel", "_mix_weights_kernel"} <= names
+    # once per shape class: a second call plans nothing
+    n = len(planned)
+    structure_aware_ssm_fused(*args, [1, 2, 3], 5, 6, "row").backward(torch.randn_like(y))
+    assert len(planned) == n
+
+
+def test_plan_of_the_scan_op_foresees_every_variant_it_launches(recorded):
+    planned, launched = recorded
+    x = torch.randn(2, 20, 3, device=DEVICE, requires_grad=True)
+    dt = torch.randn(2, 20, 3, device=DEVICE, requires_grad=True)
+    A = (-torch.rand(3, 1, device=DEVICE) - 0.1).requires_grad_()
+    B = torch.randn(2, 20, 1, device=DEVICE, requires_grad=True)
+    bias = torch.randn(3, device=DEVICE, requires_grad=True)
+    selective_scan(x, dt, A, B, bias, 4, 5, "cross").sum().backward()
+    assert launched and set(planned) == set(launched)
+
+
+@pytest.mark.parametrize("gate", ["none", "strided", "contiguous"])
+def test_plan_of_the_layer_norm_foresees_every_variant_it_launches(recorded, gate):
+    planned, launched = recorded
+    norm = nn.LayerNorm(8).to(DEVICE)
+    x = torch.randn(3, 5, 8, device=DEVICE, requires_grad=True)
+    zz = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
+    z = {"none": None, "strided": zz[..., 8:], "contiguous": zz[..., 8:].contiguous()}[gate]
+    norms.layer_norm(x, norm, z).backward(torch.randn(3, 5, 8, device=DEVICE))
+    assert launched and set(planned) == set(launched)
+
+
+class _FakeKernel:
+    """Stands for a @triton.jit kernel: `warmup` (a slow compile, optionally failing) and `kernel[grid](...)`."""
+
+    def __init__(self, fail: bool = False):
+        self.events, self.fail, self.threads = [], fail, set()
+
+    def warmup(self, *args, grid, **kwargs):
+        time.sleep(0.2)
+        self.threads.add(threading.current_thread().name)
+        self.events.append(("compiled", args))
+        if self.fail:
+            raise RuntimeError("compile failed")
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.events.append(("launched", args))
+
+
+@pytest.fixture
+def plans_on(monkeypatch):
+    monkeypatch.setattr(ahead, "enabled", lambda: True)
+    ahead.reset()
+    yield
+    ahead.reset()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_launch_waits_for_its_background_compile_whose_failure_is_dropped(plans_on, fail):
+    kernel = _FakeKernel(fail)
+    ahead.plan("k", torch.device("cpu"), lambda: ahead.launch(kernel, (1,), 7, BLOCK=4))
+    assert kernel.events == []  # submitted: the plan returns at once
+    ahead.launch(kernel, (1,), 7, BLOCK=4)
+    assert kernel.events == [("compiled", (7,)), ("launched", (7,))]
+    assert all(name.startswith("triton-ahead") for name in kernel.threads)
+
+
+def test_a_key_is_planned_once_and_plans_do_not_nest(plans_on):
+    kernel, runs = _FakeKernel(), []
+
+    def dry_run():
+        runs.append(ahead.planning())
+        ahead.plan("inner", torch.device("cpu"), lambda: runs.append("nested"))
+        ahead.launch(kernel, (1,), 1)
+
+    ahead.plan("k", torch.device("cpu"), dry_run)
+    ahead.plan("k", torch.device("cpu"), dry_run)
+    ahead.wait(kernel)
+    assert runs == [True] and not ahead.planning()
+    assert kernel.events == [("compiled", (1,))]  # compiled once, never launched by a plan
+
+
+def test_a_failing_dry_run_only_ends_the_plan(plans_on):
+    def dry_run():
+        assert ahead.planning()
+        raise ValueError("unforeseen")
+
+    ahead.plan("k", torch.device("cpu"), dry_run)  # no exception
+    assert not ahead.planning()
+    assert ahead.real_device(torch.device("meta")) == torch.device("meta")
+
+
+def test_switched_off_by_the_environment_and_in_the_interpreter(monkeypatch):
+    monkeypatch.setenv("SPATIAL_MAMBA_COMPILE_AHEAD", "0")
+    assert not ahead.enabled()
+    monkeypatch.setenv("SPATIAL_MAMBA_COMPILE_AHEAD", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not ahead.enabled()
+
+
+_GPU_CHILD = r"""
+import json, threading, sys, torch, torch.nn as nn
+from triton.runtime.jit import JITFunction
+sys.path.insert(0, sys.argv[1])
+from src.kernels import norms
+from src.kernels.ops import structure_aware_ssm_fused
+from tests.test_ahead import _fused_inputs
+
+threads, do_compile = [], JITFunction._do_compile
+def counted(self, *args, **kwargs):
+    threads.append(threading.current_thread().name)
+    return do_compile(self, *args, **kwargs)
+JITFunction._do_compile = counted
+torch.manual_seed(0)
+for dtype in (torch.bfloat16, torch.float32):
+    leaves, args = _fused_inputs(dtype, Bsz=4, D=64, H=14, W=14)
+    y = structure_aware_ssm_fused(*args, [1, 3, 5], 14, 14, "row")
+    y = norms.layer_norm(y, nn.LayerNorm(64).cuda(), y)
+    y.float().square().sum().backward()
+torch.cuda.synchronize()
+print("RESULT " + json.dumps({"main": threads.count("MainThread"), "ahead": len(threads) - threads.count("MainThread")}))
+"""
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_every_kernel_of_a_step_compiles_ahead(tmp_path):
+    """Fresh caches: the fused op's and the gated LayerNorm's forward and backward in bf16 and fp32 compile
+    nothing on the main thread — every variant they launch was foreseen and compiled in the background."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), SPATIAL_MAMBA_CACHE=str(tmp_path / "tiles"),
+               SPATIAL_MAMBA_TUNE="auto", SPATIAL_MAMBA_COMPILE_AHEAD="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", _GPU_CHILD, ROOT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    lines = [line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    counts = json.loads(lines[-1])
+    assert counts["main"] == 0 and counts["ahead"] >= 10, counts
