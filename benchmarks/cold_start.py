@@ -21,8 +21,8 @@ step; VALUE is a Python literal. For the compiled modes each row also gives dyna
 (`torch._dynamo.utils.compilation_time_metrics`, summed over the graphs; phases nest, so they do not add up).
 
 `--profile DIR` runs the first step under cProfile and writes DIR/<model>-<mode>.pstats (open it with
-`python -m pstats` or snakeviz), prints its 30 costliest functions by cumulative time and, for compiled modes,
-dynamo's and inductor's phase times (`torch._dynamo.utils.compile_times`). The profiler slows Python-heavy work
+`python -m pstats` or snakeviz), prints its 30 costliest functions by cumulative time and 20 by own time and,
+for compiled modes, dynamo's and inductor's phase times (`torch._dynamo.utils.compile_times`). The profiler slows Python-heavy work
 (dynamo, inductor, Triton's front end) about twofold: read its shares, not its seconds.
 
 Each model × mode runs in its own child process (fresh caches under a temporary folder). Prints one JSON line
@@ -53,9 +53,10 @@ from src.errors import UserError, reports_user_errors  # noqa: E402
 
 @contextlib.contextmanager
 def _slow_triton_compiles(threshold_s: float = 0.3):
-    """Yields a list that collects (kernel name, seconds, on the main thread?) for each @triton.jit compile in the
-    block that took longer than `threshold_s` (a real compile; a variant found in Triton's disk cache loads in
-    milliseconds). Compiles off the main thread are src/kernels/ahead.py's, in parallel with the step."""
+    """Yields a list that collects (kernel name, seconds, in the step?) for each @triton.jit compile in the block
+    that took longer than `threshold_s` (a real compile; a variant found in Triton's disk cache loads in
+    milliseconds). Not in the step: compiled ahead by src/kernels/ahead.py's threads, in parallel with it (the
+    step's own compiles run on the main thread or, in the backward, on autograd's thread)."""
     import threading
 
     from triton.runtime.jit import JITFunction
@@ -69,7 +70,7 @@ def _slow_triton_compiles(threshold_s: float = 0.3):
         finally:
             if time.perf_counter() - start > threshold_s:
                 found.append((self.fn.__name__, time.perf_counter() - start,
-                              threading.current_thread() is threading.main_thread()))
+                              not threading.current_thread().name.startswith("triton-ahead")))
 
     JITFunction._do_compile = timed
     try:
@@ -91,6 +92,7 @@ def _profiled(fn, path: str) -> None:
     prof.dump_stats(path)
     stats = pstats.Stats(prof, stream=sys.stderr)
     stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(20)
 
 
 def _config_owner(name: str):
@@ -199,8 +201,8 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         start = time.perf_counter()
         with _slow_triton_compiles() as compiled_in_step:
             run(1)
-        main = [s for _, s, on_main in compiled_in_step if on_main]
-        ahead = [s for _, s, on_main in compiled_in_step if not on_main]
+        main = [s for _, s, in_step in compiled_in_step if in_step]
+        ahead = [s for _, s, in_step in compiled_in_step if not in_step]
         return dict(first_step_s=round(time.perf_counter() - start, 1), triton_compiles=len(main),
                     triton_compile_s=round(sum(main), 1), ahead_compiles=len(ahead),
                     ahead_compile_s=round(sum(ahead), 1))
@@ -227,7 +229,7 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     label = mode + (" + Triton norms" if fused_norms else "") + "".join(f", {k}={v}" for k, v in settings or [])
     label += f", {loaded} cached artifacts loaded" if loaded else ""
     label += ", compile ahead off" if os.environ.get("SPATIAL_MAMBA_COMPILE_AHEAD") == "0" else ""
-    phases = _phase_times() if mode not in ("eager", "graphed") else {}
+    phases = _phase_times(40 if profile else 10) if mode not in ("eager", "graphed") else {}
     return dict(model=model_name, mode=label, **first, img_s=rates, phases=phases,
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
 
