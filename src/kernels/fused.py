@@ -308,7 +308,7 @@ def _mix_weights_kernel(w_ptr, alpha_ptr, wa_ptr, D, NDIL: tl.constexpr, KS: tl.
                 tl.store(wa_ptr + ((k * KS + a) * KS + c) * D + offs, v, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # R follows the parameter kernel's tile: one variant for every tile
 def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R, D,
                         NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """For one tap and block of channels, from the parameter kernel's fp32 partials G_part (R rows, taps, D):
