@@ -22,16 +22,18 @@ step; VALUE is a Python literal. For the compiled modes each row also gives dyna
 
 `--profile DIR` runs the first step under cProfile and writes DIR/<model>-<mode>.pstats (open it with
 `python -m pstats` or snakeviz), prints its 30 costliest functions by cumulative time and 20 by own time and,
-for compiled modes, dynamo's and inductor's phase times (`torch._dynamo.utils.compile_times`). The profiler slows Python-heavy work
-(dynamo, inductor, Triton's front end) about twofold: read its shares, not its seconds.
+for compiled modes, dynamo's and inductor's phase times (`torch._dynamo.utils.compile_times`). The profiler
+slows Python-heavy work (dynamo, inductor, Triton's front end) about twofold: read its shares, not its seconds.
+It sees the main thread only (the backward runs on autograd's thread).
 
 Each model × mode runs in its own child process (fresh caches under a temporary folder). Prints one JSON line
 per run and a Markdown table at the end, with the number and seconds of the @triton.jit compiles inside the first
-step (this project's kernels): those on the main thread, which the step waits for, and those compiled ahead in
+step (this project's kernels): those in the step's path, which it waits for, and those compiled ahead in
 background threads (src/kernels/ahead.py; their seconds overlap each other and the step, so they do not add to
 it). Inductor's own kernels compile in its worker processes and are not counted. `SPATIAL_MAMBA_COMPILE_AHEAD=0`
-in the environment turns the compiling ahead off (rows say so). Peak GB is that of the timed windows; for the modes replayed as
-CUDA graphs it is the whole run's (their memory pool is allocated while recording). Needs a CUDA GPU.
+in the environment turns the compiling ahead off (rows say so). Peak GB is that of the timed windows; for the
+modes replayed as CUDA graphs it is the whole run's (their memory pool is allocated while recording). Needs a
+CUDA GPU.
 """
 
 from __future__ import annotations
@@ -294,7 +296,8 @@ def main() -> None:
           "background | train img/s per window | peak GB |\n|---|---|---:|---:|---:|---|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['mode']} | failed | | | {r['error'].splitlines()[-1] if r['error'] else ''} | |")
+            error = r["error"].splitlines()[-1] if r["error"] else ""
+            print(f"| {r['model']} | {r['mode']} | failed | | | {error} | |")
         else:
             print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r['triton_compiles']} / "
                   f"{r['triton_compile_s']} | {r['ahead_compiles']} / {r['ahead_compile_s']} | "

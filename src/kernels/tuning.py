@@ -6,7 +6,8 @@ time nor compile the other candidates again.
 Timing means compiling every candidate first, and the dh kernel's candidates take several seconds each: on a
 fresh machine the first training step of T spent 81 s there (H100). So on GPUs whose winners were measured
 (`MEASURED_PICKS`: Hopper, 16-bit inputs) the measured winner for the map size is used without timing, and only
-that tile is compiled; other GPUs, fp32, and shapes whose measured tile does not fit are timed.
+that tile is compiled; other GPUs, fp32, and shapes whose measured tile does not fit are timed (their candidates
+compile in parallel, in background threads, as soon as the op first sees the shape: `ahead.py`).
 
 SPATIAL_MAMBA_TUNE: `auto` (default) as above; `1` times every shape (kernel work; ignores the measured picks);
 `0` never times (measured pick or the first candidate — the test suite does this).
