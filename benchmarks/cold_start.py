@@ -5,6 +5,7 @@ img/s in a few repeated windows (compiled throughput varies from process to proc
     python benchmarks/cold_start.py                          # T, fused, bf16, batch 128: eager and compiled
     python benchmarks/cold_start.py --models t,s --modes compiled --windows 5
     python benchmarks/cold_start.py --modes compiled,regional     # whole graph against one graph per stage shape
+    python benchmarks/cold_start.py --modes regional --parallel   # the stages' graphs compiled in parallel processes
     python benchmarks/cold_start.py --modes compiled --profile prof   # where the first step's time goes
     python benchmarks/cold_start.py --modes graphed,cudagraphs --fused-norms   # no compile against compiled graphs
     python benchmarks/cold_start.py --modes regional --set _inductor.config.reorder_for_peak_memory=False
@@ -150,7 +151,7 @@ def _phase_times(top: int = 10) -> dict:
 
 def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int,
           profile: str | None = None, fused_norms: bool = False, settings: list | None = None,
-          compile_cache: str | None = None) -> dict:
+          compile_cache: str | None = None, parallel: bool = False) -> dict:
     import torch
     import torch.nn as nn
 
@@ -173,7 +174,8 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
             loaded_s = time.perf_counter() - start
 
         # the LightningModules' default memory budget
-        compile_for_training(model, regional=mode.startswith("regional"), cudagraphs=mode.endswith("cudagraphs"))
+        compile_for_training(model, regional=mode.startswith("regional"), cudagraphs=mode.endswith("cudagraphs"),
+                             parallel=parallel)
     apply_settings(settings or [])
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -229,6 +231,8 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         torch.cuda.reset_peak_memory_stats()
     rates = [round(batch * steps / run(steps)) for _ in range(windows)]
     label = mode + (" + Triton norms" if fused_norms else "") + "".join(f", {k}={v}" for k, v in settings or [])
+    hooks = [h for h in model._forward_pre_hooks.values() if hasattr(h, "seconds")]
+    label += "".join(f", graphs compiled in parallel processes ({s:.1f} s)" for h in hooks for s in h.seconds)
     label += f", {loaded} cached artifacts loaded" if loaded else ""
     label += ", compile ahead off" if os.environ.get("SPATIAL_MAMBA_COMPILE_AHEAD") == "0" else ""
     phases = _phase_times(40 if profile else 10) if mode not in ("eager", "graphed") else {}
@@ -254,6 +258,8 @@ def main() -> None:
                    "printed; the profiler itself slows the step)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="set torch.NAME (a dynamo / "
                    "inductor / functorch config entry) in every run, e.g. _inductor.config.pattern_matcher=False")
+    p.add_argument("--parallel", action="store_true", help="regional modes: compile the stages' block graphs in "
+                   "parallel worker processes first (src/compiling.py, ParallelRegionalCompile)")
     p.add_argument("--compile-cache", metavar="FILE", help="compiled modes: load torch.compile's artifacts from FILE "
                    "if it exists, write them there after the first step (see above)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -263,7 +269,7 @@ def main() -> None:
         model_name, mode = args.child.split(":")
         print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
                                            args.windows, args.profile, args.fused_norms, settings,
-                                           args.compile_cache)), flush=True)
+                                           args.compile_cache, args.parallel)), flush=True)
         return
     bad = [m for m in args.modes.split(",") if m not in MODES]
     bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
@@ -282,6 +288,8 @@ def main() -> None:
                 cmd += [f"--set={item}" for item in args.set]
                 if args.compile_cache:
                     cmd += ["--compile-cache", os.path.abspath(args.compile_cache)]
+                if args.parallel:
+                    cmd += ["--parallel"]
                 if args.profile:
                     os.makedirs(args.profile, exist_ok=True)
                     cmd += ["--profile", os.path.abspath(args.profile)]

@@ -51,8 +51,11 @@ another setup is harmless: it misses and is extended.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import io
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -77,7 +80,8 @@ def set_memory_budget(budget: float, key: str = "compile_memory_budget") -> None
 
 def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
                          regional: bool = False, ddp_split: bool = False, cudagraphs: bool = False,
-                         accumulate_grad_batches: int = 1, key: str = "compile_memory_budget") -> None:
+                         accumulate_grad_batches: int = 1, key: str = "compile_memory_budget",
+                         parallel: bool = False) -> None:
     """`module.compile()` (in place: parameter names and checkpoint keys unchanged) of each module given (None
     entries are skipped), with `memory_budget` set first (see the module docstring). `regional`: the module's
     own regional compilation (`SpatialMamba.compile(regional=True)`: one graph per stage shape, shared by the
@@ -88,7 +92,9 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
     (`accumulate_grad_batches` > 1: the trainer's setting), which CUDA graph trees do not support: the first
     micro-batch's gradients become the parameters' `.grad` while still living in the graph's output buffers,
     and the next replay overwrites them (wrong gradients or an error, depending on the version:
-    https://github.com/pytorch/pytorch/issues/169545)."""
+    https://github.com/pytorch/pytorch/issues/169545). `parallel` (with `regional`): the stages' block graphs
+    compile in worker processes at once before the module first runs at a new input shape
+    (`ParallelRegionalCompile`)."""
     import torch._dynamo
 
     if cudagraphs and accumulate_grad_batches > 1:
@@ -114,6 +120,8 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
             raise UserError(f"compile_regional: {type(module).__name__} has no regional compilation (a Spatial-Mamba "
                             "backbone has); set compile_regional to false")
         module.compile(regional=True, **kwargs)
+        if parallel and hasattr(module, "stage_blocks") and not getattr(module, "grad_checkpointing", False):
+            module.register_forward_pre_hook(ParallelRegionalCompile(dict(kwargs, dynamic=False)))
 
 
 def _artifact_count(info) -> int:
@@ -206,3 +214,128 @@ class CompileCacheWriter(Callback):
         count = cache.save()
         if count:
             rank_zero_info(f"compile cache {cache.path}: {count} artifacts written")
+
+
+# ----------------------------------------------------------------------------------------------------
+# regional compilation, its graphs compiled in parallel processes
+
+
+def _compile_block(block_bytes: bytes, shape: tuple, dtype, device: str, training: bool, grad: bool,
+                   autocast_dtype, compile_kwargs: dict, configs: dict, threads: int) -> float:
+    """In a worker process: compile one block as the parent will (same configs, compile arguments, input
+    shape, dtype, modes) and run it forward (and backward), so that its graphs land in the shared on-disk
+    caches. Returns the seconds it took."""
+    import torch
+
+    start = time.perf_counter()
+    for name, blob in configs.items():
+        getattr(torch, name).config.load_config(blob)
+    torch._inductor.config.compile_threads = threads  # not part of any cache key
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    block = torch.load(io.BytesIO(block_bytes), weights_only=False).to(device).train(training)
+    block.compile(**compile_kwargs)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
+    with torch.set_grad_enabled(grad), torch.autocast(torch.device(device).type, dtype=autocast_dtype,
+                                                      enabled=autocast_dtype is not None):
+        y = block(x)
+    if grad:
+        y.backward(torch.randn_like(y))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+class ParallelRegionalCompile:
+    """Forward pre-hook of a regionally compiled backbone (one that has `stage_blocks`) that compiles its
+    stages' block graphs in parallel, one worker process per stage, before the backbone first runs at a new
+    input signature (image batch shape, device, training and grad mode, autocast dtype).
+
+    Regional compilation compiles a graph per stage shape, and the parent compiles them one after another as
+    the forward and then the backward reach each stage (on an H100 T's 8 graphs, 4 stages × forward and
+    backward, took most of a 86-90 s first step). Here each worker gets a copy of its stage's first block, the
+    parent's compiler configuration and compile arguments, and compiles and runs it on an input of the stage's
+    shape, dtype and mode; its graphs land in the on-disk caches the parent shares (inductor's FX graph and
+    AOTAutograd caches, Triton's kernels, autotuning results). The parent then traces its blocks and finds every
+    graph in the caches. A worker that fails costs nothing but its time: the parent compiles what is missing,
+    as without this hook (a warning says so). Workers take an equal share of the CPU cores for inductor's
+    kernel compiles; they need a GPU context and the memory of one block's step each."""
+
+    def __init__(self, compile_kwargs: dict):
+        self.compile_kwargs = compile_kwargs
+        self.seen: set = set()
+        self.seconds: list[float] = []  # wall time of each parallel compile (printed, and read by benchmarks)
+
+    def __call__(self, module: nn.Module, args) -> None:
+        import torch
+
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].ndim != 4 or torch.compiler.is_compiling():
+            return
+        x = args[0]
+        device = x.device
+        autocast_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
+        signature = (tuple(x.shape), x.dtype, str(device), module.training, torch.is_grad_enabled(), autocast_dtype)
+        if signature in self.seen or x.shape[-1] % 32 or x.shape[-2] % 32:
+            return
+        self.seen.add(signature)
+        jobs = [(self._block_bytes(block), shape) for block, shape in module.stage_blocks(tuple(x.shape))]
+        if jobs:
+            self._run(jobs, autocast_dtype or x.dtype, str(device), module.training, torch.is_grad_enabled(),
+                      autocast_dtype)
+
+    @staticmethod
+    def _block_bytes(block: nn.Module) -> bytes:
+        """The block, without its compiled wrapper, on the CPU, serialised."""
+        import torch
+
+        compiled = block.__dict__.get("_compiled_call_impl")
+        block._compiled_call_impl = None
+        try:
+            clone = copy.deepcopy(block).cpu()
+        finally:
+            block._compiled_call_impl = compiled
+        buffer = io.BytesIO()
+        torch.save(clone, buffer)
+        return buffer.getvalue()
+
+    def _run(self, jobs, dtype, device: str, training: bool, grad: bool, autocast_dtype) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        import torch
+
+        configs = {name: getattr(torch, name).config.save_config() for name in ("_inductor", "_functorch", "_dynamo")}
+        threads = max(1, (os.cpu_count() or 1) // len(jobs))
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        start = time.perf_counter()
+        failed = []
+        # fresh interpreters, not multiprocessing's spawned workers: the compiled graphs' cache keys hash pickled
+        # tensor metadata, and in multiprocessing's workers those bytes differed from the parent's (no hits)
+        with tempfile.TemporaryDirectory() as tmp:
+            procs = []
+            for i, (block, shape) in enumerate(jobs):
+                job = os.path.join(tmp, f"block{i}.pt")
+                torch.save(dict(block_bytes=block, shape=shape, dtype=dtype, device=device, training=training,
+                                grad=grad, autocast_dtype=autocast_dtype, compile_kwargs=self.compile_kwargs,
+                                configs=configs, threads=threads), job)
+                code = "import sys; from src.compiling import _compile_block_job; _compile_block_job(sys.argv[1])"
+                procs.append(subprocess.Popen([sys.executable, "-c", code, job], env=env, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, text=True))
+            for proc in procs:
+                _, err = proc.communicate()
+                if proc.returncode:
+                    failed.append(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}")
+        if failed:  # a head start only: the parent compiles whatever is missing itself
+            warnings.warn(f"compiling block graphs in parallel processes failed ({failed[0]}); they compile in this "
+                          "process instead", stacklevel=2)
+        self.seconds.append(time.perf_counter() - start)
+        rank_zero_info(f"compiled {len(jobs)} block graphs in parallel processes in {self.seconds[-1]:.1f} s")
+
+
+def _compile_block_job(path: str) -> None:
+    """Entry point of a worker process: the job file written by `ParallelRegionalCompile._run`."""
+    import torch
+
+    _compile_block(**torch.load(path, weights_only=False))

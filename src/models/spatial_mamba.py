@@ -373,6 +373,15 @@ class SpatialMamba(nn.Module):
             for block in stage:
                 block.compile(*args, **kwargs)
 
+    def stage_blocks(self, images: Sequence[int]) -> list[tuple[nn.Module, tuple[int, int, int, int]]]:
+        """For images of shape (B, C, H, W) (H, W multiples of 32): (the first block, the blocks' input shape
+        (B, H_i, W_i, C_i), channels-last) of every non-empty stage a forward runs. Under regional compilation
+        these are the graphs a forward compiles (`src.compiling.ParallelRegionalCompile`)."""
+        B, _, H, W = images
+        last = self.out_indices[-1] if self.features_only else 3
+        return [(stage[0], (B, H // 2 ** (i + 2), W // 2 ** (i + 2), self.dims[i]))
+                for i, stage in enumerate(self.stages[: last + 1]) if len(stage)]
+
     @staticmethod
     def _stage_input(x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H, W, C), contiguous: free for channels-last maps (the GPU default), whose permute
