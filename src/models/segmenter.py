@@ -96,6 +96,8 @@ class SemanticSegmenter(L.LightningModule):
             src/compiling.py; 1 = the partitioner's default, less = recompute more in the backward).
         compile_regional: one graph per stage shape instead of the whole backbone (as the classifier's; see
             src/compiling.py). Off by default.
+        compile_parallel: with compile_regional, the stages' graphs compiled in parallel processes first (as the
+            classifier's). Off by default.
         compile_ddp_split: under DDP, split the compiled graph at DDP's gradient buckets (as the classifier's;
             see src/compiling.py). Off by default.
         compile_cudagraphs: replay the compiled graphs as CUDA graphs (as the classifier's; see
@@ -130,6 +132,7 @@ class SemanticSegmenter(L.LightningModule):
         compile: bool = False,
         compile_memory_budget: float = DEFAULT_MEMORY_BUDGET,
         compile_regional: bool = False,
+        compile_parallel: bool = False,
         compile_ddp_split: bool = False,
         compile_cudagraphs: bool = False,
         compile_cache: str | None = None,
@@ -175,7 +178,7 @@ class SemanticSegmenter(L.LightningModule):
                 self._compile_cache = open_compile_cache(self.hparams.compile_cache)
             compile_for_training(self.backbone, memory_budget=self.hparams.compile_memory_budget,
                                  regional=self.hparams.compile_regional, ddp_split=self.hparams.compile_ddp_split,
-                                 cudagraphs=self.hparams.compile_cudagraphs,
+                                 cudagraphs=self.hparams.compile_cudagraphs, parallel=self.hparams.compile_parallel,
                                  accumulate_grad_batches=self.trainer.accumulate_grad_batches if self._trainer else 1,
                                  key="model.init_args.compile_memory_budget")
             self._compiled = True
