@@ -254,6 +254,9 @@ def _compile_block(block_bytes: bytes, shape: tuple, dtype, device: str, trainin
     return time.perf_counter() - start
 
 
+WORKER_TIMEOUT_S = 1800.0  # a worker that has not finished by then is stopped (the parent compiles its graphs)
+
+
 class ParallelRegionalCompile:
     """Forward pre-hook of a regionally compiled backbone (one that has `stage_blocks`) that compiles its
     stages' block graphs in parallel, one worker process per stage, before the backbone first runs at a new
@@ -332,7 +335,12 @@ class ParallelRegionalCompile:
                 procs.append(subprocess.Popen([sys.executable, "-c", code, job], env=env, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE, text=True))
             for proc in procs:
-                _, err = proc.communicate()
+                try:
+                    _, err = proc.communicate(timeout=max(1.0, WORKER_TIMEOUT_S - (time.perf_counter() - start)))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    _, err = proc.communicate()
+                    err += f"\nno result after {WORKER_TIMEOUT_S:.0f} s"
                 if proc.returncode:
                     failed.append(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}")
         if failed:  # a head start only: the parent compiles whatever is missing itself

@@ -90,6 +90,15 @@ def test_a_failing_worker_warns_and_the_parent_compiles_itself():
     assert len(hook.seconds) == 1
 
 
+def test_a_worker_past_its_time_is_stopped(monkeypatch):
+    import src.compiling as compiling
+
+    monkeypatch.setattr(compiling, "WORKER_TIMEOUT_S", 0.5)  # a worker needs seconds just to import torch
+    hook = ParallelRegionalCompile({})
+    with pytest.warns(UserWarning, match="no result after"):
+        hook._run([(b"", (2, 16, 16, 8))], torch.float32, "cpu", True, True, None)
+
+
 def test_parallel_needs_regional_and_skips_checkpointed_blocks():
     with pytest.raises(UserError, match="compile_regional"):
         compile_for_training(_tiny(), parallel=True)
