@@ -128,7 +128,10 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
             raise UserError(f"compile_regional: {type(module).__name__} has no regional compilation (a Spatial-Mamba "
                             "backbone has); set compile_regional to false")
         module.compile(regional=True, **kwargs)
-        if parallel and hasattr(module, "stage_blocks") and not getattr(module, "grad_checkpointing", False):
+        if parallel and getattr(module, "grad_checkpointing", False):
+            warnings.warn("compile_parallel: the blocks run under gradient checkpointing, whose graphs differ from "
+                          "those a worker would compile; they compile in this process", stacklevel=2)
+        elif parallel and hasattr(module, "stage_blocks"):
             module.register_forward_pre_hook(ParallelRegionalCompile(dict(kwargs, dynamic=False)))
 
 
@@ -229,13 +232,12 @@ class CompileCacheWriter(Callback):
 
 
 def _compile_block(block_bytes: bytes, shape: tuple, dtype, device: str, training: bool, grad: bool,
-                   autocast_dtype, compile_kwargs: dict, configs: dict, threads: int) -> float:
+                   autocast_dtype, compile_kwargs: dict, configs: dict, threads: int) -> None:
     """In a worker process: compile one block as the parent will (same configs, compile arguments, input
     shape, dtype, modes) and run it forward (and backward), so that its graphs land in the shared on-disk
-    caches. Returns the seconds it took."""
+    caches."""
     import torch
 
-    start = time.perf_counter()
     for name, blob in configs.items():
         getattr(torch, name).config.load_config(blob)
     torch._inductor.config.compile_threads = threads  # not part of any cache key
@@ -251,7 +253,6 @@ def _compile_block(block_bytes: bytes, shape: tuple, dtype, device: str, trainin
         y.backward(torch.randn_like(y))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 WORKER_TIMEOUT_S = 1800.0  # a worker that has not finished by then is stopped (the parent compiles its graphs)
@@ -264,11 +265,11 @@ class ParallelRegionalCompile:
 
     Regional compilation compiles a graph per stage shape, and the parent compiles them one after another as
     the forward and then the backward reach each stage (on an H100 T's 8 graphs, 4 stages × forward and
-    backward, took most of an 83-90 s first step; with the workers it took 65 s, of which the workers 52 s). Here each worker gets a copy of its stage's first block, the
-    parent's compiler configuration and compile arguments, and compiles and runs it on an input of the stage's
-    shape, dtype and mode; its graphs land in the on-disk caches the parent shares (inductor's FX graph and
-    AOTAutograd caches, Triton's kernels, autotuning results). The parent then traces its blocks and finds every
-    graph in the caches. A worker that fails costs nothing but its time: the parent compiles what is missing,
+    backward, took most of an 83-90 s first step; with the workers it took 65 s, of which the workers 52 s).
+    Here each worker gets a copy of its stage's first block, the parent's compiler configuration and compile
+    arguments, and compiles and runs it on an input of the stage's shape, dtype and mode; its graphs land in
+    the on-disk caches the parent shares (inductor's FX graph and AOTAutograd caches, Triton's kernels,
+    autotuning results). The parent then traces its blocks and finds every graph in the caches. A worker that fails costs nothing but its time: the parent compiles what is missing,
     as without this hook (a warning says so). Workers take an equal share of the CPU cores for inductor's
     kernel compiles; they need a GPU context and the memory of one block's step each."""
 

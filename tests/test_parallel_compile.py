@@ -103,7 +103,8 @@ def test_parallel_needs_regional_and_skips_checkpointed_blocks():
     with pytest.raises(UserError, match="compile_regional"):
         compile_for_training(_tiny(), parallel=True)
     model = _tiny(grad_checkpointing=True)  # blocks run under checkpoint: other graphs than a worker's
-    compile_for_training(model, regional=True, parallel=True)
+    with pytest.warns(UserWarning, match="gradient checkpointing"):
+        compile_for_training(model, regional=True, parallel=True)
     assert not model._forward_pre_hooks
     model = _tiny()
     compile_for_training(model, regional=True, parallel=True)
