@@ -269,9 +269,10 @@ class ParallelRegionalCompile:
     Here each worker gets a copy of its stage's first block, the parent's compiler configuration and compile
     arguments, and compiles and runs it on an input of the stage's shape, dtype and mode; its graphs land in
     the on-disk caches the parent shares (inductor's FX graph and AOTAutograd caches, Triton's kernels,
-    autotuning results). The parent then traces its blocks and finds every graph in the caches. A worker that fails costs nothing but its time: the parent compiles what is missing,
-    as without this hook (a warning says so). Workers take an equal share of the CPU cores for inductor's
-    kernel compiles; they need a GPU context and the memory of one block's step each."""
+    autotuning results). The parent then traces its blocks and finds every graph in the caches. A worker that
+    fails costs nothing but its time: the parent compiles what is missing, as without this hook (a warning says
+    so). Workers take an equal share of the CPU cores for inductor's kernel compiles; they need a GPU context
+    and the memory of one block's step each."""
 
     def __init__(self, compile_kwargs: dict):
         self.compile_kwargs = compile_kwargs
