@@ -27,16 +27,17 @@ Off in the Triton interpreter and without CUDA; `SPATIAL_MAMBA_COMPILE_AHEAD=0` 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
 _local = threading.local()  # .device: the real device of the plan this thread is running (None: not planning)
 _planned: set[Hashable] = set()
 _pending: dict[object, list[Future]] = {}  # kernel -> its background compiles not yet waited for
-_pool: ThreadPoolExecutor | None = None
+_pool: _DaemonPool | None = None
 _pool_lock = threading.Lock()
 
 
@@ -87,12 +88,37 @@ def plan(key: Hashable, device: torch.device, dry_run: Callable[[], object]) -> 
         _local.device = None
 
 
-def _executor() -> ThreadPoolExecutor:
+class _DaemonPool:
+    """A few daemon threads running submitted calls in order. Not `concurrent.futures.ThreadPoolExecutor`, whose
+    threads the interpreter joins at exit after running everything still queued: a process that ran one
+    inference forward and exits would wait for the backward's compiles it never needed. Daemon threads stop
+    with the process (Triton writes its cache files atomically, so a compile cut short leaves nothing behind)."""
+
+    def __init__(self, workers: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"triton-ahead_{i}", daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to whoever waits (`wait` drops it)
+                    future.set_exception(e)
+
+
+def _executor() -> _DaemonPool:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
-                                       thread_name_prefix="triton-ahead")
+            _pool = _DaemonPool(max(1, min(8, os.cpu_count() or 1)))
         return _pool
 
 
