@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
 import os
 import time
 import warnings
@@ -231,7 +230,7 @@ class CompileCacheWriter(Callback):
 # regional compilation, its graphs compiled in parallel processes
 
 
-def _compile_block(block_bytes: bytes, shape: tuple, dtype, device: str, training: bool, grad: bool,
+def _compile_block(block: nn.Module, shape: tuple, dtype, device: str, training: bool, grad: bool,
                    autocast_dtype, compile_kwargs: dict, configs: dict, threads: int) -> None:
     """In a worker process: compile one block as the parent will (same configs, compile arguments, input
     shape, dtype, modes) and run it forward (and backward), so that its graphs land in the shared on-disk
@@ -243,7 +242,7 @@ def _compile_block(block_bytes: bytes, shape: tuple, dtype, device: str, trainin
     torch._inductor.config.compile_threads = threads  # not part of any cache key
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    block = torch.load(io.BytesIO(block_bytes), weights_only=False).to(device).train(training)
+    block = block.to(device).train(training)
     block.compile(**compile_kwargs)
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
     with torch.set_grad_enabled(grad), torch.autocast(torch.device(device).type, dtype=autocast_dtype,
@@ -291,25 +290,20 @@ class ParallelRegionalCompile:
         if signature in self.seen or x.shape[-1] % 32 or x.shape[-2] % 32:
             return
         self.seen.add(signature)
-        jobs = [(self._block_bytes(block), shape) for block, shape in module.stage_blocks(tuple(x.shape))]
+        jobs = [(self._block_copy(block), shape) for block, shape in module.stage_blocks(tuple(x.shape))]
         if jobs:
             self._run(jobs, autocast_dtype or x.dtype, str(device), module.training, torch.is_grad_enabled(),
                       autocast_dtype)
 
     @staticmethod
-    def _block_bytes(block: nn.Module) -> bytes:
-        """The block, without its compiled wrapper, on the CPU, serialised."""
-        import torch
-
+    def _block_copy(block: nn.Module) -> nn.Module:
+        """A copy of the block without its compiled wrapper, on the CPU (what a worker's job file holds)."""
         compiled = block.__dict__.get("_compiled_call_impl")
         block._compiled_call_impl = None
         try:
-            clone = copy.deepcopy(block).cpu()
+            return copy.deepcopy(block).cpu()
         finally:
             block._compiled_call_impl = compiled
-        buffer = io.BytesIO()
-        torch.save(clone, buffer)
-        return buffer.getvalue()
 
     def _run(self, jobs, dtype, device: str, training: bool, grad: bool, autocast_dtype) -> None:
         import subprocess
@@ -330,7 +324,7 @@ class ParallelRegionalCompile:
             procs = []
             for i, (block, shape) in enumerate(jobs):
                 job = os.path.join(tmp, f"block{i}.pt")
-                torch.save(dict(block_bytes=block, shape=shape, dtype=dtype, device=device, training=training,
+                torch.save(dict(block=block, shape=shape, dtype=dtype, device=device, training=training,
                                 grad=grad, autocast_dtype=autocast_dtype, compile_kwargs=self.compile_kwargs,
                                 configs=configs, threads=threads), job)
                 code = "import sys; from src.compiling import _compile_block_job; _compile_block_job(sys.argv[1])"

@@ -86,7 +86,7 @@ def test_once_per_input_signature_and_only_the_stages_a_forward_runs(monkeypatch
 def test_a_failing_worker_warns_and_the_parent_compiles_itself():
     hook = ParallelRegionalCompile({})
     with pytest.warns(UserWarning, match="compile in this process instead"):
-        hook._run([(b"not a block", (2, 16, 16, 8))], torch.float32, "cpu", True, True, None)
+        hook._run([("not a block", (2, 16, 16, 8))], torch.float32, "cpu", True, True, None)
     assert len(hook.seconds) == 1
 
 
@@ -96,7 +96,7 @@ def test_a_worker_past_its_time_is_stopped(monkeypatch):
     monkeypatch.setattr(compiling, "WORKER_TIMEOUT_S", 0.5)  # a worker needs seconds just to import torch
     hook = ParallelRegionalCompile({})
     with pytest.warns(UserWarning, match="no result after"):
-        hook._run([(b"", (2, 16, 16, 8))], torch.float32, "cpu", True, True, None)
+        hook._run([(None, (2, 16, 16, 8))], torch.float32, "cpu", True, True, None)
 
 
 def test_parallel_needs_regional_and_skips_checkpointed_blocks():
