@@ -17,7 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from src.checkpoints import CheckpointError, CheckpointKeysError, check_architecture, load_checkpoint
 from src.checks import BACKBONE_STRIDE, positive, require
 from src.errors import InputNotFoundError, UserError
 from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, layer_norm, structure_aware_ssm
@@ -297,6 +296,7 @@ class SpatialMamba(nn.Module):
         self.features_only = features_only
         self.out_indices = tuple(out_indices) if out_indices is not None else (0, 1, 2, 3)
         self.grad_checkpointing = grad_checkpointing
+        self._cudagraph_blocks = False  # compile(regional=True) with CUDA graphs: see forward_features
         # the knobs that define the function the weights compute: recorded in checkpoints, compared on load
         self._architecture = dict(
             num_classes=num_classes, in_chans=in_chans, dims=[int(d) for d in dims], depths=[int(d) for d in depths],
@@ -364,6 +364,9 @@ class SpatialMamba(nn.Module):
         if not regional:
             super().compile(*args, **kwargs)
             return
+        options = kwargs.get("options") or {}
+        self._cudagraph_blocks = kwargs.get("mode") in ("reduce-overhead", "max-autotune") or bool(
+            options.get("triton.cudagraphs"))
         # static shapes: the stages differ in size, and dynamo's automatic dynamic shapes would turn the second
         # stage's graph into a symbolic one whose guards then fail on the next block (a graph per block again)
         kwargs.setdefault("dynamic", False)
@@ -421,6 +424,14 @@ class SpatialMamba(nn.Module):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 for block in stage:
                     x = checkpoint(block, x, use_reentrant=False)
+            elif self._cudagraph_blocks and not torch.is_grad_enabled():
+                # blocks replayed as CUDA graphs, no backward pending (evaluation, a teacher's forward): each call
+                # of a block's graph starts a new generation of CUDA graph trees, which frees the previous
+                # generation's outputs, so a block's output must not be the next block's input, nor a returned
+                # feature map (torch 2.11 raises "accessing tensor output of CUDAGraphs that has been overwritten",
+                # pytorch/pytorch#152887); so each output is copied (one memory-bound copy per block)
+                for block in stage:
+                    x = block(x).clone()
             else:
                 x = stage(x)
             if not self.features_only:
@@ -523,6 +534,8 @@ def convert_official_state_dict(state_dict: dict) -> dict:
     for prefix, parts in kernels.items():
         missing = [name for name in _OFFICIAL_FUSION_KERNELS if name not in parts]
         if missing:
+            from src.checkpoints import CheckpointKeysError
+
             raise CheckpointKeysError(f"checkpoint has state fusion kernels of {prefix} but lacks {missing}")
         out[f"{prefix}.weight"] = torch.stack([parts[name][:, 0] for name in _OFFICIAL_FUSION_KERNELS])
     return out
@@ -541,6 +554,10 @@ def extract_state_dict(checkpoint: dict) -> dict:
 def load_pretrained(model: SpatialMamba, path: str | os.PathLike, strict: bool = True) -> None:
     """Load a checkpoint into `model`; the authors' key names are converted. A head of another
     number of classes is left at its initialisation (fine-tuning); any other mismatch is an error."""
+    # src.checkpoints imports lightning: here, not at the top, so that the model's code imports without it (a
+    # compile worker process, src/compile_worker.py, starts seconds sooner)
+    from src.checkpoints import CheckpointError, CheckpointKeysError, check_architecture, load_checkpoint
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputNotFoundError(f"pretrained checkpoint not found: {path!r}")
