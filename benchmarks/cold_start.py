@@ -151,7 +151,7 @@ def _phase_times(top: int = 10) -> dict:
 
 def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps: int, windows: int,
           profile: str | None = None, fused_norms: bool = False, settings: list | None = None,
-          compile_cache: str | None = None, parallel: bool = False) -> dict:
+          compile_cache: str | None = None, parallel: bool = False, sanity: bool = False) -> dict:
     import torch
     import torch.nn as nn
 
@@ -163,7 +163,7 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     model = getattr(spatial_mamba, f"spatial_mamba_{model_name}")(backend="fused", fused_norms=fused_norms)
     model = model.to(device).to(memory_format=torch.channels_last)
     graphed = mode == "graphed"
-    cache, loaded = None, 0
+    cache, loaded, compile_call = None, 0, None
     if mode not in ("eager", "graphed"):
         from src.compiling import CompileCache, compile_for_training
 
@@ -173,7 +173,8 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
             loaded = cache.load()
             loaded_s = time.perf_counter() - start
 
-        # the LightningModules' default memory budget
+        # the LightningModules' default memory budget; with `parallel` the workers start here
+        compile_call = time.perf_counter()
         compile_for_training(model, regional=mode.startswith("regional"), cudagraphs=mode.endswith("cudagraphs"),
                              parallel=parallel)
     apply_settings(settings or [])
@@ -201,13 +202,31 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def sanity_check() -> float:
+        """An evaluation-mode forward without gradients before training, as a `fit`'s sanity check runs one:
+        its graphs compile first (and the parallel compile's workers serve both)."""
+        start = time.perf_counter()
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+        torch.cuda.synchronize()
+        model.train()
+        return round(time.perf_counter() - start, 1)
+
+    sanity_s = sanity_check() if sanity else None
+
     def first_step() -> dict:
         start = time.perf_counter()
         with _slow_triton_compiles() as compiled_in_step:
             run(1)
         main = [s for _, s, in_step in compiled_in_step if in_step]
         ahead = [s for _, s, in_step in compiled_in_step if not in_step]
-        return dict(first_step_s=round(time.perf_counter() - start, 1), triton_compiles=len(main),
+        end = time.perf_counter()
+        # from the compile call: what the first step owes to work started before it (the parallel compile's
+        # workers warm up from that call on); the gap holds no other work here (an input tensor, the optimizer)
+        since = {} if compile_call is None else dict(since_compile_s=round(end - compile_call, 1))
+        since.update({} if sanity_s is None else dict(sanity_s=sanity_s))
+        return dict(first_step_s=round(end - start, 1), **since, triton_compiles=len(main),
                     triton_compile_s=round(sum(main), 1), ahead_compiles=len(ahead),
                     ahead_compile_s=round(sum(ahead), 1))
 
@@ -234,9 +253,11 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     hooks = [h for h in model._forward_pre_hooks.values() if hasattr(h, "seconds")]
     label += "".join(f", graphs compiled in parallel processes ({s:.1f} s)" for h in hooks for s in h.seconds)
     label += f", {loaded} cached artifacts loaded" if loaded else ""
+    label += f", sanity check first ({sanity_s} s)" if sanity else ""
     label += ", compile ahead off" if os.environ.get("SPATIAL_MAMBA_COMPILE_AHEAD") == "0" else ""
     phases = _phase_times(40 if profile else 10) if mode not in ("eager", "graphed") else {}
-    return dict(model=model_name, mode=label, **first, img_s=rates, phases=phases,
+    workers = [r for h in hooks for rs in h.reports for r in rs]
+    return dict(model=model_name, mode=label, **first, img_s=rates, phases=phases, workers=workers,
                 peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), device=torch.cuda.get_device_name())
 
 
@@ -260,6 +281,8 @@ def main() -> None:
                    "inductor / functorch config entry) in every run, e.g. _inductor.config.pattern_matcher=False")
     p.add_argument("--parallel", action="store_true", help="regional modes: compile the stages' block graphs in "
                    "parallel worker processes first (src/compiling.py, ParallelRegionalCompile)")
+    p.add_argument("--sanity", action="store_true", help="before the first training step, an evaluation-mode "
+                   "forward without gradients (a fit's sanity check), timed apart; 'from the compile call' includes it")
     p.add_argument("--compile-cache", metavar="FILE", help="compiled modes: load torch.compile's artifacts from FILE "
                    "if it exists, write them there after the first step (see above)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -269,7 +292,7 @@ def main() -> None:
         model_name, mode = args.child.split(":")
         print("RESULT " + json.dumps(child(model_name, mode, args.batch, args.size, args.warmup, args.steps,
                                            args.windows, args.profile, args.fused_norms, settings,
-                                           args.compile_cache, args.parallel)), flush=True)
+                                           args.compile_cache, args.parallel, args.sanity)), flush=True)
         return
     bad = [m for m in args.modes.split(",") if m not in MODES]
     bad += [m for m in args.models.split(",") if m not in ("t", "s", "b")]
@@ -288,8 +311,8 @@ def main() -> None:
                 cmd += [f"--set={item}" for item in args.set]
                 if args.compile_cache:
                     cmd += ["--compile-cache", os.path.abspath(args.compile_cache)]
-                if args.parallel:
-                    cmd += ["--parallel"]
+                cmd += ["--parallel"] if args.parallel else []
+                cmd += ["--sanity"] if args.sanity else []
                 if args.profile:
                     os.makedirs(args.profile, exist_ok=True)
                     cmd += ["--profile", os.path.abspath(args.profile)]
@@ -300,17 +323,24 @@ def main() -> None:
             row = json.loads(lines[-1]) if lines else dict(model=model_name, mode=mode, error=out.stderr[-300:])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| model | mode | first step s (cold) | @triton.jit compiles in the step: count / s | the same in the "
-          "background | train img/s per window | peak GB |\n|---|---|---:|---:|---:|---|---:|")
+    print("\n| model | mode | first step s (cold) | from the compile call s | @triton.jit compiles in the step: count / s "
+          "| the same in the background | train img/s per window | peak GB |\n|---|---|---:|---:|---:|---:|---|---:|")
     for r in rows:
         if "error" in r:
             error = r["error"].splitlines()[-1] if r["error"] else ""
-            print(f"| {r['model']} | {r['mode']} | failed | | | {error} | |")
+            print(f"| {r['model']} | {r['mode']} | failed | | | | {error} | |")
         else:
-            print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r['triton_compiles']} / "
+            print(f"| {r['model']} | {r['mode']} | {r['first_step_s']} | {r.get('since_compile_s', '')} | "
+                  f"{r['triton_compiles']} / "
                   f"{r['triton_compile_s']} | {r['ahead_compiles']} / {r['ahead_compile_s']} | "
                   f"{' / '.join(map(str, r['img_s']))} | {r['peak_gb']} |")
     for r in rows:
+        for w in r.get("workers", []):
+            print(f"worker, {r['model']} {r['mode']}, stage input {tuple(w['shape'])}: "
+                  + ", ".join(f"{k} {w[k]:+.1f}" for k in ("spawned", "started", "warm", "job", "ready", "forward",
+                                                          "backward") if k in w)
+                  + " s (from the first forward); phases: " + ", ".join(f"{k} {v}" for k, v in
+                                                                         list(w["phases"].items())[:5]))
         if r.get("phases"):
             print(f"\ncompile phases, {r['model']} {r['mode']} (s, summed over graphs; nested): "
                   + ", ".join(f"{k} {v}" for k, v in r["phases"].items()))

@@ -54,8 +54,10 @@ another setup is harmless: it misses and is extended.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import json
 import os
 import time
 import warnings
@@ -131,7 +133,9 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
             warnings.warn("compile_parallel: the blocks run under gradient checkpointing, whose graphs differ from "
                           "those a worker would compile; they compile in this process", stacklevel=2)
         elif parallel and hasattr(module, "stage_blocks"):
-            module.register_forward_pre_hook(ParallelRegionalCompile(dict(kwargs, dynamic=False)))
+            # one worker per stage, started now: they warm up while the caller prepares its first step
+            workers = len(module.stage_blocks((1, module.in_chans, 32, 32)))
+            module.register_forward_pre_hook(ParallelRegionalCompile(dict(kwargs, dynamic=False), workers=workers))
 
 
 def _artifact_count(info) -> int:
@@ -230,30 +234,6 @@ class CompileCacheWriter(Callback):
 # regional compilation, its graphs compiled in parallel processes
 
 
-def _compile_block(block: nn.Module, shape: tuple, dtype, device: str, training: bool, grad: bool,
-                   autocast_dtype, compile_kwargs: dict, configs: dict, threads: int) -> None:
-    """In a worker process: compile one block as the parent will (same configs, compile arguments, input
-    shape, dtype, modes) and run it forward (and backward), so that its graphs land in the shared on-disk
-    caches."""
-    import torch
-
-    for name, blob in configs.items():
-        getattr(torch, name).config.load_config(blob)
-    torch._inductor.config.compile_threads = threads  # not part of any cache key
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    block = block.to(device).train(training)
-    block.compile(**compile_kwargs)
-    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
-    with torch.set_grad_enabled(grad), torch.autocast(torch.device(device).type, dtype=autocast_dtype,
-                                                      enabled=autocast_dtype is not None):
-        y = block(x)
-    if grad:
-        y.backward(torch.randn_like(y))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 WORKER_TIMEOUT_S = 1800.0  # a worker that has not finished by then is stopped (the parent compiles its graphs)
 
 
@@ -264,19 +244,33 @@ class ParallelRegionalCompile:
 
     Regional compilation compiles a graph per stage shape, and the parent compiles them one after another as
     the forward and then the backward reach each stage (on an H100 T's 8 graphs, 4 stages × forward and
-    backward, took most of an 83-90 s first step; with the workers it took 65 s, of which the workers 52 s).
-    Here each worker gets a copy of its stage's first block, the parent's compiler configuration and compile
-    arguments, and compiles and runs it on an input of the stage's shape, dtype and mode; its graphs land in
-    the on-disk caches the parent shares (inductor's FX graph and AOTAutograd caches, Triton's kernels,
-    autotuning results). The parent then traces its blocks and finds every graph in the caches. A worker that
-    fails costs nothing but its time: the parent compiles what is missing, as without this hook (a warning says
-    so). Workers take an equal share of the CPU cores for inductor's kernel compiles; they need a GPU context
-    and the memory of one block's step each."""
+    backward, took most of an 83-90 s first step). Here each worker gets a copy of its stage's first block, the
+    parent's compiler configuration and compile arguments, and compiles and runs it on an input of the stage's
+    shape, dtype and mode; its graphs land in the on-disk caches the parent shares (inductor's FX graph and
+    AOTAutograd caches, Triton's kernels, autotuning results). The parent then traces its blocks and finds every
+    graph in the caches. A worker that fails costs nothing but its time: the parent compiles what is missing,
+    as without this hook (a warning says so). Workers take an equal share of the CPU cores for inductor's kernel
+    compiles; they need a GPU context and the memory of one block's step each.
 
-    def __init__(self, compile_kwargs: dict):
+    `workers` > 0 starts that many worker processes at once (`src.compile_worker`): they import torch, the
+    compiler and the model's code, open a CUDA context on the current device (when the parent has one) and
+    start inductor's compile pool while the parent goes on (data loaders, the sanity check), so that the first
+    forward finds them ready; later input signatures start fresh ones. Idle workers end when the hook is
+    garbage collected or the parent exits."""
+
+    def __init__(self, compile_kwargs: dict, workers: int = 0):
+        import weakref
+
         self.compile_kwargs = compile_kwargs
         self.seen: set = set()
         self.seconds: list[float] = []  # wall time of each parallel compile (printed, and read by benchmarks)
+        self.reports: list[list[dict]] = []  # each parallel compile's workers' timelines (src/compile_worker.py)
+        self.meanwhile_s: list[float] = []  # the parent's own eager pass while the workers compile (`_eager_pass`)
+        self._idle: list = []  # worker processes waiting for a job (src/compile_worker.py)
+        self._folder, self._spawned, self._jobs = None, 0, 0  # job files and workers' logs; counters for names
+        if workers > 0:
+            self._idle.extend(self._spawn(self._threads(workers), _current_cuda_device()) for _ in range(workers))
+        weakref.finalize(self, _release, self._idle)
 
     def __call__(self, module: nn.Module, args) -> None:
         import torch
@@ -293,7 +287,7 @@ class ParallelRegionalCompile:
         jobs = [(self._block_copy(block), shape) for block, shape in module.stage_blocks(tuple(x.shape))]
         if jobs:
             self._run(jobs, autocast_dtype or x.dtype, str(device), module.training, torch.is_grad_enabled(),
-                      autocast_dtype)
+                      autocast_dtype, lambda: _eager_pass(module, x))
 
     @staticmethod
     def _block_copy(block: nn.Module) -> nn.Module:
@@ -305,49 +299,139 @@ class ParallelRegionalCompile:
         finally:
             block._compiled_call_impl = compiled
 
-    def _run(self, jobs, dtype, device: str, training: bool, grad: bool, autocast_dtype) -> None:
+    @staticmethod
+    def _threads(workers: int) -> int:
+        """Inductor's kernel-compile processes per worker: an equal share of the cores."""
+        return max(1, (os.cpu_count() or 1) // workers)
+
+    def _spawn(self, threads: int, device: int | None):
+        """A worker process (src/compile_worker.py), warming up; its spawn time in `.spawned`, its stderr in a
+        file of the hook's folder (`.log`, read when it fails)."""
         import subprocess
         import sys
         import tempfile
 
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="spatial-mamba-compile-")
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        code = "from src.compile_worker import main; raise SystemExit(main())"
+        log = Path(self._folder.name, f"worker{self._spawned}.log")
+        self._spawned += 1
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(dict(threads=threads, device=device))],
+                                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    bufsize=1)
+        proc.spawned, proc.log, proc.threads = time.time(), log, threads
+        return proc
+
+    def _run(self, jobs, dtype, device: str, training: bool, grad: bool, autocast_dtype, meanwhile=None) -> None:
+        import select
+
         import torch
 
         configs = {name: getattr(torch, name).config.save_config() for name in ("_inductor", "_functorch", "_dynamo")}
-        threads = max(1, (os.cpu_count() or 1) // len(jobs))
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        start = time.perf_counter()
-        failed = []
-        # fresh interpreters, not multiprocessing's spawned workers: the compiled graphs' cache keys hash pickled
-        # tensor metadata, and in multiprocessing's workers those bytes differed from the parent's (no hits)
-        with tempfile.TemporaryDirectory() as tmp:
-            procs = []
-            for i, (block, shape) in enumerate(jobs):
-                job = os.path.join(tmp, f"block{i}.pt")
-                torch.save(dict(block=block, shape=shape, dtype=dtype, device=device, training=training,
-                                grad=grad, autocast_dtype=autocast_dtype, compile_kwargs=self.compile_kwargs,
-                                configs=configs, threads=threads), job)
-                code = "import sys; from src.compiling import _compile_block_job; _compile_block_job(sys.argv[1])"
-                procs.append(subprocess.Popen([sys.executable, "-c", code, job], env=env, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.PIPE, text=True))
-            for proc in procs:
-                try:
-                    _, err = proc.communicate(timeout=max(1.0, WORKER_TIMEOUT_S - (time.perf_counter() - start)))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    _, err = proc.communicate()
-                    err += f"\nno result after {WORKER_TIMEOUT_S:.0f} s"
-                if proc.returncode:
-                    failed.append(err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}")
+        index = torch.device(device).index if device.startswith("cuda") else None
+        if device.startswith("cuda") and index is None:
+            index = torch.cuda.current_device()
+        alive = [proc for proc in self._idle if proc.poll() is None]  # idle ones end after a while
+        self._idle.clear()
+        procs = alive[:len(jobs)]
+        self._idle.extend(alive[len(jobs):])
+        procs += [self._spawn(self._threads(len(jobs)), index) for _ in range(len(jobs) - len(procs))]
+        start, origin = time.perf_counter(), time.time()
+        failed, reports, sent = [], [], []
+        folder = Path(self._folder.name)
+        for i, ((block, shape), proc) in enumerate(zip(jobs, procs)):
+            job = folder / f"job{self._jobs + i}.pt"
+            torch.save(dict(block=block, shape=shape, dtype=dtype, device=device, training=training, grad=grad,
+                            autocast_dtype=autocast_dtype, compile_kwargs=self.compile_kwargs, configs=configs,
+                            report=f"{job}.json"), job)
+            try:
+                proc.stdin.write(f"{job}\n")
+                proc.stdin.flush()
+                sent.append((proc, job))
+            except OSError:  # it died while warming up: its log tells why
+                failed.append(_last_line(proc.log) or f"exit code {proc.poll()}")
+        self._jobs += len(jobs)
+        if meanwhile is not None:
+            meanwhile_start = time.perf_counter()
+            meanwhile()
+            self.meanwhile_s.append(time.perf_counter() - meanwhile_start)
+        for proc, job in sent:
+            left = max(0.0, WORKER_TIMEOUT_S - (time.perf_counter() - start))
+            answer = proc.stdout.readline().strip() if select.select([proc.stdout], [], [], left)[0] else None
+            if answer == "ok":
+                self._idle.append(proc)  # serves the next input signature
+            else:
+                proc.kill()
+                proc.wait()
+                failed.append(f"no result after {WORKER_TIMEOUT_S:.0f} s" if answer is None else
+                              answer.removeprefix("failed: ") or _last_line(proc.log) or f"exit code {proc.poll()}")
+            with contextlib.suppress(OSError, ValueError):
+                report = json.loads(Path(f"{job}.json").read_text())
+                times = dict(spawned=proc.spawned, **report.pop("times"))
+                reports.append(dict(report, **{k: round(v - origin, 2) for k, v in times.items()}))
+            for path in (job, Path(f"{job}.json")):
+                path.unlink(missing_ok=True)
         if failed:  # a head start only: the parent compiles whatever is missing itself
             warnings.warn(f"compiling block graphs in parallel processes failed ({failed[0]}); they compile in this "
                           "process instead", stacklevel=2)
         self.seconds.append(time.perf_counter() - start)
+        self.reports.append(reports)
         rank_zero_info(f"compiled {len(jobs)} block graphs in parallel processes in {self.seconds[-1]:.1f} s")
 
 
-def _compile_block_job(path: str) -> None:
-    """Entry point of a worker process: the job file written by `ParallelRegionalCompile._run`."""
+def _eager_pass(module: nn.Module, x) -> None:
+    """One forward of the module without its compiled regions and without gradients, leaving no trace (buffers
+    restored, random state forked), run while the workers compile. It does the parent's first-call work that
+    the compiled step would otherwise wait for: this project's Triton kernels compile, forward and backward
+    variants (src/kernels/ahead.py plans both at an op's first call), the eager layers (stem, downsamples, head)
+    make their first cuDNN and cuBLAS calls, CUDA loads its lazily loaded kernels. Without gradients its memory
+    stays below a training step's; should it run out anyway, it is skipped."""
     import torch
 
-    _compile_block(**torch.load(path, weights_only=False))
+    compiled = [(m, m.__dict__["_compiled_call_impl"]) for m in module.modules()
+                if m.__dict__.get("_compiled_call_impl") is not None]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        for m, _ in compiled:
+            m._compiled_call_impl = None
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+            module.forward(x)
+    except torch.OutOfMemoryError:
+        pass  # a head start only
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        torch.cuda.empty_cache()  # the pass's memory back: the CUDA graphs' pool cannot use it
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a worker's log ('' when none)."""
+    with contextlib.suppress(OSError):
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1].strip() if lines else ""
+    return ""
+
+
+def _current_cuda_device() -> int | None:
+    """The parent's CUDA device when it has opened a context (a worker then opens its own there ahead of
+    need), else None."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def _release(idle: list) -> None:
+    """End idle workers: an empty stdin tells them there is no job."""
+    for proc in idle:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+            proc.stdout.close()
+    idle.clear()

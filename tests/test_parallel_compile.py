@@ -65,7 +65,7 @@ def test_workers_compile_the_graphs_the_parent_then_finds_in_the_caches(tmp_path
 def test_once_per_input_signature_and_only_the_stages_a_forward_runs(monkeypatch):
     runs = []
     monkeypatch.setattr(ParallelRegionalCompile, "_run",
-                        lambda self, jobs, dtype, device, training, grad, autocast_dtype:
+                        lambda self, jobs, dtype, device, training, grad, autocast_dtype, meanwhile=None:
                         runs.append(([shape for _, shape in jobs], dtype, training, grad)))
     model = SpatialMamba(num_classes=10, dims=(8, 16, 32, 64), depths=(1, 2, 1, 1), backend="torch")
     model.register_forward_pre_hook(ParallelRegionalCompile({}))
@@ -124,3 +124,47 @@ def test_the_modules_pass_the_knob_on(monkeypatch):
     model.setup("fit")
     tiny_segmenter(compile=True, compile_regional=True, compile_parallel=True).setup("fit")
     assert seen == [True, True]
+
+
+def test_the_parents_eager_pass_leaves_no_trace():
+    """While the workers compile, the parent runs the backbone once without its compiled regions and without
+    gradients: no parameter gets a .grad, BatchNorm statistics and the random state are as before, and the
+    compiled regions are back in place."""
+    from src.compiling import _eager_pass
+
+    model = _tiny(drop_path_rate=0.2)
+    model.compile(backend="eager", regional=True)
+    impls = [m.__dict__.get("_compiled_call_impl") for m in model.modules()]
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.randn(2, 3, 64, 64)
+    state = torch.random.get_rng_state()
+    _eager_pass(model, x)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers)) and buffers
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert [m.__dict__.get("_compiled_call_impl") for m in model.modules()] == impls and any(impls)
+
+
+def test_workers_start_ahead_and_serve_later_signatures():
+    """Started by the hook (one per stage), the workers warm up before the first forward and, once done, take
+    the next signature's jobs too: the same processes, no new start."""
+    hook = ParallelRegionalCompile({}, workers=2)
+    first = [proc.pid for proc in hook._idle]
+    model = _tiny()
+    jobs = [(hook._block_copy(block), shape) for block, shape in model.stage_blocks((2, 3, 64, 64))]
+    hook._run(jobs, torch.float32, "cpu", True, True, None)
+    assert sorted(proc.pid for proc in hook._idle) == sorted(first)
+    report = hook.reports[0]
+    assert len(report) == 2 and all(r["spawned"] < r["job"] <= r["ready"] <= r["forward"] <= r["backward"]
+                                    for r in report)
+    jobs = [(hook._block_copy(block), shape) for block, shape in model.stage_blocks((3, 3, 64, 64))]
+    model.eval()
+    hook._run(jobs, torch.float32, "cpu", False, False, None)  # evaluation, another batch
+    assert sorted(proc.pid for proc in hook._idle) == sorted(first) and len(hook.reports[1]) == 2
+    idle = list(hook._idle)
+    del hook
+    import gc
+
+    gc.collect()
+    for proc in idle:  # an empty stdin ends them
+        assert proc.wait(timeout=60) == 0
