@@ -6,6 +6,7 @@ img/s in a few repeated windows (compiled throughput varies from process to proc
     python benchmarks/cold_start.py --models t,s --modes compiled --windows 5
     python benchmarks/cold_start.py --modes compiled,regional     # whole graph against one graph per stage shape
     python benchmarks/cold_start.py --modes regional --parallel   # the stages' graphs compiled in parallel processes
+    python benchmarks/cold_start.py --modes regional-cudagraphs --parallel --sanity   # an evaluation forward first
     python benchmarks/cold_start.py --modes compiled --profile prof   # where the first step's time goes
     python benchmarks/cold_start.py --modes graphed,cudagraphs --fused-norms   # no compile against compiled graphs
     python benchmarks/cold_start.py --modes regional --set _inductor.config.reorder_for_peak_memory=False
@@ -31,7 +32,13 @@ Each model × mode runs in its own child process (fresh caches under a temporary
 per run and a Markdown table at the end, with the number and seconds of the @triton.jit compiles inside the first
 step (this project's kernels): those in the step's path, which it waits for, and those compiled ahead in
 background threads (src/kernels/ahead.py; their seconds overlap each other and the step, so they do not add to
-it). Inductor's own kernels compile in its worker processes and are not counted. `SPATIAL_MAMBA_COMPILE_AHEAD=0`
+it). Inductor's own kernels compile in its worker processes and are not counted. For the compiled modes a
+column gives the time from the compile call to the end of the first step: with `--parallel` the workers start
+at that call, so their start-up counts there (the gap holds nothing else: an input tensor, the optimizer), and
+each worker's timeline is printed (seconds from the first forward: spawned, started, imported, CUDA context,
+warm, job received, ready, forward and backward compiled and run) with its longest compile phases.
+`--sanity` runs an evaluation-mode forward without gradients before the first step, as a `fit`'s sanity check
+does (timed apart, in the row's label; the from-the-compile-call column includes it). `SPATIAL_MAMBA_COMPILE_AHEAD=0`
 in the environment turns the compiling ahead off (rows say so). Peak GB is that of the timed windows; for the
 modes replayed as CUDA graphs it is the whole run's (their memory pool is allocated while recording). Needs a
 CUDA GPU.
@@ -323,8 +330,9 @@ def main() -> None:
             row = json.loads(lines[-1]) if lines else dict(model=model_name, mode=mode, error=out.stderr[-300:])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| model | mode | first step s (cold) | from the compile call s | @triton.jit compiles in the step: count / s "
-          "| the same in the background | train img/s per window | peak GB |\n|---|---|---:|---:|---:|---:|---|---:|")
+    print("\n| model | mode | first step s (cold) | from the compile call s | @triton.jit compiles in the step: "
+          "count / s | the same in the background | train img/s per window | peak GB |\n"
+          "|---|---|---:|---:|---:|---:|---|---:|")
     for r in rows:
         if "error" in r:
             error = r["error"].splitlines()[-1] if r["error"] else ""
@@ -337,8 +345,8 @@ def main() -> None:
     for r in rows:
         for w in r.get("workers", []):
             print(f"worker, {r['model']} {r['mode']}, stage input {tuple(w['shape'])}: "
-                  + ", ".join(f"{k} {w[k]:+.1f}" for k in ("spawned", "started", "warm", "job", "ready", "forward",
-                                                          "backward") if k in w)
+                  + ", ".join(f"{k} {w[k]:+.1f}" for k in ("spawned", "started", "imported", "cuda", "warm", "job",
+                                                          "ready", "forward", "backward") if k in w)
                   + " s (from the first forward); phases: " + ", ".join(f"{k} {v}" for k, v in
                                                                          list(w["phases"].items())[:5]))
         if r.get("phases"):

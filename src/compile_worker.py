@@ -53,8 +53,8 @@ def compile_block(block, shape: tuple, dtype, device: str, training: bool, grad:
                   compile_kwargs: dict, configs: dict, report: str | None = None, times: dict | None = None) -> None:
     """Compile one block as the parent will (its compiler configuration `configs`, compile arguments, input
     shape, dtype and modes) and run it forward (and backward with `grad`), so that its graphs land in the
-    on-disk caches the parent shares. `report`: a JSON file for the worker's timeline (`times` plus the compile's steps, seconds
-    since the epoch) and dynamo's compile phases (seconds summed over the graphs)."""
+    on-disk caches the parent shares. `report`: a JSON file for the worker's timeline (`times` plus the
+    compile's steps, seconds since the epoch) and dynamo's compile phases (seconds summed over the graphs)."""
     import torch
     from torch._dynamo.utils import compilation_time_metrics
 
