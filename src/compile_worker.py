@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     import select
     import traceback
 
+    import os
+
+    # answers go to the parent through a copy of stdout; anything else printed (by torch, inductor, a kernel
+    # library, a C extension) lands in the log with stderr, so the parent never reads it as an answer
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
     times = {"started": time.time()}
     settings = json.loads((argv if argv is not None else sys.argv[1:])[0])
     _warm(int(settings["threads"]), settings.get("device"), times)
@@ -113,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             torch._dynamo.reset()  # each job as in a fresh process
             compile_block(**torch.load(path, weights_only=False), times=times)
-            print("ok", flush=True)
+            print("ok", file=answers, flush=True)
         except Exception as e:
             traceback.print_exc()
             print(f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                  flush=True)
+                  file=answers, flush=True)
         times = {}
         gc.collect()
         if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -168,3 +169,29 @@ def test_workers_start_ahead_and_serve_later_signatures():
     gc.collect()
     for proc in idle:  # an empty stdin ends them
         assert proc.wait(timeout=60) == 0
+
+
+_CHATTY = """
+import torch
+
+
+class Chatty(torch.nn.Module):
+    # prints while it runs, as libraries sometimes do
+    def forward(self, x):
+        print("ok?\\nfailed: not really")
+        return x * 2
+"""
+
+
+def test_what_a_job_prints_is_not_taken_for_the_workers_answer(tmp_path, monkeypatch):
+    (tmp_path / "chatty_block.py").write_text(_CHATTY)  # importable by the parent and the worker alike
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    from chatty_block import Chatty
+
+    hook = ParallelRegionalCompile({"backend": "eager"}, workers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a misread answer would warn (and kill the worker)
+        hook._run([(Chatty(), (2, 4, 4, 8))], torch.float32, "cpu", True, True, None)
+        hook._run([(Chatty(), (2, 4, 4, 8))], torch.float32, "cpu", False, False, None)
+    assert len(hook._idle) == 1 and hook._idle[0].poll() is None
