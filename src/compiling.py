@@ -253,29 +253,25 @@ class ParallelRegionalCompile:
     as without this hook (a warning says so). Workers take an equal share of the CPU cores for inductor's kernel
     compiles; they need a GPU context and the memory of one block's step each.
 
-    `workers` > 0 starts that many worker processes at once (`src.compile_worker`): they import torch, the
-    compiler and the model's code, open a CUDA context on the current device (when the parent has one) and
+    `workers` > 0 makes sure that many worker processes (`src.compile_worker`) are started: they import torch,
+    the compiler and the model's code, open a CUDA context on the current device (when the parent has one) and
     start inductor's compile pool while the parent goes on (data loaders, optimizer), which took them 10-13 s
-    on a 16-core H100 machine. A worker that finished a job waits for the next signature's (a fit's sanity
-    check, training, teacher and validation shapes); it ends after `src.compile_worker.IDLE_S` without one,
-    when the hook is garbage collected or when the parent exits. While the workers compile, the parent runs the
+    on a 16-core H100 machine. The workers belong to the process, not the hook: one that finished a job waits
+    for the next (a fit's sanity check, training, teacher and validation shapes; the EMA copy's hook uses the
+    same workers) and ends after `src.compile_worker.IDLE_S` without one, at `release_compile_workers()` or
+    when the parent exits. While the workers compile, the parent runs the
     backbone once eagerly without gradients (`_eager_pass`): its share of the first step's work (this
     project's Triton kernels, cuDNN's first calls) then overlaps theirs; the parent's part after the workers
     fell from 14 s to 7 s."""
 
     def __init__(self, compile_kwargs: dict, workers: int = 0):
-        import weakref
-
         self.compile_kwargs = compile_kwargs
         self.seen: set = set()
         self.seconds: list[float] = []  # wall time of each parallel compile (printed, and read by benchmarks)
         self.reports: list[list[dict]] = []  # each parallel compile's workers' timelines (src/compile_worker.py)
         self.meanwhile_s: list[float] = []  # the parent's own eager pass while the workers compile (`_eager_pass`)
-        self._idle: list = []  # worker processes waiting for a job (src/compile_worker.py)
-        self._folder, self._spawned, self._jobs = None, 0, 0  # job files and workers' logs; counters for names
         if workers > 0:
-            self._idle.extend(self._spawn(self._threads(workers), _current_cuda_device()) for _ in range(workers))
-        weakref.finalize(self, _release, self._idle)
+            _POOL.top_up(workers, _current_cuda_device())
 
     def __call__(self, module: nn.Module, args) -> None:
         import torch
@@ -304,32 +300,6 @@ class ParallelRegionalCompile:
         finally:
             block._compiled_call_impl = compiled
 
-    @staticmethod
-    def _threads(workers: int) -> int:
-        """Inductor's kernel-compile processes per worker: an equal share of the cores."""
-        return max(1, (os.cpu_count() or 1) // workers)
-
-    def _spawn(self, threads: int, device: int | None):
-        """A worker process (src/compile_worker.py), warming up; its spawn time in `.spawned`, its stderr in a
-        file of the hook's folder (`.log`, read when it fails)."""
-        import subprocess
-        import sys
-        import tempfile
-
-        if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="spatial-mamba-compile-")
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        code = "from src.compile_worker import main; raise SystemExit(main())"
-        log = Path(self._folder.name, f"worker{self._spawned}.log")
-        self._spawned += 1
-        with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(dict(threads=threads, device=device))],
-                                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    bufsize=1)
-        proc.spawned, proc.log, proc.threads = time.time(), log, threads
-        return proc
-
     def _run(self, jobs, dtype, device: str, training: bool, grad: bool, autocast_dtype, meanwhile=None) -> None:
         import select
 
@@ -339,16 +309,11 @@ class ParallelRegionalCompile:
         index = torch.device(device).index if device.startswith("cuda") else None
         if device.startswith("cuda") and index is None:
             index = torch.cuda.current_device()
-        alive = [proc for proc in self._idle if proc.poll() is None]  # idle ones end after a while
-        self._idle.clear()
-        procs = alive[:len(jobs)]
-        self._idle.extend(alive[len(jobs):])
-        procs += [self._spawn(self._threads(len(jobs)), index) for _ in range(len(jobs) - len(procs))]
+        procs = _POOL.take(len(jobs), index)
         start, origin = time.perf_counter(), time.time()
         failed, reports, sent = [], [], []
-        folder = Path(self._folder.name)
-        for i, ((block, shape), proc) in enumerate(zip(jobs, procs)):
-            job = folder / f"job{self._jobs + i}.pt"
+        for (block, shape), proc in zip(jobs, procs):
+            job = _POOL.job_path()
             torch.save(dict(block=block, shape=shape, dtype=dtype, device=device, training=training, grad=grad,
                             autocast_dtype=autocast_dtype, compile_kwargs=self.compile_kwargs, configs=configs,
                             report=f"{job}.json"), job)
@@ -358,7 +323,6 @@ class ParallelRegionalCompile:
                 sent.append((proc, job))
             except OSError:  # it died while warming up: its log tells why
                 failed.append(_last_line(proc.log) or f"exit code {proc.poll()}")
-        self._jobs += len(jobs)
         if meanwhile is not None:
             meanwhile_start = time.perf_counter()
             meanwhile()
@@ -367,7 +331,7 @@ class ParallelRegionalCompile:
             left = max(0.0, WORKER_TIMEOUT_S - (time.perf_counter() - start))
             answer = proc.stdout.readline().strip() if select.select([proc.stdout], [], [], left)[0] else None
             if answer == "ok":
-                self._idle.append(proc)  # serves the next input signature
+                _POOL.idle.append(proc)  # serves the next input signature, of this hook or another
             else:
                 proc.kill()
                 proc.wait()
@@ -433,10 +397,82 @@ def _current_cuda_device() -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
-def _release(idle: list) -> None:
-    """End idle workers: an empty stdin tells them there is no job."""
-    for proc in idle:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-            proc.stdout.close()
-    idle.clear()
+class _WorkerPool:
+    """The process's compile workers (src/compile_worker.py) that wait for a job, shared by its hooks (a model
+    and its EMA copy compile the same blocks: one set of workers serves both), their logs and job files in one
+    temporary folder."""
+
+    def __init__(self):
+        self.idle: list = []
+        self._folder = None
+        self._count = 0
+
+    def _path(self, name: str) -> Path:
+        import tempfile
+
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="spatial-mamba-compile-")
+        self._count += 1
+        return Path(self._folder.name, f"{name}{self._count}")
+
+    def job_path(self) -> Path:
+        return self._path("job").with_suffix(".pt")
+
+    def _alive(self, device: int | None) -> list:
+        """The idle workers that can serve `device`: those with its context, then those without any yet."""
+        self.idle[:] = [proc for proc in self.idle if proc.poll() is None]  # idle ones end after a while
+        return ([proc for proc in self.idle if proc.device == device] +
+                [proc for proc in self.idle if proc.device is None and device is not None])
+
+    def top_up(self, n: int, device: int | None) -> None:
+        """Start workers until `n` are idle for `device` (a CUDA index, None: CPU or no context yet)."""
+        for _ in range(n - len([proc for proc in self._alive(device) if proc.device == device])):
+            self.idle.append(self._spawn(_threads(n), device))
+
+    def take(self, n: int, device: int | None) -> list:
+        """`n` workers for `device`: idle ones first, then new ones (the caller gives back those that
+        succeed, `idle.append`)."""
+        procs = self._alive(device)[:n]
+        for proc in procs:
+            self.idle.remove(proc)
+            proc.device = device  # its job opens its context there
+        return procs + [self._spawn(_threads(n), device) for _ in range(n - len(procs))]
+
+    def _spawn(self, threads: int, device: int | None):
+        """A worker process, warming up; `.spawned` its start time, `.log` its stderr's file (read when it
+        fails), `.device` its CUDA device."""
+        import subprocess
+        import sys
+
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        code = "from src.compile_worker import main; raise SystemExit(main())"
+        log = self._path("worker").with_suffix(".log")
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(dict(threads=threads, device=device))],
+                                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    bufsize=1)
+        proc.spawned, proc.log, proc.device = time.time(), log, device
+        return proc
+
+    def release(self) -> None:
+        """End the idle workers (an empty stdin tells them there is no job)."""
+        for proc in self.idle:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+                proc.stdout.close()
+        self.idle.clear()
+
+
+def _threads(workers: int) -> int:
+    """Inductor's kernel-compile processes per worker: an equal share of the cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+_POOL = _WorkerPool()
+
+
+def release_compile_workers() -> None:
+    """End this process's idle compile workers now (they end by themselves after `src.compile_worker.IDLE_S`
+    without a job, and when the process exits): their CUDA contexts' memory comes back."""
+    _POOL.release()

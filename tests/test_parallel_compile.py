@@ -147,26 +147,29 @@ def test_the_parents_eager_pass_leaves_no_trace():
 
 
 def test_workers_start_ahead_and_serve_later_signatures():
-    """Started by the hook (one per stage), the workers warm up before the first forward and, once done, take
-    the next signature's jobs too: the same processes, no new start."""
+    """Started for the hook (one per stage), the workers warm up before the first forward and, once done, take
+    the next signature's jobs too, also another hook's (a model's EMA copy): the same processes, none new."""
+    from src.compiling import _POOL, release_compile_workers
+
+    release_compile_workers()
     hook = ParallelRegionalCompile({}, workers=2)
-    first = [proc.pid for proc in hook._idle]
+    ParallelRegionalCompile({}, workers=2)  # the EMA copy's hook: the two idle workers suffice
+    first = sorted(proc.pid for proc in _POOL.idle)
+    assert len(first) == 2
     model = _tiny()
     jobs = [(hook._block_copy(block), shape) for block, shape in model.stage_blocks((2, 3, 64, 64))]
     hook._run(jobs, torch.float32, "cpu", True, True, None)
-    assert sorted(proc.pid for proc in hook._idle) == sorted(first)
+    assert sorted(proc.pid for proc in _POOL.idle) == first
     report = hook.reports[0]
     assert len(report) == 2 and all(r["spawned"] < r["job"] <= r["ready"] <= r["forward"] <= r["backward"]
                                     for r in report)
     jobs = [(hook._block_copy(block), shape) for block, shape in model.stage_blocks((3, 3, 64, 64))]
     model.eval()
-    hook._run(jobs, torch.float32, "cpu", False, False, None)  # evaluation, another batch
-    assert sorted(proc.pid for proc in hook._idle) == sorted(first) and len(hook.reports[1]) == 2
-    idle = list(hook._idle)
-    del hook
-    import gc
-
-    gc.collect()
+    other = ParallelRegionalCompile({})
+    other._run(jobs, torch.float32, "cpu", False, False, None)  # evaluation, another batch, another hook
+    assert sorted(proc.pid for proc in _POOL.idle) == first and len(other.reports[0]) == 2
+    idle = list(_POOL.idle)
+    release_compile_workers()
     for proc in idle:  # an empty stdin ends them
         assert proc.wait(timeout=60) == 0
 
@@ -189,9 +192,13 @@ def test_what_a_job_prints_is_not_taken_for_the_workers_answer(tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     from chatty_block import Chatty
 
+    from src.compiling import _POOL, release_compile_workers
+
+    release_compile_workers()
     hook = ParallelRegionalCompile({"backend": "eager"}, workers=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a misread answer would warn (and kill the worker)
         hook._run([(Chatty(), (2, 4, 4, 8))], torch.float32, "cpu", True, True, None)
         hook._run([(Chatty(), (2, 4, 4, 8))], torch.float32, "cpu", False, False, None)
-    assert len(hook._idle) == 1 and hook._idle[0].poll() is None
+    assert len(_POOL.idle) == 1 and _POOL.idle[0].poll() is None
+    release_compile_workers()
