@@ -357,7 +357,7 @@ def _eager_pass(module: nn.Module, x) -> None:
     the compiled step would otherwise wait for: this project's Triton kernels compile, forward and backward
     variants (src/kernels/ahead.py plans both at an op's first call), the eager layers (stem, downsamples, head)
     make their first cuDNN and cuBLAS calls, CUDA loads its lazily loaded kernels. Without gradients its memory
-    stays below a training step's; should it run out anyway, it is skipped."""
+    stays below a training step's; should it run out anyway, or fail otherwise (a warning then), it is left."""
     import torch
 
     compiled = [(m, m.__dict__["_compiled_call_impl"]) for m in module.modules()
@@ -368,8 +368,10 @@ def _eager_pass(module: nn.Module, x) -> None:
             m._compiled_call_impl = None
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
             module.forward(x)
-    except torch.OutOfMemoryError:
-        pass  # a head start only
+    except Exception as e:  # a head start only: the compiled step does this work itself
+        if not isinstance(e, torch.OutOfMemoryError):
+            warnings.warn(f"compile_parallel: the eager pass run while the workers compile failed ({type(e).__name__}: "
+                          f"{e}); the first step does its work instead", stacklevel=2)
     finally:
         for m, impl in compiled:
             m._compiled_call_impl = impl
@@ -440,7 +442,9 @@ class _WorkerPool:
 
     def _spawn(self, threads: int, device: int | None):
         """A worker process, warming up; `.spawned` its start time, `.log` its stderr's file (read when it
-        fails), `.device` its CUDA device."""
+        fails), `.device` its CUDA device. A fresh interpreter, not one of multiprocessing's spawned workers: the
+        compiled graphs' cache keys hash pickled tensor metadata, and in multiprocessing's workers those bytes
+        differed from the parent's (no cache hits)."""
         import subprocess
         import sys
 

@@ -146,6 +146,17 @@ def test_the_parents_eager_pass_leaves_no_trace():
     assert [m.__dict__.get("_compiled_call_impl") for m in model.modules()] == impls and any(impls)
 
 
+def test_a_failing_eager_pass_only_warns():
+    from src.compiling import _eager_pass
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("not today")
+
+    with pytest.warns(UserWarning, match="eager pass .* failed .*not today"):
+        _eager_pass(Broken(), torch.randn(2, 3, 64, 64))
+
+
 def test_workers_start_ahead_and_serve_later_signatures():
     """Started for the hook (one per stage), the workers warm up before the first forward and, once done, take
     the next signature's jobs too, also another hook's (a model's EMA copy): the same processes, none new."""
