@@ -360,6 +360,8 @@ def _eager_pass(module: nn.Module, x) -> None:
     stays below a training step's; should it run out anyway, or fail otherwise (a warning then), it is left."""
     import torch
 
+    if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        return  # its training forward talks to the other ranks: not a pass to add on one rank's initiative
     compiled = [(m, m.__dict__["_compiled_call_impl"]) for m in module.modules()
                 if m.__dict__.get("_compiled_call_impl") is not None]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
