@@ -11,8 +11,9 @@ graphs), and ends on an empty stdin (the parent finished or died) or after `IDLE
 
     python -c "from src.compile_worker import main; raise SystemExit(main())" '{"threads": 4, "device": 0}'
 
-Kept free of lightning on purpose: on a 16-core H100 machine, four workers that imported it took 15-17 s to
-reach their first line of work.
+Kept free of lightning on purpose: through `src.models` it cost each worker ~3 s of imports, and four workers
+that imported it (and unpickled their job) reached their first line of work 15-17 s after their start on a
+16-core H100 machine.
 """
 
 from __future__ import annotations
@@ -96,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     Then jobs, one per line on stdin (a job file's path); after each, one line on stdout: "ok" or "failed:
     <reason>" (the traceback goes to stderr). Ends on an empty stdin or after `IDLE_S` without a job."""
     import gc
+    import os
     import select
     import traceback
-
-    import os
 
     # answers go to the parent through a copy of stdout; anything else printed (by torch, inductor, a kernel
     # library, a C extension) lands in the log with stderr, so the parent never reads it as an answer

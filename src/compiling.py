@@ -293,12 +293,8 @@ class ParallelRegionalCompile:
     @staticmethod
     def _block_copy(block: nn.Module) -> nn.Module:
         """A copy of the block without its compiled wrapper, on the CPU (what a worker's job file holds)."""
-        compiled = block.__dict__.get("_compiled_call_impl")
-        block._compiled_call_impl = None
-        try:
+        with _uncompiled(block):
             return copy.deepcopy(block).cpu()
-        finally:
-            block._compiled_call_impl = compiled
 
     def _run(self, jobs, dtype, device: str, training: bool, grad: bool, autocast_dtype, meanwhile=None) -> None:
         import select
@@ -362,27 +358,37 @@ def _eager_pass(module: nn.Module, x) -> None:
 
     if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
         return  # its training forward talks to the other ranks: not a pass to add on one rank's initiative
-    compiled = [(m, m.__dict__["_compiled_call_impl"]) for m in module.modules()
-                if m.__dict__.get("_compiled_call_impl") is not None]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     try:
-        for m, _ in compiled:
-            m._compiled_call_impl = None
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        with _uncompiled(*module.modules()), torch.no_grad(), \
+                torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             module.forward(x)
     except Exception as e:  # a head start only: the compiled step does this work itself
         if not isinstance(e, torch.OutOfMemoryError):
             warnings.warn(f"compile_parallel: the eager pass run while the workers compile failed ({type(e).__name__}: "
                           f"{e}); the first step does its work instead", stacklevel=2)
     finally:
-        for m, impl in compiled:
-            m._compiled_call_impl = impl
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
         torch.cuda.empty_cache()  # the pass's memory back: the CUDA graphs' pool cannot use it
+
+
+@contextlib.contextmanager
+def _uncompiled(*modules: nn.Module):
+    """The modules' compiled wrappers (`nn.Module.compile`) set aside inside the block: calls run their eager
+    code, and a deep copy holds none."""
+    compiled = [(m, m.__dict__["_compiled_call_impl"]) for m in modules
+                if m.__dict__.get("_compiled_call_impl") is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl
 
 
 def _last_line(path: Path) -> str:

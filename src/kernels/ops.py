@@ -120,7 +120,7 @@ def _plan_scan(x, dt, A, B, dt_bias, H: int, W: int, scan: str) -> None:
 
 
 @selective_scan.register_fake
-def _scan_fake(x, dt, A, B, dt_bias, H, W, scan):
+def _(x, dt, A, B, dt_bias, H, W, scan):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
@@ -133,7 +133,7 @@ def selective_scan_backward(
 
 
 @selective_scan_backward.register_fake
-def _scan_backward_fake(x, dt, A, B, dt_bias, h, dh, H, W, scan):
+def _(x, dt, A, B, dt_bias, h, dh, H, W, scan):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, dt_bias))  # the kernels return contiguous tensors
 
 
@@ -166,7 +166,7 @@ def structure_aware_ssm_fused_op(
 
 
 @structure_aware_ssm_fused_op.register_fake
-def _fused_fake(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
+def _(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=state_dtype(x.dtype))  # contiguous, as the kernels'
 
 
@@ -181,7 +181,7 @@ def structure_aware_ssm_fused_backward(
 
 
 @structure_aware_ssm_fused_backward.register_fake
-def _fused_backward_fake(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, scan):
+def _(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, scan):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))
 
 
