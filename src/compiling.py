@@ -306,6 +306,10 @@ class ParallelRegionalCompile:
         if device.startswith("cuda") and index is None:
             index = torch.cuda.current_device()
         procs = _POOL.take(len(jobs), index)
+        mode = ("training" if training else "evaluation") + ("" if grad else ", no gradients")
+        graphs = f"{len(jobs)} block graph" + ("s" if len(jobs) != 1 else "")
+        rank_zero_info(f"compiling {graphs} ({mode}; stage inputs "
+                       f"{', '.join(str(tuple(shape)) for _, shape in jobs)}) in parallel worker processes ...")
         start, origin = time.perf_counter(), time.time()
         failed, reports, sent = [], [], []
         for (block, shape), proc in zip(jobs, procs):
@@ -344,7 +348,7 @@ class ParallelRegionalCompile:
                           "process instead", stacklevel=2)
         self.seconds.append(time.perf_counter() - start)
         self.reports.append(reports)
-        rank_zero_info(f"compiled {len(jobs)} block graphs in parallel processes in {self.seconds[-1]:.1f} s")
+        rank_zero_info(f"compiled {graphs} in parallel processes in {self.seconds[-1]:.1f} s")
 
 
 def _eager_pass(module: nn.Module, x) -> None:
