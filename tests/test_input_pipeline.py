@@ -335,3 +335,48 @@ def test_automatic_worker_count(monkeypatch):
     dm.trainer = SimpleNamespace(num_devices=8, strategy=SimpleNamespace(cluster_environment=SLURMEnvironment()))
     assert dm.num_workers() == 11  # srun: each rank a task with its own 12 CPUs (cpus-per-task)
     assert ImageFolderDataModule(root=None, num_workers=3).num_workers() == 3
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_posterize_keeping_no_bit_gives_a_black_image(decoder):
+    """The published RandAugment ("rand-m9-mstd0.5-inc1") draws magnitudes around 9, clamped at 10, where
+    "PosterizeIncreasing" keeps 0 bits. Pillow 13 raises for 0 bits ("bits must be between or equal to 1 and
+    8"), which stopped a loader worker about once per 750 training images; both decoders now drop every bit, as
+    older Pillow and torchvision do."""
+    import numpy as np
+    from PIL import Image
+
+    from src.data.imagefolder import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(root=None, decoder=decoder, image_size=32)
+    (randaug,) = [s for s in dm.train_transform().transforms if type(s).__name__ == "RandAugment"]
+    (op,) = [op for op in randaug.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the draw that keeps no bit
+    rgb = (np.random.default_rng(0).random((24, 20, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(rgb) if decoder == "pil" else torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    out = op(img)
+    out = np.asarray(out) if decoder == "pil" else out.permute(1, 2, 0).numpy()
+    assert out.shape == rgb.shape and not out.any()
+    op.magnitude = 5  # 2 bits kept: Pillow's own posterize
+    if decoder == "pil":
+        from PIL import ImageOps
+
+        assert np.array_equal(np.asarray(op(img)), np.asarray(ImageOps.posterize(img, 2)))
+
+
+def test_the_published_augmentation_runs_on_many_draws():
+    """Every draw of the recipe's PIL augmentation on a small image: no op raises (before the posterize fix,
+    4 of 3000 did with Pillow 13)."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from src.data.imagefolder import ImageFolderDataModule
+
+    transform = ImageFolderDataModule(root=None, image_size=32).train_transform()
+    img = Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8))
+    for i in range(3000):
+        random.seed(i)
+        torch.manual_seed(i)
+        transform(img)

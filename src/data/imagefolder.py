@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from src.checks import increasing_pair, non_negative, probability, require
 from src.data.sharded import ShardedDataModule
-from src.data.tensor_augment import tensor_transform
+from src.data.tensor_augment import pil_transform, tensor_transform
 from src.errors import DataError, InputNotFoundError, NotWritableError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ class ImageFolderDataModule(ShardedDataModule):
             color_jitter=hp.color_jitter, auto_augment=hp.auto_augment, interpolation=hp.interpolation,
             re_prob=hp.re_prob, re_mode=hp.re_mode, re_count=hp.re_count, mean=tuple(hp.mean), std=tuple(hp.std),
         )
-        return tensor_transform(transform) if hp.decoder == "torchvision" else transform
+        return tensor_transform(transform) if hp.decoder == "torchvision" else pil_transform(transform)
 
     def test_transform(self):
         from timm.data import create_transform

@@ -10,6 +10,9 @@ seeding of the data set (Python's, NumPy's and torch's generators seeded by (see
 the PIL path and exact resume works the same. The pixels are torchvision's: close to, not identical with, PIL's
 (resize filters; rotate, shear and translate sample bilinearly where timm asks for bicubic). A step without a
 tensor version is refused with a one-line error, AugMix policies among them.
+
+The PIL path's transform passes through `pil_transform`, which only replaces timm's posterize op: with 0 bits to
+keep (the published RandAugment reaches it) Pillow 13 raises instead of returning a black image.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from PIL import Image
 
 from src.errors import UserError
+
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")  # timm's names
 
 
 def _warp_args(fillcolor, resample) -> dict:
@@ -81,7 +86,7 @@ def _tensor_ops() -> dict[str, Callable]:
         "TranslateYRel": lambda img, pct, **kw: _translate(img, pct * img.shape[-2], 1, **kw),
         "SolarizeAdd": solarize_add,
     }
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    for name in POSTERIZE_OPS:
         ops[name] = posterize
     for name in ("Solarize", "SolarizeIncreasing"):
         ops[name] = solarize
@@ -159,3 +164,36 @@ def tensor_transform(timm_transform):
             raise UserError(f"the data transform step {type(step).__name__} has no tensor version for data.init_args."
                             "decoder 'torchvision'; use decoder 'pil'")
     return v2.Compose(steps)
+
+
+def _posterize_pil(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op on a PIL image, also when it keeps no bit: "PosterizeIncreasing" keeps 4 - int(0.4 m)
+    bits, none at magnitude 10, where RandAugment's clamp puts its draws above 10 ("rand-m9-mstd0.5": ~2 % of
+    them). Older Pillow returned a black image for 0 bits (its mask keeps no bit), as torchvision's posterize
+    does; Pillow 13.0 (what a fresh install resolves) raises "bits must be between or equal to 1 and 8", which
+    stopped a data-loader worker and the run (about one training image in 750 with the published recipe)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)  # every bit dropped, per band
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def pil_transform(timm_transform):
+    """The transform that `timm.data.create_transform` built, its auto-augment posterize ops made safe for
+    any Pillow (`_posterize_pil`); everything else is timm's, unchanged. In place; returns it."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+
+    for step in getattr(timm_transform, "transforms", []):
+        if isinstance(step, (RandAugment, AugMixAugment)):
+            ops = step.ops
+        elif isinstance(step, AutoAugment):
+            ops = [op for sub in step.policy for op in sub]
+        else:
+            continue
+        for op in ops:
+            if op.name in POSTERIZE_OPS:
+                op.aug_fn = _posterize_pil
+    return timm_transform
