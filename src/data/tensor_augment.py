@@ -142,7 +142,7 @@ def tensor_transform(timm_transform):
         elif isinstance(step, v1.ColorJitter):
             steps.append(v2.ColorJitter(step.brightness, step.contrast, step.saturation, step.hue))
         elif isinstance(step, (RandAugment, AutoAugment)):
-            policy = step.ops if isinstance(step, RandAugment) else [op for sub in step.policy for op in sub]
+            policy = _policy_ops(step)
             missing = sorted({op.name for op in policy} - set(ops))
             if missing:
                 raise UserError(f"data.init_args.auto_augment: ops {missing} have no tensor version for decoder "
@@ -184,16 +184,20 @@ def _posterize_pil(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 def pil_transform(timm_transform):
     """The transform that `timm.data.create_transform` built, its auto-augment posterize ops made safe for
     any Pillow (`_posterize_pil`); everything else is timm's, unchanged. In place; returns it."""
-    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
-
     for step in getattr(timm_transform, "transforms", []):
-        if isinstance(step, (RandAugment, AugMixAugment)):
-            ops = step.ops
-        elif isinstance(step, AutoAugment):
-            ops = [op for sub in step.policy for op in sub]
-        else:
-            continue
-        for op in ops:
+        for op in _policy_ops(step):
             if op.name in POSTERIZE_OPS:
                 op.aug_fn = _posterize_pil
     return timm_transform
+
+
+def _policy_ops(step) -> list:
+    """The ops (timm `AugmentOp`s) of an auto-augment step: RandAugment's and AugMix's list, AutoAugment's
+    sub-policies flattened; none for any other step."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+
+    if isinstance(step, (RandAugment, AugMixAugment)):
+        return list(step.ops)
+    if isinstance(step, AutoAugment):
+        return [op for sub in step.policy for op in sub]
+    return []
