@@ -16,7 +16,7 @@ OUT=${OUT:-/tmp/compile_start}
 DATA=${DATA:-/tmp/compile_start_imagefolder}
 RUN=${RUN:-/tmp/compile_start_run}          # checkpoints stay here, not under $OUT
 mkdir -p "$OUT" "$RUN"
-export PYTHONPATH=$REPO
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # keeps packages installed with --target
 cd "$REPO"
 
 {

@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/input_pipeline}
 DATA=${DATA:-/tmp/input_pipeline_imagefolder}
 RUN=${RUN:-/tmp/input_pipeline_run}          # checkpoints (~0.5 GB each) stay here, not under $OUT
 mkdir -p "$OUT" "$RUN"
-export PYTHONPATH=$REPO
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # keeps packages installed with --target
 cd "$REPO"
 
 {
