@@ -28,7 +28,7 @@ PY
 
 start=$(date +%s)
 status=0
-PYTHONPATH=. "$PYTHON" ablations/run.py backend --seeds "${SEEDS:-3}" --epochs "${EPOCHS:-5}" --logdir logs -- "$@" || status=$?
+PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" ablations/run.py backend --seeds "${SEEDS:-3}" --epochs "${EPOCHS:-5}" --logdir logs -- "$@" || status=$?
 echo "backend sweep + report: $(( $(date +%s) - start )) s (exit $status)"
 
 if [ -n "${OUT:-}" ]; then
