@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Backend ablation on a CUDA GPU: torch vs triton vs fused (same maths: equal accuracy within seed noise,
-# different speed), 3 seeds each on the default digits run, then the report.
+# different speed), 3 seeds each on the default digits run, then the report. The runs train eagerly
+# (`compile=false`): with compile on (the default on a GPU) the first run took 278 s and the next two 101 and
+# 91 s on an H100, mostly compiling, which buries the backends' difference; pass --model.init_args.compile=true
+# to compile anyway.
 #
 #   bash ablations/gpu_backend_sweep.sh [extra main.py overrides, e.g. --data.init_args.batch_size=128]
 #
@@ -28,7 +31,7 @@ PY
 
 start=$(date +%s)
 status=0
-PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" ablations/run.py backend --seeds "${SEEDS:-3}" --epochs "${EPOCHS:-5}" --logdir logs -- "$@" || status=$?
+PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" ablations/run.py backend --seeds "${SEEDS:-3}" --epochs "${EPOCHS:-5}" --logdir logs -- --model.init_args.compile=false "$@" || status=$?
 echo "backend sweep + report: $(( $(date +%s) - start )) s (exit $status)"
 
 if [ -n "${OUT:-}" ]; then
