@@ -238,7 +238,7 @@ class ExperimentMetrics(Callback):
 
     def _reset(self) -> None:
         self.timer = StepTimer(self.warmup_steps)
-        self.best, self.final = None, None
+        self.best, self.final, self.infer = None, None, None
         self._fit_start = time.perf_counter()
 
     # -- size, before the LightningModule's setup (which may compile the backbone)
@@ -300,7 +300,12 @@ class ExperimentMetrics(Callback):
         self.final = float(acc)
         self.best = self.final if self.best is None else max(self.best, self.final)
 
-    # -- inference throughput, then every summary metric, at the end of fit
+    # -- inference throughput at the end of training, on the training device: Lightning's teardown moves the
+    # module to the CPU before `on_fit_end` (measured there, a GPU run's figure was the CPU's, and a Triton
+    # backend failed); every summary metric is logged at the end of fit
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.infer = self.inference_throughput(trainer, pl_module)
+
     @torch.no_grad()
     def inference_throughput(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
         loaders = trainer.val_dataloaders
@@ -344,9 +349,8 @@ class ExperimentMetrics(Callback):
             metrics["summary/val_acc1_final"] = self.final
         if self.timer.img_per_s is not None:
             metrics["summary/train_img_s"] = self.timer.img_per_s
-        infer = self.inference_throughput(trainer, pl_module)
-        if infer is not None:
-            metrics["summary/infer_img_s"] = infer
+        if self.infer is not None:
+            metrics["summary/infer_img_s"] = self.infer
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()

@@ -242,3 +242,49 @@ def test_host_issue_time_is_the_median_of_the_calls():
     calls = []
     seconds = host_issue_s(lambda: calls.append(time.sleep(next(durations))), "cpu", repeats=3)
     assert len(calls) == 3 and 0.01 <= seconds < 0.03
+
+
+class TinyConv(L.LightningModule):
+    """An image classifier small enough for a few CPU steps; records, for each evaluation-mode forward, whether
+    the strategy had already been torn down (`torn_down`, shared with the test)."""
+
+    def __init__(self, torn_down: list, evals: list):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        self.torn_down, self.evals = torn_down, evals
+
+    def forward(self, x):
+        if not self.training:
+            self.evals.append(bool(self.torn_down))
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_experiment_metrics_times_inference_before_the_module_leaves_its_device(monkeypatch):
+    """Lightning's teardown moves the module to the CPU before the callbacks' `on_fit_end`: inference timed
+    there gave a GPU run the CPU's figure, and a Triton backend failed on CPU tensors. It is timed at the end of
+    training, before the teardown, and logged with the other summary metrics."""
+    from lightning.pytorch.strategies import Strategy
+
+    from src.callbacks import ExperimentMetrics
+
+    torn_down, evals = [], []
+    teardown = Strategy.teardown
+    monkeypatch.setattr(Strategy, "teardown", lambda self: (torn_down.append(True), teardown(self))[1])
+    data = TensorDataset(torch.randn(24, 3, 32, 32), torch.randint(0, 3, (24,)))
+    logger = MemoryLogger()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                        callbacks=[ExperimentMetrics(warmup_steps=1, infer_batches=2, image_size=32)])
+    trainer.fit(TinyConv(torn_down, evals), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    assert torn_down and evals and not any(evals)  # every timed forward ran before the teardown
+    summary = {k: v for _, m in logger.records for k, v in m.items() if k.startswith("summary/")}
+    assert summary["summary/infer_img_s"] > 0 and summary["summary/train_img_s"] > 0
