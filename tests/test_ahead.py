@@ -166,6 +166,28 @@ def test_a_failing_dry_run_only_ends_the_plan(plans_on):
     assert ahead.real_device(torch.device("meta")) == torch.device("meta")
 
 
+def test_at_exit_running_compiles_finish_and_queued_ones_are_cancelled(tmp_path):
+    """A daemon thread still compiling when the interpreter finalises is stopped by a forced unwind through
+    Triton's C++ frames, which aborted finished GPU runs (exit code 134). At exit the pool waits for what runs
+    and cancels what is queued; the process exits cleanly."""
+    code = (
+        "import sys, time\n"
+        "from src.kernels import ahead\n"
+        "def slow(path):\n"
+        "    time.sleep(1.0)\n"
+        "    open(path, 'w').write('done')\n"
+        "pool = ahead._DaemonPool(1)\n"
+        "pool.submit(slow, sys.argv[1])\n"
+        "queued = pool.submit(slow, sys.argv[2])\n"
+        "time.sleep(0.2)  # the first call is running, the second queued; then the process ends\n"
+    )
+    running, queued = tmp_path / "running", tmp_path / "queued"
+    done = subprocess.run([sys.executable, "-c", code, str(running), str(queued)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr
+    assert running.read_text() == "done" and not queued.exists()
+
+
 def test_switched_off_by_the_environment_and_in_the_interpreter(monkeypatch):
     monkeypatch.setenv("SPATIAL_MAMBA_COMPILE_AHEAD", "0")
     assert not ahead.enabled()

@@ -91,13 +91,24 @@ def plan(key: Hashable, device: torch.device, dry_run: Callable[[], object]) -> 
 class _DaemonPool:
     """A few daemon threads running submitted calls in order. Not `concurrent.futures.ThreadPoolExecutor`, whose
     threads the interpreter joins at exit after running everything still queued: a process that ran one
-    inference forward and exits would wait for the backward's compiles it never needed. Daemon threads stop
-    with the process (Triton writes its cache files atomically, so a compile cut short leaves nothing behind)."""
+    inference forward and exits would wait for the backward's compiles it never needed. At exit (`close`, an
+    `atexit` hook) the queued calls are cancelled and the ones running are waited for, up to `EXIT_WAIT_S`: a
+    daemon thread still inside Triton's compiler when the interpreter finalises is stopped by a forced unwind
+    through C++ frames, which aborted finished runs on an H100 ("terminate called after throwing an instance
+    of ..., FATAL: exception not rethrown", exit code 134) — and a sweep read the code as a failed run."""
+
+    EXIT_WAIT_S = 60.0
 
     def __init__(self, workers: int):
+        import atexit
+
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._running = 0
+        self._closing = False
         for i in range(workers):
             threading.Thread(target=self._work, name=f"triton-ahead_{i}", daemon=True).start()
+        atexit.register(self.close)
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
@@ -105,13 +116,35 @@ class _DaemonPool:
         return future
 
     def _work(self) -> None:
-        while True:
+        while not self._closing:
             future, fn, args = self._queue.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as e:  # noqa: BLE001 - handed to whoever waits (`wait` drops it)
-                    future.set_exception(e)
+            with self._idle:
+                if self._closing:
+                    future.cancel()
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self._running += 1
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits (`wait` drops it)
+                future.set_exception(e)
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
+
+    def close(self) -> None:
+        """Cancel the queued calls, wait for the running ones (up to `EXIT_WAIT_S`); the threads then stop."""
+        with self._idle:
+            self._closing = True
+        while True:
+            try:
+                future, _, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            future.cancel()
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0, timeout=self.EXIT_WAIT_S)
 
 
 def _executor() -> _DaemonPool:
