@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 return
             ok, seconds, last = run_one(job, slot, gpus, args)
             with lock:
-                print(f"[{i + 1}/{len(jobs)}] {args.axis}/{job['name']}: {seconds:.0f} s — {last}", flush=True)
+                status = "" if ok else "FAILED: "  # a run can print its summary line and still exit non-zero
+                print(f"[{i + 1}/{len(jobs)}] {args.axis}/{job['name']}: {seconds:.0f} s — {status}{last}", flush=True)
                 if not ok:
                     failures.append(f"{job['name']} (see {job['run_dir'] / 'run.log'})")
 

@@ -158,3 +158,16 @@ def test_erf_tool_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {str(ckpt)!r} does not fit the model of the config") and err.count("\n") == 1
     assert not (tmp_path / "erf.png").exists()
+
+
+def test_a_failed_run_is_marked_in_its_line(tmp_path):
+    """A run that exits non-zero is labelled FAILED in the sweep's progress line, not only in the final summary
+    (a run can print its summary line and still exit non-zero)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "ablations" / "run.py"), "scan", "--variants", "row", "--seeds", "1",
+           "--epochs", "1", "--logdir", str(tmp_path), "--no-report", "--", "--data.init_args.batch_size=0"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    line = next(line for line in done.stdout.splitlines() if line.startswith("[1/1]"))
+    assert "— FAILED: error:" in line and "batch_size" in line, done.stdout
+    assert "1 run(s) failed: row seed0" in done.stderr
