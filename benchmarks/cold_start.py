@@ -258,7 +258,8 @@ def child(model_name: str, mode: str, batch: int, size: int, warmup: int, steps:
     rates = [round(batch * steps / run(steps)) for _ in range(windows)]
     label = mode + (" + Triton norms" if fused_norms else "") + "".join(f", {k}={v}" for k, v in settings or [])
     hooks = [h for h in model._forward_pre_hooks.values() if hasattr(h, "seconds")]
-    label += "".join(f", graphs compiled in parallel processes ({s:.1f} s)" for h in hooks for s in h.seconds)
+    parallel = [f"{s:.1f}" for h in hooks for s in h.seconds]  # one per input signature (evaluation, training)
+    label += f", graphs compiled in parallel processes ({' + '.join(parallel)} s)" if parallel else ""
     label += f", {loaded} cached artifacts loaded" if loaded else ""
     label += f", sanity check first ({sanity_s} s)" if sanity else ""
     label += ", compile ahead off" if os.environ.get("SPATIAL_MAMBA_COMPILE_AHEAD") == "0" else ""

@@ -10,6 +10,10 @@
 #      (none may come after the first epoch).
 # About 5 minutes on an H100. Usage: bash benchmarks/gpu_compile_start.sh   (results under $OUT, default
 # /tmp/compile_start). The repo installed with `pip install --no-deps -e .` on the GPU image, or fully.
+# BYTECODE=1 first compiles the Python bytecode of the installed packages, as `pip install` leaves it: the GPU
+# image ships torch without it and sets PYTHONDONTWRITEBYTECODE=1, so there every fresh interpreter (each compile
+# worker too) compiles torch's sources while importing it, 10-14 s on an H100 machine. The import time of a
+# fresh interpreter is printed with the environment either way.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/compile_start}
@@ -19,7 +23,16 @@ mkdir -p "$OUT" "$RUN"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # keeps packages installed with --target
 cd "$REPO"
 
+if [ "${BYTECODE:-0}" = 1 ]; then
+  SITE=$(python -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+  START=$(date +%s)
+  python -m compileall -q -j 0 "$SITE" > /dev/null 2>&1
+  echo "bytecode of $SITE compiled in $(( $(date +%s) - START )) s (BYTECODE=1)" | tee "$OUT/bytecode.txt"
+fi
 {
+  [ -f "$OUT/bytecode.txt" ] && cat "$OUT/bytecode.txt"
+  python -c "import time; t = time.time(); import torch, torch._dynamo, torch._inductor.compile_fx, src.models.spatial_mamba
+print(f'a fresh interpreter imports torch, its compiler and the model in {time.time() - t:.1f} s')"
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   python -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, '
              f'{torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA GPU\"}')"
