@@ -22,7 +22,7 @@ but it trained at 1027-1151 img/s against 1351-1483 (the stem and downsamples st
 boundary is a graph boundary), so the whole graph is the default. Its graphs compile one after another, as the
 forward and then the backward reach each stage; with `parallel=True` (`ParallelRegionalCompile`) worker
 processes compile the stages' graphs at once before the first step, and the parent finds them in the on-disk
-caches: the first step ended 44.8 s after the compile call instead of 83.4 s (H100, fresh caches).
+caches: the first step ended 45-53 s after the compile call instead of 83.4 s (H100s, fresh caches).
 
 Under DistributedDataParallel, dynamo by default splits a compiled graph at the boundaries of DDP's gradient
 buckets (`torch._dynamo.config.optimize_ddp`, its "DDPOptimizer"), so that each bucket's all-reduce can start
@@ -244,8 +244,8 @@ class ParallelRegionalCompile:
 
     Regional compilation compiles a graph per stage shape, and the parent compiles them one after another as
     the forward and then the backward reach each stage (on an H100 T's 8 graphs, 4 stages × forward and
-    backward, took most of an 83-90 s first step; with this hook the step ended 44.8 s after the compile call,
-    the workers' part 34.9 s). Here each worker gets a copy of its stage's first block, the
+    backward, took most of an 83-90 s first step; with this hook the step ended 45-53 s after the compile call,
+    the workers' part 35-39 s). Here each worker gets a copy of its stage's first block, the
     parent's compiler configuration and compile arguments, and compiles and runs it on an input of the stage's
     shape, dtype and mode; its graphs land in the on-disk caches the parent shares (inductor's FX graph and
     AOTAutograd caches, Triton's kernels, autotuning results). The parent then traces its blocks and finds every
@@ -253,16 +253,17 @@ class ParallelRegionalCompile:
     as without this hook (a warning says so). Workers take an equal share of the CPU cores for inductor's kernel
     compiles; they need a GPU context and the memory of one block's step each.
 
-    `workers` > 0 makes sure that many worker processes (`src.compile_worker`) are started: they import torch,
-    the compiler and the model's code, open a CUDA context on the current device (when the parent has one) and
-    start inductor's compile pool while the parent goes on (data loaders, optimizer), which took them 10-13 s
-    on a 16-core H100 machine. The workers belong to the process, not the hook: one that finished a job waits
-    for the next (a fit's sanity check, training, teacher and validation shapes; the EMA copy's hook uses the
-    same workers) and ends after `src.compile_worker.IDLE_S` without one, at `release_compile_workers()` or
-    when the parent exits. While the workers compile, the parent runs the
-    backbone once eagerly without gradients (`_eager_pass`): its share of the first step's work (this
-    project's Triton kernels, cuDNN's first calls) then overlaps theirs; the parent's part after the workers
-    fell from 14 s to 7 s."""
+    `workers` > 0 makes sure that many worker processes (`src.compile_worker`) are started: they import torch, the
+    compiler and the model's code, open a CUDA context on the current device (when the parent has one) and start
+    inductor's compile pool while the parent goes on (data loaders, optimizer), which took them 10-17 s on 16-core
+    H100 machines whose image ships torch without its bytecode (every fresh interpreter compiles torch's sources;
+    the same imports took 2.7 s on a 2-core CPU machine where `pip install` wrote it). The workers belong to the
+    process, not the hook: one that finished a job waits for the next (a fit's sanity check, training, teacher and
+    validation shapes; the EMA copy's hook uses the same workers) and ends after `src.compile_worker.IDLE_S` without
+    one, at `release_compile_workers()` or when the parent exits. While the workers compile, the parent runs the
+    backbone once eagerly without gradients (`_eager_pass`): its share of the first step's work (this project's
+    Triton kernels, cuDNN's first calls) then overlaps theirs; the parent's part after the workers fell from 14 s to
+    7 s."""
 
     def __init__(self, compile_kwargs: dict, workers: int = 0):
         self.compile_kwargs = compile_kwargs

@@ -73,7 +73,7 @@ class ImageClassifier(L.LightningModule):
         compile_parallel: with compile_regional, compile the stages' block graphs in parallel worker processes
             (one per stage, started at setup, reused for every input shape) before the backbone first runs at a
             new input shape, instead of one after another (src/compiling.py, `ParallelRegionalCompile`): T's cold
-            first step on an H100 ended 45 s after the compile call instead of 83 s. Off by default.
+            first step on an H100 ended 45-53 s after the compile call instead of 83 s. Off by default.
         compile_ddp_split: under DDP, let dynamo split the compiled graph at DDP's gradient-bucket boundaries
             so that all-reduce overlaps the backward (torch's default), instead of one graph reduced after the
             backward (src/compiling.py). Off by default: on one host the reduce is ~1 ms of a step.
