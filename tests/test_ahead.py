@@ -168,7 +168,7 @@ def test_a_failing_dry_run_only_ends_the_plan(plans_on):
 
 def test_at_exit_running_compiles_finish_and_queued_ones_are_cancelled(tmp_path):
     """A daemon thread still compiling when the interpreter finalises is stopped by a forced unwind through
-    Triton's C++ frames, which aborted finished GPU runs (exit code 134). At exit the pool waits for what runs
+    Triton's C++ frames, which aborted finished GPU runs (SIGABRT). At exit the pool waits for what runs
     and cancels what is queued; the process exits cleanly."""
     code = (
         "import sys, time\n"

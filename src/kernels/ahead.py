@@ -95,7 +95,7 @@ class _DaemonPool:
     `atexit` hook) the queued calls are cancelled and the ones running are waited for, up to `EXIT_WAIT_S`: a
     daemon thread still inside Triton's compiler when the interpreter finalises is stopped by a forced unwind
     through C++ frames, which aborted finished runs on an H100 ("terminate called after throwing an instance
-    of ..., FATAL: exception not rethrown", exit code 134) — and a sweep read the code as a failed run."""
+    of ..., FATAL: exception not rethrown", then SIGABRT) — and a sweep would read that as a failed run."""
 
     EXIT_WAIT_S = 60.0
 
