@@ -203,8 +203,8 @@ def write_report(axis_dir: str | Path, erf: bool | None = None, erf_images: int 
     lines += [
         "Mean ± std over seeds (sample std). best: highest val/acc1 of any epoch; final: after the last epoch. "
         "MACs: one image at the run's image size (conv + matmul). img/s: training steps (forward, backward, "
-        "optimiser) and eval-mode forward, measured inside each run — on a shared CPU they carry the load of "
-        "other processes.",
+        "optimiser) and eval-mode forward, measured inside each run on its device — runs that share a CPU or a "
+        "GPU carry each other's load.",
         "",
         *table(results),
         "",
