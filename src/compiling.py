@@ -332,7 +332,7 @@ class ParallelRegionalCompile:
             left = max(0.0, WORKER_TIMEOUT_S - (time.perf_counter() - start))
             answer = proc.stdout.readline().strip() if select.select([proc.stdout], [], [], left)[0] else None
             if answer == "ok":
-                _POOL.idle.append(proc)  # serves the next input signature, of this hook or another
+                _POOL.give_back(proc)  # serves the next input signature, of this hook or another
             else:
                 proc.kill()
                 proc.wait()
@@ -446,12 +446,16 @@ class _WorkerPool:
 
     def take(self, n: int, device: int | None) -> list:
         """`n` workers for `device`: idle ones first, then new ones (the caller gives back those that
-        succeed, `idle.append`)."""
+        succeed, `give_back`)."""
         procs = self._alive(device)[:n]
         for proc in procs:
             self.idle.remove(proc)
             proc.device = device  # its job opens its context there
         return procs + [self._spawn(_threads(n), device) for _ in range(n - len(procs))]
+
+    def give_back(self, proc) -> None:
+        """A worker that finished its job, idle again (it ends by itself after `src.compile_worker.IDLE_S`)."""
+        self.idle.append(proc)
 
     def _spawn(self, threads: int, device: int | None):
         """A worker process, warming up; `.spawned` its start time, `.log` its stderr's file (read when it
