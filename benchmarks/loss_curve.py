@@ -195,7 +195,8 @@ def compare_bf16(run: Pass, ref16: Pass, ref32: Pass, truth: Pass, k: float = 8.
             continue
         tensors[name] = dict(err=_ratio(_norm(g - g32), _norm(g32)),
                              limit=k * max(ref_errs[name], typical, BF16_RTOL), ref_err=ref_errs[name],
-                             cos=_cos(g, g32), ref_cos=_cos(ref16.grads[name], g32), share=share)
+                             cos=_cos(g, g32), ref_cos=_cos(ref16.grads[name], g32), cos16=_cos(g, ref16.grads[name]),
+                             share=share)
     loss_diff = _ratio(abs(run.loss - ref32.loss), abs(ref32.loss))
     loss_limit = max(BF16_LOSS_RTOL, k * _ratio(abs(ref16.loss - ref32.loss), abs(ref32.loss)))
     return _summarise(tensors, loss_diff, loss_limit)
@@ -329,7 +330,8 @@ def print_check(r: dict) -> None:
     if r["lowest_cos"]:
         t = r["tensors"][r["lowest_cos"]]
         print(f"{'':22}lowest cosine to the reference's fp32 gradient: {t['cos']:.5f} at {r['lowest_cos']} "
-              f"(the reference's own bf16: {t['ref_cos']:.5f})", flush=True)
+              f"(the reference's own bf16: {t['ref_cos']:.5f}; to the reference's bf16 gradient: "
+              f"{t['cos16']:.5f}, lowest {min(v.get('cos16', 1.0) for v in r['tensors'].values()):.5f})", flush=True)
 
 
 def print_seeds(args, seeds: dict) -> None:

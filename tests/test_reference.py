@@ -111,3 +111,26 @@ def test_reference_runs_in_float32_and_has_no_nan_for_long_sequences():
     y = structure_aware_ssm_ref(*(t[n] for n in ["x", "dt", "A", "B", "C", "D", "dt_bias", "weight", "alpha"]),
                                 [1, 3, 5], H, W)
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("padding", ["replicate", "zeros"])
+def test_reference_ignores_autocast_and_computes_in_float32(padding):
+    """Under bf16 autocast (which would run the fusion's convolutions in bf16) the op gives the bits it gives
+    outside autocast, forward and backward: it computes in fp32 on every backend, so mixed precision rounds only
+    its inputs and output."""
+    H, W = 6, 7
+    t = make_inputs(Bsz=2, D=4, H=H, W=W, dtype=torch.float32)
+    t.update({n: t[n].transpose(1, 2).to(torch.bfloat16) for n in ("x", "dt", "B", "C")})  # activations in bf16
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "weight", "alpha"]
+
+    def run(autocast: bool):
+        inputs = [t[n].clone().requires_grad_(True) for n in names]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = structure_aware_ssm_ref(*inputs, [1, 3, 5], H, W, padding=padding)
+        y.float().square().sum().backward()
+        return [y] + [i.grad for i in inputs]
+
+    plain, under_autocast = run(False), run(True)
+    assert plain[0].dtype == torch.bfloat16
+    for name, a, b in zip(["y"] + names, plain, under_autocast):
+        assert torch.equal(a, b), f"{name} differs under autocast"

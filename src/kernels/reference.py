@@ -144,6 +144,13 @@ def state_fusion_ref(h: torch.Tensor, weight, alpha, dilations: Sequence[int], H
         raise ValueError(f"unknown fusion padding {padding!r}; expected one of {FUSION_PADDINGS}")
     if len(dilations) == 0:
         return h
+    # in h's dtype even under autocast, which would run the convolutions in bf16 / fp16: the op computes in fp32
+    # at least on every backend, so that mixed precision changes only its inputs' and output's rounding
+    with torch.autocast(h.device.type, enabled=False):
+        return _state_fusion(h, weight.to(h.dtype), alpha.to(h.dtype), dilations, H, W, padding)
+
+
+def _state_fusion(h, weight, alpha, dilations: Sequence[int], H: int, W: int, padding: str) -> torch.Tensor:
     Bsz, D, N, L = h.shape
     k = weight.shape[-1]
     hm = h.reshape(Bsz, D * N, H, W)  # (B, D, N, L) -> (B, D·N, H, W)
