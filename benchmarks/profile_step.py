@@ -1,8 +1,15 @@
 """Where does a training step's time go? Profiles a few training steps of a backbone on the GPU and prints
-the top kernels by total device time, then the wall time of a step measured without the profiler: a wall time
-well above the kernels' sum means the GPU waits for the host (launch-bound or synchronising).
+the device time per kind of kernel (this project's SSM kernels, inductor's generated kernels, convolutions,
+matrix products, normalisations, other PyTorch kernels) and the top kernels, then the wall time of a step
+measured without the profiler: a wall time well above the kernels' sum means the GPU waits for the host
+(launch-bound or synchronising).
 
     python benchmarks/profile_step.py --model t --backend fused --compile --batch 128
+    python benchmarks/profile_step.py --compile --regional --cudagraphs    # as compile_regional + compile_cudagraphs
+
+Compiled steps compile as the LightningModules do (`src.compiling.compile_for_training`: the activation memory
+budget, in place; `--regional`: one graph per stage shape; `--cudagraphs`: the graphs replayed as CUDA graphs),
+so two runs of the script put the whole graph's and the regional graphs' steps side by side, kind by kind.
 """
 
 from __future__ import annotations
@@ -19,11 +26,30 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.errors import reports_user_errors  # noqa: E402
+from src.compiling import DEFAULT_MEMORY_BUDGET, compile_for_training  # noqa: E402
+from src.errors import UserError, reports_user_errors  # noqa: E402
 from src.timing import host_issue_s  # noqa: E402
 from src.models.spatial_mamba import spatial_mamba_b, spatial_mamba_s, spatial_mamba_t  # noqa: E402
 
 FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
+# kinds of kernels, by name: the first whose pattern occurs in the kernel's name (lower case) wins
+KINDS = (
+    ("SSM op (this project's kernels)", ("_scan_fwd_kernel", "_scan_bwd_kernel", "_fusion_fwd_kernel",
+                                         "_fusion_bwd_state_kernel", "_fusion_bwd_param_kernel",
+                                         "_weight_grad_kernel", "_mix_weights_kernel")),
+    ("LayerNorm (this project's kernels)", ("_ln_fwd_kernel", "_ln_bwd_kernel")),
+    ("inductor-generated", ("triton_",)),
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "winograd", "dgrad", "wgrad", "fprop")),
+    ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "ampere_", "cublas")),
+    ("normalisation", ("norm", "welford")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("other PyTorch", ("",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next(kind for kind, patterns in KINDS if any(p in low for p in patterns))
 
 
 @reports_user_errors
@@ -31,7 +57,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="t")
     p.add_argument("--backend", default="fused")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="compile as the LightningModules do (one graph)")
+    p.add_argument("--regional", action="store_true", help="with --compile: one graph per stage shape")
+    p.add_argument("--cudagraphs", action="store_true", help="with --compile: replay the graphs as CUDA graphs")
+    p.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET,
+                   help="activation memory budget of the compiled graphs (src/compiling.py)")
     p.add_argument("--fused-norms", choices=["on", "off"], default="off",
                    help="the fused backend's LayerNorms as Triton kernels (on) or nn.LayerNorm (off, the default)")
     p.add_argument("--batch", type=int, default=128)
@@ -41,11 +71,20 @@ def main() -> None:
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
     p.add_argument("--cpu-top", type=int, default=0, help="also list this many host-side ops by self CPU time")
     args = p.parse_args()
+    if (args.regional or args.cudagraphs) and not args.compile:
+        raise UserError("--regional and --cudagraphs choose how --compile compiles; add --compile")
+    if not torch.cuda.is_available():
+        raise UserError("profile_step.py profiles a step on a CUDA GPU; none is visible to torch")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     model = FACTORIES[args.model](backend=args.backend, fused_norms=args.fused_norms == "on")
     model = model.to(device).to(memory_format=torch.channels_last)
-    fn = torch.compile(model) if args.compile else model
+    if args.compile:
+        compile_for_training(model, memory_budget=args.memory_budget, regional=args.regional,
+                             cudagraphs=args.cudagraphs)
+    fn = model
+    how = ("compiled" + (", regional" if args.regional else ", whole graph") + (", CUDA graphs" if args.cudagraphs
+           else "")) if args.compile else "eager"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,), device=device)
@@ -66,8 +105,16 @@ def main() -> None:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
-    print(f"{args.model} {args.backend} {'compiled' if args.compile else 'eager'} batch {args.batch}: "
-          f"{total / 1e3 / args.steps:.1f} ms of kernels per step")
+    print(f"{args.model} {args.backend} {how} batch {args.batch}: {total / 1e3 / args.steps:.1f} ms of kernels per "
+          f"step, {sum(e.count for e in events) // args.steps} kernel launches")
+    kinds: dict[str, list[float]] = {}
+    for e in events:
+        k = kinds.setdefault(kernel_kind(e.key), [0.0, 0])
+        k[0] += e.self_device_time_total
+        k[1] += e.count
+    print(f"{'share':>6} {'ms/step':>8} {'kernels':>7}  kind")
+    for kind, (t, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"{100 * t / total:5.1f}% {t / 1e3 / args.steps:8.2f} {n // args.steps:7d}  {kind}")
     print(f"{'share':>6} {'ms/step':>8} {'calls':>6}  kernel")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
         print(f"{100 * e.self_device_time_total / total:5.1f}% {e.self_device_time_total / 1e3 / args.steps:8.2f} "

@@ -288,3 +288,32 @@ def test_experiment_metrics_times_inference_before_the_module_leaves_its_device(
     assert torn_down and evals and not any(evals)  # every timed forward ran before the teardown
     summary = {k: v for _, m in logger.records for k, v in m.items() if k.startswith("summary/")}
     assert summary["summary/infer_img_s"] > 0 and summary["summary/train_img_s"] > 0
+
+
+def test_profile_step_sorts_kernels_into_kinds_and_refuses_a_cpu(capsys):
+    """benchmarks/profile_step.py: kernels by name into kinds (PyTorch's own LayerNorm is not this project's),
+    and without a GPU one line of error instead of a trace."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    kind = profile_step.kernel_kind
+    assert kind("_fusion_bwd_param_kernel") == kind("_scan_fwd_kernel") == "SSM op (this project's kernels)"
+    assert kind("_ln_fwd_kernel") == "LayerNorm (this project's kernels)"
+    assert kind("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>") == "normalisation"
+    assert kind("triton_per_fused_native_layer_norm_3") == "inductor-generated"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32") == kind("nvjet_tst_128x256_64x4") == "matrix product"
+    assert kind("void cudnn::cnn::conv2d_grouped_direct_kernel") == "convolution"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, add>") == "other PyTorch"
+    if not torch.cuda.is_available():
+        import sys
+
+        argv, sys.argv = sys.argv, ["profile_step.py", "--compile", "--regional"]
+        try:
+            assert profile_step.main() == 2
+        finally:
+            sys.argv = argv
+        assert capsys.readouterr().err.startswith("error: profile_step.py profiles a step on a CUDA GPU")
