@@ -10,6 +10,9 @@
     python benchmarks/loss_curve.py --model t --size 64 --batch 32 --steps 200              # on a GPU
     TRITON_INTERPRET=1 python benchmarks/loss_curve.py --model digits --size 32 --batch 8 --steps 4 \\
         --checkpoints 0,2,4 --seeds 2 --backends fused                                     # CPU smoke test
+    python benchmarks/loss_curve.py ... --save-failing ckpts/                      # keep what fails, then
+    TRITON_INTERPRET=1 python benchmarks/loss_curve.py --replay ckpts/t-64px-step50.pt --precisions fp32
+                                             # the same weights and batch again, here on the CPU's interpreter
 
 Why not compare two loss curves side by side, as this script once did: AdamW's first updates are sign-like,
 so every parameter whose gradient is rounding noise (a conv bias feeding a BatchNorm, say) moves by ±lr at
@@ -271,16 +274,17 @@ def bf16_supported(backend: str, device: torch.device) -> bool:
     return device.type == "cuda" or backend not in TRITON_BACKENDS
 
 
-def check_checkpoints(args, data, states: dict[int, dict], order: list[torch.Tensor], device: torch.device,
-                      precisions: list[str]) -> list[dict]:
-    """Every checked backend × precision at every checkpoint; one record per comparison."""
-    images, labels = data
+def check_checkpoints(args, batches: dict[int, tuple[torch.Tensor, torch.Tensor]], states: dict[int, dict],
+                      device: torch.device, precisions: list[str]) -> list[dict]:
+    """Every checked backend × precision at every checkpoint (its weights `states[step]`, its batch
+    `batches[step]`); one record per comparison. With --save-failing, a checkpoint any comparison fails is
+    written there (weights, batch, what failed) for `--replay`."""
     model = build(args, args.reference, 0, device)
     spec = build(args, "torch", 0, device).double()  # the truth: the specification in float64
     with_bf16 = "bf16" in precisions and any(bf16_supported(b, device) for b in args.backends)
     records = []
     for step, state in sorted(states.items()):
-        x, y = images[order[step]].to(device), labels[order[step]].to(device)
+        x, y = (t.to(device) for t in batches[step])
         truth = probe(spec, state, x.double(), y)
         model.set_backend(args.reference)
         ref32 = probe(model, state, x, y)
@@ -295,7 +299,34 @@ def check_checkpoints(args, data, states: dict[int, dict], order: list[torch.Ten
                          else compare_bf16(run, ref16, ref32, truth, args.k_bf16))
                 records.append(dict(step=step, backend=backend, precision=precision, **asdict(check)))
                 print_check(records[-1])
+        failed = [f"{r['backend']} {r['precision']}: {r['failures'][0]}" for r in records
+                  if r["step"] == step and not r["passed"]]
+        if failed and args.save_failing:
+            save_checkpoint(args, step, state, x, y, failed)
     return records
+
+
+def save_checkpoint(args, step: int, state: dict, x: torch.Tensor, y: torch.Tensor, failed: list[str]) -> None:
+    """A failing checkpoint as a file `--replay` checks again (on this machine or another, e.g. the CPU with
+    Triton's interpreter): the model's weights and buffers, the batch, and what failed."""
+    os.makedirs(args.save_failing, exist_ok=True)
+    path = os.path.join(args.save_failing, f"{args.model}-{args.size}px-step{step}.pt")
+    torch.save(dict(model=args.model, size=args.size, step=step, state=state, x=x.cpu(), y=y.cpu(), failed=failed),
+               path)
+    print(f"{'':22}saved the checkpoint for --replay: {path}", flush=True)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A file of --save-failing, checked for what --replay needs."""
+    if not os.path.isfile(path):
+        raise UserError(f"--replay: no such file {path!r} (write one with --save-failing DIR)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("model", "size", "step", "state", "x", "y") if k not in saved]
+    if missing:
+        raise UserError(f"--replay: {path!r} is not a checkpoint of --save-failing (it lacks {', '.join(missing)})")
+    if saved["model"] not in MODELS:
+        raise UserError(f"--replay: {path!r} holds model {saved['model']!r}; expected one of {sorted(MODELS)}")
+    return saved
 
 
 def seed_runs(args, data, device: torch.device, ref_seed0: list[float] | None) -> dict:
@@ -381,7 +412,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=float, default=4.0, help="fp32: allowance factor over the reference's own error")
     p.add_argument("--k-bf16", type=float, default=8.0, help="bf16: allowance factor over the reference's own error")
     p.add_argument("--json", help="also write every number here")
+    p.add_argument("--save-failing", metavar="DIR", help="write every checkpoint a comparison fails to DIR (its "
+                   "weights, batch and failures), for --replay")
+    p.add_argument("--replay", metavar="FILE", help="check only the checkpoint of FILE (from --save-failing): no "
+                   "training, no seed runs; --model and --size come from the file")
     args = p.parse_args(argv)
+    if args.replay:
+        saved = load_checkpoint(args.replay)
+        args.model, args.size, args.seed_runs = saved["model"], saved["size"], False
+        args.batch, args.steps, args.checkpoints = len(saved["y"]), max(1, saved["step"]), str(saved["step"])
     args.backends = [b for b in args.backends.split(",") if b]
     for b in [args.reference] + args.backends:
         if b not in BACKENDS:
@@ -436,12 +475,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_checks(args, data, device: torch.device, precisions: list[str], with_seeds: bool) -> int:
-    ref_losses, states = train(args, data, args.reference, 0, device, amp=False, keep=frozenset(args.checkpoints))
+    if args.replay:
+        saved = load_checkpoint(args.replay)
+        ref_losses, states, batches = [], {saved["step"]: saved["state"]}, {saved["step"]: (saved["x"], saved["y"])}
+        print(f"\nreplay of {args.replay} (step {saved['step']}); it failed with: "
+              + "; ".join(saved.get("failed", [])))
+    else:
+        ref_losses, states = train(args, data, args.reference, 0, device, amp=False,
+                                   keep=frozenset(args.checkpoints))
+        order = batch_order(len(data[1]), args.batch, args.steps, 0)
+        images, labels = data
+        batches = {step: (images[order[step]], labels[order[step]]) for step in states}
     print(f"\ngradient check: one forward + backward from the reference's weights after each checkpoint step, on "
           f"that step's batch; err = ‖g − g_ref‖ / ‖g_ref‖ against the reference's fp32 gradient")
     print_check_header()
-    order = batch_order(len(data[1]), args.batch, args.steps, 0)
-    records = check_checkpoints(args, data, states, order, device, precisions)
+    records = check_checkpoints(args, batches, states, device, precisions)
 
     seeds = seed_runs(args, data, device, None if args.amp else ref_losses) if with_seeds else None
     if seeds:

@@ -121,3 +121,33 @@ def test_bad_arguments_end_with_one_line_and_exit_code_2(capsys):
     assert capsys.readouterr().err == "error: --steps must be ≥ 1, got 0\n"
     assert loss_curve.main(["--model", "digits", "--backends", "torch,nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown backend 'nope'; expected one of torch, ")
+
+
+def test_a_failing_checkpoint_is_saved_and_replays(monkeypatch, tmp_path, capsys):
+    """--save-failing writes the checkpoint a comparison failed at; --replay checks those weights and that batch
+    again without training: FAIL again while the backend is off, PASS once it is right."""
+    probe = loss_curve.probe
+
+    def off_probe(model, state, x, y, bf16=False):
+        result = probe(model, state, x, y, bf16)
+        if "auto" in {getattr(m, "backend", None) for m in model.modules()}:
+            result.grads["head.bias"] = result.grads["head.bias"] * 1.001
+        return result
+
+    monkeypatch.setattr(loss_curve, "probe", off_probe)
+    saved = tmp_path / "ckpts"
+    code = loss_curve.main(["--backends", "auto", "--model", "digits", "--size", "32", "--batch", "8", "--steps", "2",
+                            "--checkpoints", "2", "--seeds", "0", "--precisions", "fp32", "--save-failing", str(saved)])
+    assert code == 1
+    path = saved / "digits-32px-step2.pt"
+    assert path.is_file() and f"saved the checkpoint for --replay: {path}" in capsys.readouterr().out
+    out = tmp_path / "replay.json"
+    code = loss_curve.main(["--backends", "auto", "--replay", str(path), "--precisions", "fp32", "--json", str(out)])
+    assert code == 1
+    result = json.loads(out.read_text())
+    assert [(c["step"], c["passed"], c["worst"]) for c in result["checks"]] == [(2, False, "head.bias")]
+    assert "it failed with: auto fp32: head.bias" in capsys.readouterr().out
+    monkeypatch.setattr(loss_curve, "probe", probe)
+    assert loss_curve.main(["--backends", "auto", "--replay", str(path), "--precisions", "fp32"]) == 0
+    assert loss_curve.main(["--replay", str(tmp_path / "nope.pt")]) == 2
+    assert capsys.readouterr().err.startswith("error: --replay: no such file")
