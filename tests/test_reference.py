@@ -8,6 +8,7 @@ from src.kernels.reference import (
     SCAN_DIRECTIONS,
     SCANS,
     observe,
+    replicate_pad,
     scan_order,
     selective_scan_loop,
     selective_scan_ref,
@@ -134,3 +135,35 @@ def test_reference_ignores_autocast_and_computes_in_float32(padding):
     assert plain[0].dtype == torch.bfloat16
     for name, a, b in zip(["y"] + names, plain, under_autocast):
         assert torch.equal(a, b), f"{name} differs under autocast"
+
+
+@pytest.mark.parametrize("r", [0, 1, 3, 5])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 1, 1), (2, 2, 3, 1)])
+def test_replicate_pad_is_pytorchs_replicate_padding(shape, r):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    got, expected = replicate_pad(x, r), torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
+    assert torch.equal(got, expected)
+    dy = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(expected, x, dy)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_fusion_trains_on_the_cpu():
+    """The fusion compiled (as regional compilation of T compiles it with the torch backend): forward and
+    backward equal eager's. With F.pad's replicate mode, torch 2.14's CPU backward stopped on a stride assertion
+    (its kernel returned contiguous gradients where its meta kernel promised channels-last ones)."""
+    H, W = 4, 4
+    h = torch.randn(2, 8, 1, H * W, requires_grad=True)
+    weight, alpha = torch.randn(3, 8, 3, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+
+    def fusion(h, weight, alpha):
+        return state_fusion_ref(h, weight, alpha, [1, 3, 5], H, W)
+
+    dy = torch.randn(2, 8, 1, H * W)
+    compiled = torch.compile(fusion, fullgraph=True)(h, weight, alpha)
+    got = torch.autograd.grad(compiled, (h, weight, alpha), dy)
+    eager = fusion(h, weight, alpha)
+    expected = torch.autograd.grad(eager, (h, weight, alpha), dy)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

@@ -136,6 +136,19 @@ def merge_fusion_kernels(weight: torch.Tensor, alpha: torch.Tensor, dilations: S
     return merged
 
 
+def replicate_pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    """`F.pad(x, (r, r, r, r), mode="replicate")` of a (…, H, W) tensor, built from its edge rows and columns by
+    concatenation: the same values, and a backward (sums over the repeated edges) whose strides compiled graphs
+    predict — compiled on a CPU (torch 2.14), `replication_pad2d_backward` returned contiguous gradients where its
+    meta kernel had promised inductor's channels-last ones, and the backward stopped on a stride assertion."""
+    if r == 0:
+        return x
+    *lead, H, W = x.shape
+    x = torch.cat([x[..., :1].expand(*lead, H, r), x, x[..., -1:].expand(*lead, H, r)], dim=-1)
+    return torch.cat([x[..., :1, :].expand(*lead, r, W + 2 * r), x, x[..., -1:, :].expand(*lead, r, W + 2 * r)],
+                     dim=-2)
+
+
 def state_fusion_ref(h: torch.Tensor, weight, alpha, dilations: Sequence[int], H: int, W: int,
                      padding: str = "replicate") -> torch.Tensor:
     """Structure-aware state fusion of (B, D, N, L) states; an empty dilation list returns h as is.
@@ -160,8 +173,7 @@ def _state_fusion(h, weight, alpha, dilations: Sequence[int], H: int, W: int, pa
     fused = 0
     for i, d in enumerate(dilations):
         w = weight[i].repeat_interleave(N, dim=0)[:, None]  # (D·N, 1, k, k): one kernel per channel
-        r = d * (k // 2)
-        padded = F.pad(hm, (r, r, r, r), mode="replicate")
+        padded = replicate_pad(hm, d * (k // 2))
         fused = fused + alpha[i] * F.conv2d(padded, w, dilation=d, groups=D * N)
     return fused.reshape(Bsz, D, N, L)
 
