@@ -60,6 +60,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="compile as the LightningModules do (one graph)")
     p.add_argument("--regional", action="store_true", help="with --compile: one graph per stage shape")
     p.add_argument("--cudagraphs", action="store_true", help="with --compile: replay the graphs as CUDA graphs")
+    p.add_argument("--compile-stem", action="store_true",
+                   help="with --regional: compile the stem and each downsampling as graphs of their own too (the "
+                        "backbone's regional compilation leaves them eager)")
     p.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET,
                    help="activation memory budget of the compiled graphs (src/compiling.py)")
     p.add_argument("--fused-norms", choices=["on", "off"], default="off",
@@ -71,8 +74,10 @@ def main() -> None:
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
     p.add_argument("--cpu-top", type=int, default=0, help="also list this many host-side ops by self CPU time")
     args = p.parse_args()
-    if (args.regional or args.cudagraphs) and not args.compile:
-        raise UserError("--regional and --cudagraphs choose how --compile compiles; add --compile")
+    if (args.regional or args.cudagraphs or args.compile_stem) and not args.compile:
+        raise UserError("--regional, --cudagraphs and --compile-stem choose how --compile compiles; add --compile")
+    if args.compile_stem and not args.regional:
+        raise UserError("--compile-stem adds the stem and the downsamplings to --regional's graphs; add --regional")
     if not torch.cuda.is_available():
         raise UserError("profile_step.py profiles a step on a CUDA GPU; none is visible to torch")
     device = torch.device("cuda")
@@ -82,9 +87,13 @@ def main() -> None:
     if args.compile:
         compile_for_training(model, memory_budget=args.memory_budget, regional=args.regional,
                              cudagraphs=args.cudagraphs)
+        if args.compile_stem:
+            for module in (model.stem, *model.downsamples):
+                module.compile(**({"mode": "reduce-overhead"} if args.cudagraphs else {}))
     fn = model
-    how = ("compiled" + (", regional" if args.regional else ", whole graph") + (", CUDA graphs" if args.cudagraphs
-           else "")) if args.compile else "eager"
+    how = ("compiled" + (", regional" if args.regional else ", whole graph")
+           + (" + stem and downsamplings" if args.compile_stem else "")
+           + (", CUDA graphs" if args.cudagraphs else "")) if args.compile else "eager"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,), device=device)

@@ -357,10 +357,11 @@ class SpatialMamba(nn.Module):
         drop-path rate as an input), so dynamo compiles one graph per stage and reuses it for every block of that
         stage — fewer, smaller graphs to compile, no fusion across blocks. The stem and the downsamples (convs
         and BatchNorms, run by cuDNN) stay eager: compiled on their own under an activation memory budget below
-        1 (src/compiling.py), their backward failed with "modified by an inplace operation" on a 128-element
-        tensor, by its size a BatchNorm running statistic that the compiled forward updates in place after the
-        partitioner kept it for the recomputation. Other arguments go to `torch.compile`; regional shapes are
-        static unless `dynamic` is given."""
+        1 (src/compiling.py), their backward once failed with "modified by an inplace operation" on a
+        128-element tensor, by its size a BatchNorm running statistic that the compiled forward updates in place
+        after the partitioner kept it for the recomputation (with torch 2.14 on a CPU they now compile and train;
+        `benchmarks/profile_step.py --compile --regional --compile-stem` measures them on a GPU). Other arguments
+        go to `torch.compile`; regional shapes are static unless `dynamic` is given."""
         if not regional:
             super().compile(*args, **kwargs)
             return
