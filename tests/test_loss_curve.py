@@ -92,17 +92,20 @@ def test_seed_overlap():
     assert not loss_curve.seed_overlap([0.1, math.nan], [0.1, 0.2])[2]
 
 
+_PROBE = loss_curve.probe
+
+
+def _off_probe(model, state, x, y, bf16=False):
+    """The checker's probe, with the `auto` backend's head.bias gradient 0.1 % off (a wrong kernel's mark)."""
+    result = _PROBE(model, state, x, y, bf16)
+    if "auto" in {getattr(m, "backend", None) for m in model.modules()}:
+        result.grads["head.bias"] = result.grads["head.bias"] * 1.001
+    return result
+
+
 def test_main_fails_and_names_the_tensor_when_a_backend_is_off(monkeypatch, tmp_path, capsys):
     """`auto` is the torch backend on a CPU; a probe that scales one of its gradients must make the run FAIL."""
-    probe = loss_curve.probe
-
-    def off_probe(model, state, x, y, bf16=False):
-        result = probe(model, state, x, y, bf16)
-        if "auto" in {getattr(m, "backend", None) for m in model.modules()}:
-            result.grads["head.bias"] = result.grads["head.bias"] * 1.001
-        return result
-
-    monkeypatch.setattr(loss_curve, "probe", off_probe)
+    monkeypatch.setattr(loss_curve, "probe", _off_probe)
     out = tmp_path / "check.json"
     code = loss_curve.main(["--backends", "torch,auto", "--model", "digits", "--size", "32", "--batch", "8",
                             "--steps", "1", "--checkpoints", "1", "--seeds", "0", "--precisions", "fp32",
@@ -126,15 +129,7 @@ def test_bad_arguments_end_with_one_line_and_exit_code_2(capsys):
 def test_a_failing_checkpoint_is_saved_and_replays(monkeypatch, tmp_path, capsys):
     """--save-failing writes the checkpoint a comparison failed at; --replay checks those weights and that batch
     again without training: FAIL again while the backend is off, PASS once it is right."""
-    probe = loss_curve.probe
-
-    def off_probe(model, state, x, y, bf16=False):
-        result = probe(model, state, x, y, bf16)
-        if "auto" in {getattr(m, "backend", None) for m in model.modules()}:
-            result.grads["head.bias"] = result.grads["head.bias"] * 1.001
-        return result
-
-    monkeypatch.setattr(loss_curve, "probe", off_probe)
+    monkeypatch.setattr(loss_curve, "probe", _off_probe)
     saved = tmp_path / "ckpts"
     code = loss_curve.main(["--backends", "auto", "--model", "digits", "--size", "32", "--batch", "8", "--steps", "2",
                             "--checkpoints", "2", "--seeds", "0", "--precisions", "fp32", "--save-failing", str(saved)])
@@ -147,7 +142,7 @@ def test_a_failing_checkpoint_is_saved_and_replays(monkeypatch, tmp_path, capsys
     result = json.loads(out.read_text())
     assert [(c["step"], c["passed"], c["worst"]) for c in result["checks"]] == [(2, False, "head.bias")]
     assert "it failed with: auto fp32: head.bias" in capsys.readouterr().out
-    monkeypatch.setattr(loss_curve, "probe", probe)
+    monkeypatch.setattr(loss_curve, "probe", _PROBE)
     assert loss_curve.main(["--backends", "auto", "--replay", str(path), "--precisions", "fp32"]) == 0
     assert loss_curve.main(["--replay", str(tmp_path / "nope.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: --replay: no such file")
