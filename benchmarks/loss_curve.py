@@ -39,13 +39,13 @@ forward + backward of the torch backend (the specification) from the same weight
   * Seeds: a run's final loss is its mean over its last min(20, steps) steps; over the seeds a backend has
     mean m and spread s = max − min; it passes when |m − m_ref| ≤ max(s_ref, s).
 
-Data: the digits (real handwritten scans) upscaled to --size, no augmentation, a fixed batch order from a
-seeded generator; AdamW (lr --lr, weight decay 0.05), gradient clipping at 5.0, drop-path 0; fp32 means fp32
-(TF32 is switched off), and cuDNN runs deterministic convolution algorithms. The checks run in train mode
-(BatchNorm uses batch statistics) and reload the checkpoint's weights and buffers before every pass, so no pass
-sees running statistics of another. On a CPU,
-Triton runs only in its interpreter (TRITON_INTERPRET=1), which has no bf16: bf16 checks of the Triton
-backends are skipped there with a note, and --amp seed runs need a GPU. Exit code 1 on FAIL.
+Data: the digits (real handwritten scans) upscaled to --size, no augmentation, a fixed batch order from a seeded
+generator; AdamW (lr --lr, weight decay 0.05), gradient clipping at 5.0, drop-path 0; fp32 means fp32 (TF32 is
+switched off), and cuDNN runs deterministic convolution algorithms. The checks run in train mode (BatchNorm uses
+batch statistics) and reload the checkpoint's weights and buffers before every pass, so no pass sees running
+statistics of another. On a CPU, Triton runs only in its interpreter (TRITON_INTERPRET=1), which has no bf16:
+bf16 checks of the Triton backends are skipped there with a note, and --amp seed runs need a GPU. Exit code 1 on
+FAIL.
 """
 
 from __future__ import annotations
@@ -417,8 +417,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--replay", metavar="FILE", help="check only the checkpoint of FILE (from --save-failing): no "
                    "training, no seed runs; --model and --size come from the file")
     args = p.parse_args(argv)
+    args.replayed = None
     if args.replay:
-        saved = load_checkpoint(args.replay)
+        args.replayed = saved = load_checkpoint(args.replay)
         args.model, args.size, args.seed_runs = saved["model"], saved["size"], False
         args.batch, args.steps, args.checkpoints = len(saved["y"]), max(1, saved["step"]), str(saved["step"])
     args.backends = [b for b in args.backends.split(",") if b]
@@ -475,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_checks(args, data, device: torch.device, precisions: list[str], with_seeds: bool) -> int:
-    if args.replay:
-        saved = load_checkpoint(args.replay)
+    if args.replayed:
+        saved = args.replayed
         ref_losses, states, batches = [], {saved["step"]: saved["state"]}, {saved["step"]: (saved["x"], saved["y"])}
         print(f"\nreplay of {args.replay} (step {saved['step']}); it failed with: "
               + "; ".join(saved.get("failed", [])))
@@ -502,7 +503,7 @@ def run_checks(args, data, device: torch.device, precisions: list[str], with_see
         reasons.append("nothing was checked: see the notes above")
     print("\ntraining-equivalence: " + ("PASS" if not reasons else f"FAIL ({'; '.join(reasons)})"))
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k != "json"}
+        config = {k: v for k, v in vars(args).items() if k not in ("json", "replayed")}
         with open(args.json, "w") as f:
             json.dump(dict(config=config, device=str(device), precisions=precisions, reference_losses=ref_losses,
                            checks=records, seeds=seeds, passed=not reasons, reasons=reasons), f, indent=1)
