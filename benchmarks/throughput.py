@@ -73,8 +73,10 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
     "regional" = `SpatialMamba.compile(regional=True)` (one graph per stage shape), "cudagraphs" = one graph
-    replayed as CUDA graphs, "graphed" = no compile: the eager step (forward, loss, backward, AdamW) recorded
-    once as one CUDA graph with `torch.cuda.graph` and replayed (`src.cudagraphs.graph_step`). `mesa`: every
+    replayed as CUDA graphs, "regional-cudagraphs" = the regional graphs replayed as CUDA graphs (as the
+    LightningModules' compile_regional + compile_cudagraphs), "graphed" = no compile: the eager step (forward,
+    loss, backward, AdamW) recorded once as one CUDA graph with `torch.cuda.graph` and replayed
+    (`src.cudagraphs.graph_step`). `mesa`: every
     training step also runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as
     MESA's EMA teacher.
     `ddp` ("split" or "whole", training only): the model compiled in place and wrapped in DistributedDataParallel
@@ -86,10 +88,11 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         torch.cuda.reset_peak_memory_stats(device)  # (modes that keep their warm-up in the peak: not an earlier row's)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if mesa and train else None
     fn = model
-    if compiled == "regional":  # the backbone's own regional compile, in place (as the LightningModules do)
-        model.compile(regional=True)
+    if compiled in ("regional", "regional-cudagraphs"):  # the backbone's own, in place (as the LightningModules do)
+        regional = dict(regional=True, mode="reduce-overhead" if compiled == "regional-cudagraphs" else None)
+        model.compile(**regional)
         if teacher is not None:
-            teacher.compile(regional=True)
+            teacher.compile(**regional)
     elif compiled and ddp and train:
         torch._dynamo.config.optimize_ddp = ddp == "split"
         model.compile()
@@ -142,7 +145,8 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     for _ in range(warmup + steps):
         step()
         timer.step(batch)
-        if timer.steps == warmup and device.type == "cuda" and compiled not in ("cudagraphs", "graphed"):
+        if timer.steps == warmup and device.type == "cuda" and compiled not in ("cudagraphs", "regional-cudagraphs",
+                                                                                 "graphed"):
             torch.cuda.reset_peak_memory_stats(device)  # (CUDA graphs: their pool is allocated while recording)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     if extra is not None and device.type == "cuda":
@@ -166,7 +170,7 @@ def _one_process_ddp(model: nn.Module, device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
 
 
-MODES = ("eager", "compiled", "regional", "cudagraphs", "graphed")
+MODES = ("eager", "compiled", "regional", "cudagraphs", "regional-cudagraphs", "graphed")
 
 
 def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) -> dict:
@@ -178,10 +182,11 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) 
         try:
             torch.manual_seed(0)
             model = build(name, backend, fused_norms)
-            # measure's `compiled`: False, True (one graph), "regional", "cudagraphs" or "graphed"; the timm baselines
-            # have no regional compilation and compile as one graph
+            # measure's `compiled`: False, True (one graph), "regional", "cudagraphs", "regional-cudagraphs" or
+            # "graphed"; the timm baselines have no regional compilation and compile as one graph
             compiled = {"eager": False, "compiled": True, "cudagraphs": "cudagraphs", "graphed": "graphed",
-                        "regional": "regional" if ours else True}[mode]
+                        "regional": "regional" if ours else True,
+                        "regional-cudagraphs": "regional-cudagraphs" if ours else "cudagraphs"}[mode]
             extra = {}
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], compiled,
                                        args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp, extra=extra)
@@ -242,9 +247,10 @@ def main() -> None:
     p.add_argument("--config", action="append", default=[], help="a config file whose backbone to measure")
     p.add_argument("--backends", default="auto")
     p.add_argument("--precisions", default="bf16")
-    p.add_argument("--modes", default="compiled", help="eager,compiled,regional,cudagraphs,graphed (regional: "
-                   "Spatial-Mamba's one graph per stage shape, the baselines compile whole; cudagraphs: one graph "
-                   "replayed as CUDA graphs, torch.compile mode 'reduce-overhead'; graphed: no compile, the eager "
+    p.add_argument("--modes", default="compiled", help="eager,compiled,regional,cudagraphs,regional-cudagraphs,"
+                   "graphed (regional: Spatial-Mamba's one graph per stage shape, the baselines compile whole; "
+                   "cudagraphs: one graph replayed as CUDA graphs, torch.compile mode 'reduce-overhead'; "
+                   "regional-cudagraphs: the regional graphs so replayed; graphed: no compile, the eager "
                    "step's kernels recorded as one CUDA graph with torch.cuda.graph, bf16/fp32 only)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
@@ -328,7 +334,7 @@ def main() -> None:
     header = (f"{datetime.date.today()} · {dev} · torch {torch.__version__} · triton {triton.__version__} · commit "
               f"{commit or '?'} · batch {args.batch}, {args.size}², {args.warmup} warm-up + {args.steps} timed steps"
               + (f" · compiled with activation memory budget {args.memory_budget}"
-                 if {"compiled", "regional", "cudagraphs"} & set(modes) else ""))
+                 if {"compiled", "regional", "cudagraphs", "regional-cudagraphs"} & set(modes) else ""))
     text = f"{header}\n\n{table(rows, baselines, args.batch)}\n"
     print("\n" + text)
     with open(args.json, "w") as f:

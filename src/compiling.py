@@ -135,7 +135,9 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
         elif parallel and hasattr(module, "stage_blocks"):
             # one worker per stage, started now: they warm up while the caller prepares its first step
             workers = len(module.stage_blocks((1, module.in_chans, 32, 32)))
-            module.register_forward_pre_hook(ParallelRegionalCompile(dict(kwargs, dynamic=False), workers=workers))
+            block_kwargs = (module.block_compile_kwargs(**kwargs) if hasattr(module, "block_compile_kwargs")
+                            else dict(kwargs, dynamic=False))
+            module.register_forward_pre_hook(ParallelRegionalCompile(block_kwargs, workers=workers))
 
 
 def _artifact_count(info) -> int:

@@ -88,3 +88,49 @@ def test_regional_cuda_graphs_evaluate_without_gradients(features_only):
     compiled.train()
     outs = compiled(x)
     sum(o.float().sum() for o in (outs if features_only else [outs])).backward()
+
+
+def test_block_compile_arguments_turn_off_layout_optimisation_and_keep_the_mode():
+    kwargs = SpatialMamba.block_compile_kwargs(mode="reduce-overhead")
+    assert kwargs == dict(dynamic=False, options={"triton.cudagraphs": True, "layout_optimization": False})
+    assert SpatialMamba.block_compile_kwargs() == dict(dynamic=False, options={"layout_optimization": False})
+    # what the caller says wins; other backends take no inductor options
+    assert SpatialMamba.block_compile_kwargs(dynamic=True, options={"layout_optimization": True}) == dict(
+        dynamic=True, options={"layout_optimization": True})
+    assert SpatialMamba.block_compile_kwargs(backend="eager", mode="default") == dict(
+        backend="eager", mode="default", dynamic=False)
+
+
+def test_regional_compile_gives_every_block_the_block_arguments(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: seen.append((type(self).__name__, k)))
+    model = _model()
+    model.compile(regional=True, mode="reduce-overhead")
+    assert [name for name, _ in seen] == ["Block"] * 8
+    assert all(k == SpatialMamba.block_compile_kwargs(mode="reduce-overhead") for _, k in seen)
+    assert model._cudagraph_blocks
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_regional_block_backward_runs_cudnn_depthwise_kernels():
+    """A block compiled regionally by inductor, bf16, under the activation memory budget (whose backward
+    recomputes the depthwise convolutions' inputs): its convolutions' backward runs in cuDNN, not in PyTorch's
+    native depthwise kernels, which inductor's layout optimisation made it take (block_compile_kwargs)."""
+    from torch._functorch import config as functorch_config
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    model = SpatialMamba(num_classes=10, dims=(64, 128, 256, 512), depths=(1, 0, 0, 0), backend="fused").cuda()
+    block = model.stages[0][0]
+    model.compile(regional=True)
+    x = torch.randn(4, 16, 16, 64, device="cuda", requires_grad=True)
+    with functorch_config.patch(activation_memory_budget=0.8):
+        for _ in range(2):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = block(x)
+                y.float().square().sum().backward()
+                torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not [n for n in names if "conv_depthwise2d" in n], names

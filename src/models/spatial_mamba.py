@@ -365,17 +365,44 @@ class SpatialMamba(nn.Module):
         if not regional:
             super().compile(*args, **kwargs)
             return
-        options = kwargs.get("options") or {}
+        kwargs = self.block_compile_kwargs(**kwargs)
         self._cudagraph_blocks = kwargs.get("mode") in ("reduce-overhead", "max-autotune") or bool(
-            options.get("triton.cudagraphs"))
-        # static shapes: the stages differ in size, and dynamo's automatic dynamic shapes would turn the second
-        # stage's graph into a symbolic one whose guards then fail on the next block (a graph per block again)
-        kwargs.setdefault("dynamic", False)
+            (kwargs.get("options") or {}).get("triton.cudagraphs"))
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), self.RECOMPILE_LIMIT))
         for stage in self.stages:
             for block in stage:
                 block.compile(*args, **kwargs)
+
+    @staticmethod
+    def block_compile_kwargs(**kwargs) -> dict:
+        """`torch.compile` arguments of a regionally compiled block, from those given to `compile(regional=True)`:
+        - `dynamic=False` unless given: the stages differ in size, and dynamo's automatic dynamic shapes would turn
+          the second stage's graph into a symbolic one whose guards then fail on the next block (a graph per block
+          again);
+        - inductor's layout optimisation off (`options["layout_optimization"] = False` unless given). In a graph
+          with convolutions it gives every 4-D tensor the channels-last strides of an (N, C, H, W) map; a block's
+          residual stream is (B, H, W, C), whose buffers thus got (B, W, C, H)-ordered strides, and the inputs of
+          the depthwise convolutions that the backward recomputes from them (the activation memory budget) were
+          neither channels-last nor contiguous: their backward ran in PyTorch's native depthwise kernels after
+          copies instead of cuDNN's NHWC kernels. Off, the convolutions see the channels-last views the block
+          makes itself. T, bf16, batch 128, on an H100 (regional graphs as CUDA graphs,
+          `benchmarks/profile_step.py`): 73.9 ms per training step instead of 100.9 (72 of 99 ms of kernels);
+        - `mode` turned into the inductor options it stands for (`torch.compile` takes one or the other), so that
+          the option above can be added to it.
+        The last two only for inductor (the default backend). The parallel compile workers
+        (`src.compiling.ParallelRegionalCompile`) compile with the same arguments."""
+        import torch._inductor
+
+        kwargs.setdefault("dynamic", False)
+        if kwargs.get("backend", "inductor") != "inductor":
+            return kwargs
+        mode = kwargs.pop("mode", None)
+        options = dict(torch._inductor.list_mode_options(mode, kwargs["dynamic"]) if mode not in (None, "default")
+                       else {})
+        options.update(kwargs.get("options") or {})
+        options.setdefault("layout_optimization", False)
+        return dict(kwargs, options=options)
 
     def stage_blocks(self, images: Sequence[int]) -> list[tuple[nn.Module, tuple[int, int, int, int]]]:
         """For images of shape (B, C, H, W) (H, W multiples of 32): (the first block, the blocks' input shape
