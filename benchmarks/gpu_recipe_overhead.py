@@ -30,6 +30,9 @@ step boundaries, after `--warmup` steps), batch 128, bf16, 224², fused backend,
   cudagraphs     the loop (with and without MESA's teacher), the recipe with synthetic batches and the full
                  recipe, compiled and replayed as CUDA graphs (`compile_cudagraphs true`; not in the default
                  --modes).
+  regional-cudagraphs  the same four rows with one graph per stage shape replayed as CUDA graphs (the recipe's
+                 compile_regional, compile_parallel and compile_cudagraphs true; throughput.py's mode of that name
+                 for the loops, whose graphs compile in this process); not in the default --modes.
   graphed        the same four rows without compiling: the loop's whole eager step recorded as one CUDA graph
                  (`throughput.py --modes graphed`), the recipe with `eager_cudagraphs true` (what the recipe
                  ships: the backbone's forward/backward and MESA's teacher recorded, the rest eager; not in the
@@ -204,8 +207,9 @@ def peak_gib() -> float | None:
 
 
 def run_recipe(args, recipe: dict, name: str, data: str, mode: str, classes: int, changes: list[str]) -> dict:
-    """One `fit` of a recipe variant; `mode` eager, compiled, cudagraphs (compiled, replayed as CUDA graphs) or
-    graphed (eager kernels recorded as CUDA graphs, `eager_cudagraphs`)."""
+    """One `fit` of a recipe variant; `mode` eager, compiled (one graph), cudagraphs (compiled, replayed as CUDA
+    graphs), regional-cudagraphs (one graph per stage shape, compiled in parallel workers, replayed as CUDA graphs)
+    or graphed (eager kernels recorded as CUDA graphs, `eager_cudagraphs`)."""
     import main
 
     config = variant_config(recipe, args.out, name, data, changes)
@@ -214,8 +218,10 @@ def run_recipe(args, recipe: dict, name: str, data: str, mode: str, classes: int
         "--data.init_args.root", str(args.root), "--data.init_args.num_workers", str(args.workers),
         "--data.init_args.batch_size", str(args.batch), "--data.init_args.image_size", str(args.size),
         "--model.init_args.num_classes", str(classes), "--model.init_args.backbone.init_args.num_classes", str(classes),
-        "--model.init_args.compile", str(mode in ("compiled", "cudagraphs")).lower(),
-        "--model.init_args.compile_cudagraphs", str(mode == "cudagraphs").lower(),
+        "--model.init_args.compile", str(mode in COMPILED_MODES).lower(),
+        "--model.init_args.compile_cudagraphs", str(mode in ("cudagraphs", "regional-cudagraphs")).lower(),
+        "--model.init_args.compile_regional", str(mode == "regional-cudagraphs").lower(),
+        "--model.init_args.compile_parallel", str(mode == "regional-cudagraphs").lower(),
         "--model.init_args.eager_cudagraphs", str(mode == "graphed").lower(), "--model.init_args.warmup_epochs", "0",
         "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
@@ -254,8 +260,8 @@ def build_backbone(args, classes: int) -> nn.Module:
 
 def run_loop(args, compiled: bool | str, as_throughput_py: bool, classes: int = 1000, mesa: bool = False) -> dict:
     """throughput.py's training loop (`measure`; with `mesa`, plus MESA's teacher forward as the recipe runs it),
-    or the same loop with the recipe's layout and optimizer. compiled: False, True, or "cudagraphs" or "graphed"
-    (the throughput.py loop only)."""
+    or the same loop with the recipe's layout and optimizer. compiled: False, True, or "cudagraphs",
+    "regional-cudagraphs" or "graphed" (the throughput.py loop only)."""
     device = torch.device("cpu" if args.cpu else "cuda")
     dtype = None if args.cpu else torch.bfloat16
     torch.manual_seed(0)
@@ -292,6 +298,7 @@ def run_loop(args, compiled: bool | str, as_throughput_py: bool, classes: int = 
 
 # ---------------------------------------------------------------- table
 MESA_OFF = ("MESA off", "all of the above off")
+COMPILED_MODES = ("compiled", "cudagraphs", "regional-cudagraphs")
 LOOP, LOOP_MESA = "throughput.py loop", "throughput.py loop + MESA teacher"
 
 
@@ -330,7 +337,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per row")
     p.add_argument("--steps", type=int, default=30, help="timed steps per row")
     p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)))
-    p.add_argument("--modes", default="eager,compiled", help="any of eager,compiled,cudagraphs,graphed")
+    p.add_argument("--modes", default="eager,compiled",
+                   help="any of eager,compiled,cudagraphs,regional-cudagraphs,graphed")
     p.add_argument("--budget-s", type=float, default=420, help="rows that would start after this many seconds "
                    "(compiled ones: after budget − --compile-estimate-s) are skipped")
     p.add_argument("--compile-estimate-s", type=float, default=150, help="expected length of a compiled row")
@@ -366,9 +374,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     recipe = yaml.safe_load(args.config.read_text())
     args.fused_norms = bool(recipe["model"]["init_args"].get("backbone", {}).get("init_args", {}).get("fused_norms"))
     modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - {"eager", "compiled", "cudagraphs", "graphed"}
+    unknown = set(modes) - {"eager", *COMPILED_MODES, "graphed"}
     if unknown:
-        sys.exit(f"error: --modes: unknown {sorted(unknown)}; expected any of eager,compiled,cudagraphs,graphed")
+        sys.exit(f"error: --modes: unknown {sorted(unknown)}; expected any of eager,{','.join(COMPILED_MODES)},graphed")
     only = {n.strip() for n in args.only.split(";") if n.strip()}
 
     plan = []  # (name, mode, runner)
@@ -393,7 +401,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             plan.append((name, "compiled",
                          functools.partial(run_recipe, args, recipe, name, data, "compiled", classes, changes)))
 
-    for mode in ("cudagraphs", "graphed"):  # compiled and replayed as CUDA graphs; eager kernels recorded as graphs
+    for mode in ("cudagraphs", "regional-cudagraphs", "graphed"):  # compiled, replayed as CUDA graphs; eager, recorded
         if mode in modes:
             plan.append((LOOP, mode, functools.partial(run_loop, args, mode, True)))
             plan.append((LOOP_MESA, mode, functools.partial(run_loop, args, mode, True, mesa=True)))

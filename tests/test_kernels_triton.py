@@ -388,9 +388,14 @@ def test_compiled_backbone_fused_fullgraph_forward_backward(monkeypatch):
 
     cuDNN's TF32 (on by default) is turned off: with it, the compiled and the eager model's convolutions round
     their inputs to 10-bit mantissas in different algorithms, and the logits part by ~1.4e-4 relative whatever
-    the scan backend (measured on an H100; 1.5e-7 without TF32)."""
+    the scan backend (measured on an H100; 1.5e-7 without TF32).
+
+    Dynamo's state is reset first: a backbone compiled earlier in the process at other shapes (a GPU `fit` of
+    another test) would make this compile dynamic in batch and image size (automatic dynamic shapes), a
+    different test, which torch 2.11's inductor fails with an internal assertion in its tiling analysis."""
     from src.models.spatial_mamba import SpatialMamba
 
+    torch._dynamo.reset()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = SpatialMamba(dims=[32, 64, 128, 256], depths=[1, 1, 2, 1], num_classes=10, backend="fused",
                          drop_path_rate=0.0).cuda()

@@ -50,10 +50,11 @@ def read_losses(path: Path) -> dict[int, str]:
     return losses
 
 
-def recipe(tmp_path, data, name, losses, workers, kill_at=None, gpu=None):
+def recipe(tmp_path, data, name, losses, workers, kill_at=None, gpu=None, compiled=False):
     """The tiny recipe writing every step's loss to `losses`; `gpu`: None (the CPU) or a dict of trainer
-    settings for a GPU run, which also records the eager kernels as CUDA graphs (`eager_cudagraphs`, the
-    ImageNet recipe's GPU path: fused backend, Triton LayerNorms, bf16, stochastic depth)."""
+    settings for a GPU run (fused backend, Triton LayerNorms, bf16, stochastic depth), which records the eager
+    kernels as CUDA graphs (`eager_cudagraphs`), or with `compiled` compiles as the ImageNet recipe does on a GPU
+    (regional graphs compiled in parallel workers, replayed as CUDA graphs)."""
     callbacks = [{"class_path": "tests.test_resume.LossRecorder", "init_args": {"path": str(losses)}}]
     if kill_at is not None:
         callbacks.append({"class_path": "tests.test_resume.KillAtStep", "init_args": {"step": kill_at}})
@@ -63,7 +64,9 @@ def recipe(tmp_path, data, name, losses, workers, kill_at=None, gpu=None):
     cfg["model"]["init_args"]["mesa_start"] = 0.5
     if gpu is not None:
         cfg["trainer"].update(accelerator="gpu", devices=1, precision="bf16-mixed", **gpu)
-        cfg["model"]["init_args"].update(eager_cudagraphs=True, compile=None)
+        cfg["model"]["init_args"].update(eager_cudagraphs=not compiled, compile=None)
+        if compiled:
+            cfg["model"]["init_args"].update(compile_regional=True, compile_parallel=True, compile_cudagraphs=True)
         cfg["model"]["init_args"]["backbone"]["init_args"].update(backend="fused", fused_norms=True,
                                                                   drop_path_rate=0.2)
     config.write_text(yaml.safe_dump(cfg))
@@ -83,20 +86,29 @@ def test_sigkill_then_resume_with_recorded_cuda_graphs_is_bit_exact(tmp_path, mo
     kill_resume_and_compare(tmp_path, monkeypatch, gpu={})
 
 
-def kill_resume_and_compare(tmp_path, monkeypatch, gpu=None):
+@requires_cuda
+@pytest.mark.gpu
+def test_sigkill_then_resume_compiled_regionally_with_cuda_graphs_is_bit_exact(tmp_path, monkeypatch):
+    """The same with the ImageNet recipe's compiled GPU path: regional graphs, compiled in parallel worker
+    processes, replayed as CUDA graphs (the resumed process compiles and records again)."""
+    kill_resume_and_compare(tmp_path, monkeypatch, gpu={}, compiled=True)
+
+
+def kill_resume_and_compare(tmp_path, monkeypatch, gpu=None, compiled=False):
     data = make_digits_folder(tmp_path / "data")  # 48 training images: 6 steps of 8 per epoch
     monkeypatch.chdir(tmp_path)
 
     # uninterrupted run, loading in the main process
     (tmp_path / "a").mkdir()
-    ref = main.cli(["fit", "--config", str(recipe(tmp_path, data, "a", tmp_path / "a.txt", workers=0, gpu=gpu))])
+    ref = main.cli(["fit", "--config", str(recipe(tmp_path, data, "a", tmp_path / "a.txt", workers=0, gpu=gpu,
+                                                       compiled=compiled))])
     assert ref.trainer.global_step == 12
-    if gpu is not None:
+    if gpu is not None and not compiled:
         assert ref.model._graphed and ref.model._teacher_graph is not None
 
     # the same run with 2 loader workers, killed after step 9 (epoch 1, batch 3); last-step.ckpt is from step 8
     (tmp_path / "b").mkdir()
-    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, kill_at=9, gpu=gpu)
+    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, kill_at=9, gpu=gpu, compiled=compiled)
     out = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config)], cwd=tmp_path,
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
@@ -104,7 +116,7 @@ def kill_resume_and_compare(tmp_path, monkeypatch, gpu=None):
     assert last["global_step"] == 8 and last["epoch"] == 1
 
     # resumed with `--ckpt_path last` (the newest of last.ckpt, last-step.ckpt): the same config without the kill
-    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, gpu=gpu)
+    config = recipe(tmp_path, data, "b", tmp_path / "bc.txt", workers=2, gpu=gpu, compiled=compiled)
     resumed = main.cli(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 12
 
