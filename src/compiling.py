@@ -17,9 +17,13 @@ is set here, before that call; every module compiled afterwards in the process g
 
 Regional compilation (`compile_regional`) compiles each block on its own; the blocks of a stage share one graph
 (their drop-path rates are graph inputs), so T needs 4 block graphs instead of one graph of 18 blocks. On an
-H100 (fresh caches, `benchmarks/cold_start.py`) its first step took 81.7 s against 119.0 s for the whole graph,
-but it trained at 1027-1151 img/s against 1351-1483 (the stem and downsamples stay eager, and every block
-boundary is a graph boundary), so the whole graph is the default. Its graphs compile one after another, as the
+H100 (fresh caches, `benchmarks/cold_start.py`) its first step took 81.7 s against 119.0 s for the whole graph.
+It used to train slower (1027-1151 img/s against 1351-1483), until its block graphs were compiled without
+inductor's layout optimisation (`SpatialMamba.block_compile_kwargs` says why): replayed as CUDA graphs, regional
+T then trained at 1724-1748 img/s against 1643 for the whole graph so replayed (H100, batch 128, bf16). Without
+CUDA graphs its ~36 graph calls per step leave it bound by the host. The whole graph stays the default of
+`compile`; the three knobs together (regional, parallel, cudagraphs) are the fastest. Its graphs compile one
+after another, as the
 forward and then the backward reach each stage; with `parallel=True` (`ParallelRegionalCompile`) worker
 processes compile the stages' graphs at once before the first step, and the parent finds them in the on-disk
 caches: the first step ended 45-53 s after the compile call instead of 83.4 s (H100s, fresh caches).
