@@ -139,8 +139,7 @@ def main() -> None:
     wall = (time.perf_counter() - t0) / wall_steps
     print(f"wall time per step (no profiler, {wall_steps} steps): {wall * 1e3:.1f} ms = {args.batch / wall:.0f} img/s; "
           f"kernels {total / 1e3 / args.steps:.1f} ms ({100 * total / 1e6 / args.steps / wall:.0f} % of the wall "
-          "time); "
-          f"peak memory since the start {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
+          f"time); peak memory since the start {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
     # the host's share: from an idle GPU, how long the host takes to issue one step (until step() returns) and
     # how many times the step makes the host wait for the GPU (torch's sync debug mode warns on each)
     issue = host_issue_s(step, device, repeats=5)

@@ -76,9 +76,8 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
     replayed as CUDA graphs, "regional-cudagraphs" = the regional graphs replayed as CUDA graphs (as the
     LightningModules' compile_regional + compile_cudagraphs), "graphed" = no compile: the eager step (forward,
     loss, backward, AdamW) recorded once as one CUDA graph with `torch.cuda.graph` and replayed
-    (`src.cudagraphs.graph_step`). `mesa`: every
-    training step also runs a no-grad forward of a frozen eval-mode copy of the model (compiled with it), as
-    MESA's EMA teacher.
+    (`src.cudagraphs.graph_step`). `mesa`: every training step also runs a no-grad forward of a frozen eval-mode
+    copy of the model (compiled with it), as MESA's EMA teacher.
     `ddp` ("split" or "whole", training only): the model compiled in place and wrapped in DistributedDataParallel
     over a one-process group, as Lightning's ddp strategy runs it, with dynamo's graph split at DDP's buckets
     (torch's default) or one graph (src/compiling.py)."""

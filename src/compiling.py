@@ -23,10 +23,10 @@ inductor's layout optimisation (`SpatialMamba.block_compile_kwargs` says why): r
 T then trained at 1724-1748 img/s against 1643 for the whole graph so replayed (H100, batch 128, bf16). Without
 CUDA graphs its ~36 graph calls per step leave it bound by the host. The whole graph stays the default of
 `compile`; the three knobs together (regional, parallel, cudagraphs) are the fastest. Its graphs compile one
-after another, as the
-forward and then the backward reach each stage; with `parallel=True` (`ParallelRegionalCompile`) worker
-processes compile the stages' graphs at once before the first step, and the parent finds them in the on-disk
-caches: the first step ended 45-53 s after the compile call instead of 83.4 s (H100s, fresh caches).
+after another, as the forward and then the backward reach each stage; with `parallel=True`
+(`ParallelRegionalCompile`) worker processes compile the stages' graphs at once before the first step, and the
+parent finds them in the on-disk caches: the first step ended 45-53 s after the compile call instead of 83.4 s
+(H100s, fresh caches; 29.7-37.8 s where torch's bytecode was compiled, so that the workers import it fast).
 
 Under DistributedDataParallel, dynamo by default splits a compiled graph at the boundaries of DDP's gradient
 buckets (`torch._dynamo.config.optimize_ddp`, its "DDPOptimizer"), so that each bucket's all-reduce can start
@@ -139,9 +139,8 @@ def compile_for_training(*modules: nn.Module | None, memory_budget: float = DEFA
         elif parallel and hasattr(module, "stage_blocks"):
             # one worker per stage, started now: they warm up while the caller prepares its first step
             workers = len(module.stage_blocks((1, module.in_chans, 32, 32)))
-            block_kwargs = (module.block_compile_kwargs(**kwargs) if hasattr(module, "block_compile_kwargs")
-                            else dict(kwargs, dynamic=False))
-            module.register_forward_pre_hook(ParallelRegionalCompile(block_kwargs, workers=workers))
+            module.register_forward_pre_hook(ParallelRegionalCompile(module.block_compile_kwargs(**kwargs),
+                                                                     workers=workers))
 
 
 def _artifact_count(info) -> int:
