@@ -8,8 +8,10 @@
 # on all ranks, checkpoints written once, logged val metrics = 1-GPU validate of the checkpoint).
 # The recipe records its eager kernels as CUDA graphs (eager_cudagraphs, no compile): each device count takes 1-2 minutes
 # (first step ~36 s from cold caches; the script's arguments go to main.py: with `--model.init_args.eager_cudagraphs false
-# --model.init_args.compile_cudagraphs true` it compiles, 2-5 minutes each, first step ~140-190 s with a cold inductor cache),
-# so on a host with a 10-minute limit per command run it in parts; every call continues the summary of the last (`ddp_scaling.py --continue`):
+# --model.init_args.compile_cudagraphs true` it compiles, 2-5 minutes each, first step ~140-190 s with a cold inductor cache;
+# adding `--model.init_args.compile_regional true --model.init_args.compile_parallel true` compiles regionally, the fastest
+# start and step on one GPU), so on a host with a 10-minute limit per command run it in parts; every call continues the
+# summary of the last (`ddp_scaling.py --continue`):
 #   COUNTS=1,2 bash benchmarks/gpu_ddp_scaling.sh      # then, on the same warm host:
 #   bash benchmarks/gpu_ddp_scaling.sh                 # the remaining counts (4, 8 where the host has them)
 # Results under $OUT (default /tmp/ddp_scaling); runs and summary.json under $RUN.
