@@ -162,6 +162,26 @@ def test_fused_forward_without_grad_and_backends_agree():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_triton_backend_fuses_states_in_the_references_layout(monkeypatch):
+    """The `triton` backend is the Triton scan + the reference's fusion; its states must reach that fusion
+    contiguous, as the reference's do. A transposed view of the scan's (B, L, D) output reaches the
+    convolutions as a channels-last map, and on an H100 cuDNN's channels-last depthwise kernels gave the T
+    model's fp32 gradients errors of up to 8e-4 at some training steps (the reference's: 1e-6)."""
+    from src.kernels import ops
+
+    seen = []
+
+    def recording_fusion(h, *args, **kwargs):
+        seen.append(h.is_contiguous())
+        return fusion(h, *args, **kwargs)
+
+    fusion = ops.state_fusion_ref
+    monkeypatch.setattr(ops, "state_fusion_ref", recording_fusion)
+    t = make_inputs(H=6, W=7)
+    structure_aware_ssm_triton(*(t[n] for n in NAMES), [1, 3, 5], 6, 7, "row")
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_whole_model_same_loss_and_parameter_gradients(backend, monkeypatch):
     """One training step of a whole (narrow) Spatial-Mamba in fp32: the Triton backends give the loss and

@@ -300,7 +300,11 @@ def structure_aware_ssm_triton(
     """Triton scan (op `spatial_mamba::selective_scan`, fp32 states) + the reference's torch fusion and
     observation. Returns y (B, L, D) in x's dtype. Shapes and checks as for the fused op."""
     check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
-    h = selective_scan(x, dt, A, B, dt_bias, H, W, scan).transpose(1, 2)[:, :, None]  # (B, L, D) -> (B, D, 1, L)
+    # (B, L, D) -> (B, D, 1, L), contiguous as the reference's own states are: a transposed view would reach the
+    # fusion's convolutions as a channels-last map, which cuDNN convolves with other kernels than the reference's
+    # (the T model's fp32 gradients then parted from the reference's by up to 8e-4 at some training steps, on an
+    # H100, where the reference's own error to a float64 pass was 1e-6); this backend is the reference's fusion
+    h = selective_scan(x, dt, A, B, dt_bias, H, W, scan).transpose(1, 2).contiguous()[:, :, None]
     h = state_fusion_ref(h, weight.float(), alpha.float(), dilations, H, W)
     y = observe(h, C.float().transpose(1, 2), D.float(), x.float().transpose(1, 2))  # (B, D, L)
     return y.transpose(1, 2).to(x.dtype)
