@@ -169,13 +169,12 @@ def test_triton_backend_fuses_states_in_the_references_layout(monkeypatch):
     model's fp32 gradients errors of up to 8e-4 at some training steps (the reference's: 1e-6)."""
     from src.kernels import ops
 
-    seen = []
+    seen, fusion = [], ops.state_fusion_ref
 
     def recording_fusion(h, *args, **kwargs):
         seen.append(h.is_contiguous())
         return fusion(h, *args, **kwargs)
 
-    fusion = ops.state_fusion_ref
     monkeypatch.setattr(ops, "state_fusion_ref", recording_fusion)
     t = make_inputs(H=6, W=7)
     structure_aware_ssm_triton(*(t[n] for n in NAMES), [1, 3, 5], 6, 7, "row")
