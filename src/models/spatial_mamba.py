@@ -24,13 +24,13 @@ from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, layer_norm, structure_
 TOTAL_STRIDE = BACKBONE_STRIDE
 
 
-def drop_path(x: torch.Tensor, p: torch.Tensor, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch of a sample with probability p, a 0-d tensor (a
-    compiled graph takes it as an input instead of a constant)."""
+def drop_path(x: torch.Tensor, keep_prob: torch.Tensor, training: bool) -> torch.Tensor:
+    """Stochastic depth: keep the whole residual branch of a sample with probability keep_prob, a 0-d tensor (a
+    compiled graph takes it as an input instead of a constant), and scale the kept ones by 1 / keep_prob."""
     if not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    return x * keep / keep_prob
 
 
 class StateFusion(nn.Module):
@@ -143,9 +143,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """cpe -> SSM -> cpe -> MLP, each with a residual; channels-last (B, H, W, C) in and out."""
+    """cpe -> SSM -> cpe -> MLP, each with a residual; channels-last (B, H, W, C) in and out. `drop_path`: this
+    block's stochastic-depth rate; `stochastic_depth`: whether training draws the drop masks at all (default:
+    rate > 0; `SpatialMamba` gives all its blocks one value, so that they share compiled graphs)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, **ssm_kwargs):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, stochastic_depth: bool | None = None,
+                 **ssm_kwargs):
         super().__init__()
         self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -153,21 +156,30 @@ class Block(nn.Module):
         self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
-        # the rate as a tensor: compiled, each block's graph then takes it as an input rather than baking
-        # it in, so the blocks of a stage, whose rates differ, share one graph under regional compilation
-        self.register_buffer("drop_prob", torch.tensor(float(drop_path)), persistent=False)
+        # the keep probability as a tensor: compiled, each block's graph then takes it as an input rather than
+        # baking it in, so the blocks of a stage, whose rates differ, share one graph under regional compilation.
+        # 1 - p is computed once here (the same tensor op, so the same bits, as each branch of each step did before)
+        self.register_buffer("keep_prob", 1.0 - torch.tensor(float(drop_path)), persistent=False)
+        # whether training draws the masks at all: the model passes one value to all its blocks (False when its
+        # rate is 0, where each branch would otherwise cost a few kernel launches for nothing), so that the
+        # blocks still share one graph
+        self.stochastic_depth = drop_path > 0 if stochastic_depth is None else bool(stochastic_depth)
+
+    @property
+    def drop_prob(self) -> torch.Tensor:
+        """The probability of dropping this block's residual branches in training."""
+        return 1.0 - self.keep_prob
 
     @staticmethod
     def _cpe(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = self.training and self.stochastic_depth
         x = x + self._cpe(self.cpe1, x)
-        x = x + drop_path(self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend)), self.drop_prob,
-                          self.training)
+        x = x + drop_path(self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend)), self.keep_prob, drop)
         x = x + self._cpe(self.cpe2, x)
-        x = x + drop_path(self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend)), self.drop_prob,
-                          self.training)
+        x = x + drop_path(self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend)), self.keep_prob, drop)
         return x
 
 
@@ -314,7 +326,8 @@ class SpatialMamba(nn.Module):
         self.stages = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             first = sum(depths[:i])
-            blocks = [Block(dim, mlp_ratio, rates[first + j], **ssm_kwargs) for j in range(depth)]
+            blocks = [Block(dim, mlp_ratio, rates[first + j], drop_path_rate > 0, **ssm_kwargs)
+                      for j in range(depth)]
             self.stages.append(nn.Sequential(*blocks))
         self.downsamples = nn.ModuleList(Downsample(dims[i], dims[i + 1]) for i in range(3))
         if not features_only:
