@@ -120,7 +120,8 @@ class StructureAwareSSM(nn.Module):
         x = x.reshape(Bsz, H * W, self.d_inner)  # (B, L, D): a view, the conv output being channels-last
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)  # (B, L, R) -> (B, L, D)
-        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # fp32 at least, fp64 kept
+        A_log = self.A_log if self.A_log.dtype in (torch.float32, torch.float64) else self.A_log.float()
+        A = -torch.exp(A_log)  # fp32 at least, fp64 kept
         y = structure_aware_ssm(
             x, dt, A, B, C, self.D, self.dt_bias,
             self.state_fusion.weight, self.state_fusion.alpha, self.state_fusion.dilations, H, W,
