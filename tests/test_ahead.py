@@ -7,6 +7,7 @@ submitted compiles instead of compiling. The GPU test compiles for real, in a fr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -236,3 +237,124 @@ def test_gpu_every_kernel_of_a_step_compiles_ahead(tmp_path):
     assert lines, out.stderr[-3000:]
     counts = json.loads(lines[-1])
     assert counts["in_step"] == [] and counts["ahead"] >= 10, counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# direct launches: a variant launched once through Triton is launched again through its compiled launcher
+
+
+class _Param:
+    def __init__(self, name: str, default=inspect.Parameter.empty):
+        self.name, self.default = name, default
+
+
+class _FakeCompiled:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _FakeJit:
+    """Stands for a @triton.jit kernel with parameters (x, n, BLOCK, FLAG, OPT=5): `kernel[grid](...)` is
+    Triton's full path, recorded, and returns the variant's compiled kernel."""
+
+    def __init__(self):
+        self.params = [_Param(name) for name in ("x", "n", "BLOCK", "FLAG")] + [_Param("OPT", 5)]
+        self.full, self.variants = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.full.append((grid, args, kwargs))
+            self.variants.append(_FakeCompiled())
+            return self.variants[-1]
+
+        return run
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """Direct launches on (device 0, stream 1234), no launch hooks, an empty cache of variants."""
+    runtime = type("Runtime", (), {"launch_enter_hook": None, "launch_exit_hook": None})()
+    monkeypatch.setattr(ahead, "_fast", [lambda: 0, lambda device: 1234, runtime])
+    monkeypatch.setattr(ahead, "_compiled", {})
+    return runtime
+
+
+def test_a_variant_is_launched_through_triton_once_then_directly(direct):
+    kernel, x = _FakeJit(), torch.zeros(8)
+    ahead._launch_now(kernel, (3,), (x, 7), dict(BLOCK=16, FLAG=True, num_warps=4))
+    assert len(kernel.full) == 1
+    ahead._launch_now(kernel, (5, 2), (x, 9), dict(BLOCK=16, FLAG=True, num_warps=4))
+    assert len(kernel.full) == 1  # the second launch went to the compiled launcher, with every parameter
+    assert kernel.variants[0].runs == [(5, 2, 1, 1234, "function", "metadata", None, None, None, x, 9, 16, True, 5)]
+
+
+@pytest.mark.parametrize("change", ["unaligned", "dtype", "one", "multiple_of_16", "wide", "keyword", "option"])
+def test_whatever_can_select_another_variant_goes_through_triton(direct, change):
+    kernel, x = _FakeJit(), torch.zeros(16)
+    args, kwargs = (x, 7), dict(BLOCK=16, FLAG=True, num_warps=4)
+    ahead._launch_now(kernel, (1,), args, kwargs)
+    changed = {
+        "unaligned": ((x[1:], 7), kwargs), "dtype": ((x.double(), 7), kwargs), "one": ((x, 1), kwargs),
+        "multiple_of_16": ((x, 32), kwargs), "wide": ((x, 2**31 + 7), kwargs),
+        "keyword": (args, dict(kwargs, BLOCK=32)), "option": (args, dict(kwargs, num_warps=8)),
+    }[change]
+    ahead._launch_now(kernel, (1,), *changed)
+    assert len(kernel.full) == 2 and kernel.variants[0].runs == []
+
+
+def test_an_installed_launch_hook_sends_every_launch_through_triton(direct):
+    kernel, x = _FakeJit(), torch.zeros(8)
+    direct.launch_enter_hook = type("Chain", (), {"calls": [print]})()  # what Triton's profilers add
+    for _ in range(2):
+        ahead._launch_now(kernel, (1,), (x, 7), dict(BLOCK=16, FLAG=True))
+    assert len(kernel.full) == 2
+
+
+def test_direct_launches_are_off_in_the_interpreter_and_by_the_environment(monkeypatch):
+    for env in (dict(TRITON_INTERPRET="1"), dict(TRITON_INTERPRET="0", SPATIAL_MAMBA_FAST_LAUNCH="0")):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(ahead, "_fast", [])
+        assert ahead._resolve_fast() == [None]
+
+
+def test_argument_keys_tell_variants_apart():
+    x = torch.zeros(16)
+    keys = [ahead.arg_key(a) for a in (x, x[1:], x.half(), 1, 2, 16, 2**31, -(2**31) - 1, 2.0, True, False, None)]
+    assert len(set(keys)) == len(keys)
+    assert ahead.arg_key(3) == ahead.arg_key(5) and ahead.arg_key(x[4:]) == ahead.arg_key(x)  # 16 bytes in: aligned
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_direct_launches_give_the_bits_of_triton_launches(monkeypatch):
+    """The fused op (C aligned, then one element in) and the gated LayerNorm (gate a half of a projection),
+    forward and backward, bf16 and fp32: launched directly, the same bits as launched through Triton."""
+    def step(dtype, aligned):
+        torch.manual_seed(0)
+        leaves, args = _fused_inputs(dtype, Bsz=2, D=64, H=14, W=14)
+        if aligned:
+            args = (*args[:4], args[4].contiguous(), *args[5:])
+        assert (args[4].data_ptr() % 16 == 0) == aligned
+        y = structure_aware_ssm_fused(*args, [1, 3, 5], 14, 14, "row")
+        zz = torch.randn(2, 196, 128, device="cuda", dtype=dtype, requires_grad=True)
+        y = norms.layer_norm(y, nn.LayerNorm(64).cuda(), zz[..., 64:])
+        y.float().square().sum().backward()
+        return [y.detach()] + [t.grad for t in (*leaves, zz)]
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for aligned in (True, False):
+            monkeypatch.setattr(ahead, "_fast", [None])  # every launch through Triton
+            expected = step(dtype, aligned)
+            monkeypatch.setattr(ahead, "_fast", [])  # direct launches (resolved again)
+            monkeypatch.setattr(ahead, "_compiled", {})
+            step(dtype, aligned)  # first launches of each variant: through Triton
+            got = step(dtype, aligned)
+            assert ahead._compiled, "no launch was direct"
+            for e, g in zip(expected, got):
+                torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -19,13 +19,16 @@ background compile of that kernel (so no variant is ever compiled twice at once;
 Triton's cache) and launches it. A variant the plan did not foresee (say a gradient with unusual strides)
 simply compiles at its launch, as it would without this module; a background compile that fails is dropped,
 and the launch compiles again and raises where it would have. Tile timing (`tuning.pick_config`) under a plan
-submits every candidate it would time, which then compile in parallel too.
+submits every candidate it would time, which then compile in parallel too. A variant launched once is launched
+again through its compiled launcher directly, without Triton's per-call bookkeeping (see "Launches" below).
 
-Off in the Triton interpreter and without CUDA; `SPATIAL_MAMBA_COMPILE_AHEAD=0` turns it off.
+Off in the Triton interpreter and without CUDA; `SPATIAL_MAMBA_COMPILE_AHEAD=0` turns it off
+(`SPATIAL_MAMBA_FAST_LAUNCH=0` the direct launches).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import queue
 import threading
@@ -168,8 +171,99 @@ def _submit(kernel, args: tuple, kwargs: dict) -> None:
     _pending.setdefault(kernel, []).append(future)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Launches: without Triton's per-call bookkeeping. `kernel[grid](*args)` binds the arguments, works out their
+# specialisation (dtype and 16-byte alignment of every pointer; value 1, divisibility by 16 and width of every
+# integer), builds the cache key with its options, checks the kernel's globals, builds launch metadata and calls
+# the (empty) launch hooks, and only then calls the compiled launcher: with about 250 launches per training step
+# of T this bookkeeping is a measurable share of eager training, which is bound by the host. The first launch of
+# each variant goes through Triton and its compiled kernel is kept under a key at least as fine as Triton's own
+# (the kernel, the current device, the keyword arguments, and per positional argument its dtype and alignment or
+# its integer class); later launches with that key call the compiled launcher directly. Whenever a launch hook
+# is installed (Triton's profilers) or a key cannot be built, the launch goes through Triton.
+# SPATIAL_MAMBA_FAST_LAUNCH=0 turns this off.
+
+_compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, values of the later parameters, the kernel)
+_fast: list = []  # [device getter, stream getter, launch-hook chains] once resolved, [None] where unavailable
+
+
+def _resolve_fast() -> list:
+    if not _fast:
+        entry: list = [None]
+        if os.environ.get("SPATIAL_MAMBA_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            try:
+                from triton import knobs
+                from triton.runtime import driver
+
+                hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+                if all(hasattr(h, "calls") or h is None for h in hooks):
+                    entry = [driver.active.get_current_device, driver.active.get_current_stream, knobs.runtime]
+            except Exception:  # noqa: BLE001 - an older or different Triton: every launch goes through it
+                pass
+        _fast[:] = entry
+    return _fast
+
+
+def _hooked(runtime) -> bool:
+    """Whether a launch hook is installed (Triton's profilers add them): then the full path runs them."""
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True))
+                or (leave is not None and getattr(leave, "calls", True)))
+
+
+def arg_key(a) -> object:
+    """What of one positional argument can select a different compiled variant: a tensor's dtype and whether its
+    address is 16-byte aligned; an integer's being 1, divisible by 16 and 32-bit or wider; a float's type; any
+    other value (bool, None) itself."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    kind = type(a)
+    if kind is int:
+        return a == 1, a % 16 == 0, -2147483648 <= a <= 2147483647, a >= 9223372036854775808  # 2**63
+    if kind is float:
+        return float
+    return kind, a
+
+
+def _tail(kernel, n_args: int, kwargs: dict) -> tuple | None:
+    """The values of the kernel's parameters after the first `n_args` (keywords or defaults), or None."""
+    params = getattr(kernel, "params", None)
+    if params is None:
+        return None
+    tail = []
+    for param in params[n_args:]:
+        if param.name in kwargs:
+            tail.append(kwargs[param.name])
+        elif getattr(param, "default", inspect.Parameter.empty) is not inspect.Parameter.empty:
+            tail.append(param.default)
+        else:
+            return None
+    return tuple(tail)
+
+
 def _launch_now(kernel, grid, args: tuple, kwargs: dict) -> None:
-    kernel[grid](*args, **kwargs)
+    fast = _fast or _resolve_fast()
+    if fast[0] is None:
+        kernel[grid](*args, **kwargs)
+        return
+    get_device, get_stream, runtime = fast
+    device = get_device()
+    try:  # id(kernel): the entry keeps the kernel alive, so its id is never reused
+        key = (id(kernel), device, *kwargs.items(), *map(arg_key, args))
+        entry = _compiled.get(key)
+    except TypeError:  # an unhashable argument: Triton decides
+        key = entry = None
+    if entry is not None and type(grid) is tuple and not _hooked(runtime):
+        compiled, tail, _ = entry
+        n = len(grid)
+        compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(device),
+                     compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+        return
+    compiled = kernel[grid](*args, **kwargs)
+    if key is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        tail = _tail(kernel, len(args), kwargs)
+        if tail is not None:
+            _compiled[key] = (compiled, tail, kernel)
 
 
 def wait(kernel) -> None:
@@ -198,4 +292,4 @@ def reset() -> None:
     _planned.clear()
 
 
-__all__ = ["enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait"]
+__all__ = ["arg_key", "enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait"]
