@@ -54,7 +54,7 @@ def layer_norm_ref(x: Tensor, weight: Tensor, bias: Tensor, eps: float, gate: Te
 
 
 @triton.jit(do_not_specialize=["M"])
-def _ln_fwd_kernel(x_ptr, z_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, z_row_stride, eps,
+def _ln_fwd_kernel(x_ptr, z_ptr, w_ptr, b_ptr, y_ptr, stats_ptr, M, N, z_row_stride, eps,
                    HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -73,13 +73,13 @@ def _ln_fwd_kernel(x_ptr, z_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, 
         z = tl.load(z_ptr + rows[:, None] * z_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=mask_m)
-    tl.store(rstd_ptr + rows, rstd, mask=mask_m)
+    tl.store(stats_ptr + rows, mean, mask=mask_m)  # stats (2, M): means, then 1/std
+    tl.store(stats_ptr + M + rows, rstd, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=["M", "blocks_per_program"])
-def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_part_ptr,
-                   db_part_ptr, M, N, z_row_stride, blocks_per_program,
+def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, stats_ptr, dx_ptr, dz_ptr, part_ptr,
+                   M, N, z_row_stride, blocks_per_program,
                    HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -96,8 +96,8 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_pt
         offs = rows[:, None] * N + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
+        mean = tl.load(stats_ptr + rows, mask=mask_m, other=0.0)
+        rstd = tl.load(stats_ptr + M + rows, mask=mask_m, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_GATE:
             z = tl.load(z_ptr + rows[:, None] * z_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -112,8 +112,8 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_pt
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
-    tl.store(dw_part_ptr + pid * N + cols, dw, mask=mask_n)
-    tl.store(db_part_ptr + pid * N + cols, db, mask=mask_n)
+    tl.store(part_ptr + pid * N + cols, dw, mask=mask_n)  # parts (2, programs, N): weight, then bias partials
+    tl.store(part_ptr + (tl.num_programs(0) + pid) * N + cols, db, mask=mask_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,28 +135,30 @@ def _rows(t: Tensor, N: int) -> Tensor | None:
 
 
 def _forward(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: float):
-    """x (M, N) contiguous, z None or (M, N) with unit column stride -> y (M, N), per-row mean and 1/std."""
+    """x (M, N) contiguous, z None or (M, N) with unit column stride -> y (M, N), stats (2, M): per-row means
+    and 1/std (one tensor: fewer allocations and views, host time)."""
     M, N = x.shape
     ahead.plan(("layer_norm", N, x.dtype, None if z is None else z.stride(0), x.device), x.device,
                lambda: _plan(x, z, weight, bias, eps))
     y = torch.empty_like(x)
-    mean, rstd = torch.empty(2, M, device=x.device, dtype=torch.float32)  # one allocation (host time)
+    stats = torch.empty(2, M, device=x.device, dtype=torch.float32)
     block_m, block_n, warps = _tile(N)
     launch(_ln_fwd_kernel, (triton.cdiv(M, block_m),),
-        x, x if z is None else z, weight, bias, y, mean, rstd, M, N, N if z is None else z.stride(0), eps,
+        x, x if z is None else z, weight, bias, y, stats, M, N, N if z is None else z.stride(0), eps,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    return y, mean, rstd
+    return y, stats
 
 
 def _plan(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: float) -> None:
     """A plan's dry run (`ahead.plan`): forward and backward on meta tensors of the inputs' shapes and strides."""
     x, z, weight, bias = (ahead.meta_like(t) for t in (x, z, weight, bias))
-    y, mean, rstd = _forward(x, z, weight, bias, eps)
-    _backward(torch.empty_like(y), x, z, weight, bias, mean, rstd)
+    y, stats = _forward(x, z, weight, bias, eps)
+    _backward(torch.empty_like(y), x, z, weight, bias, stats)
 
 
-def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor):
-    """Shapes as `_forward`'s; dz comes back contiguous even for a strided gate."""
+def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, stats: Tensor):
+    """Shapes as `_forward`'s; dz comes back contiguous even for a strided gate; the parameters' gradients in
+    fp32, their dtype (`layer_norm` runs the kernels for fp32 parameters only)."""
     M, N = x.shape
     dy = dy.contiguous()
     dx = torch.empty_like(x)
@@ -164,11 +166,11 @@ def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Ten
     block_m, block_n, warps, programs, per_program = _bwd_grid(M, N, x.device)
     parts = torch.empty(2, programs, N, device=x.device, dtype=torch.float32)  # weight and bias partials
     launch(_ln_bwd_kernel, (programs,),
-        dy, x, x if z is None else z, weight, bias, mean, rstd, dx, dx if dz is None else dz,
-        parts[0], parts[1], M, N, N if z is None else z.stride(0), per_program,
+        dy, x, x if z is None else z, weight, bias, stats, dx, dx if dz is None else dz,
+        parts, M, N, N if z is None else z.stride(0), per_program,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     dw, db = parts.sum(1)  # a fixed-order reduction over the programs' partials
-    return dx, dz, dw.to(weight.dtype), db.to(bias.dtype)
+    return dx, dz, dw, db
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,14 +189,14 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, z):
-        y, mean, rstd = _forward(x, z, weight, bias, eps)
-        ctx.save_for_backward(x, z, weight, bias, mean, rstd)
+        y, stats = _forward(x, z, weight, bias, eps)
+        ctx.save_for_backward(x, z, weight, bias, stats)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, z, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dz, dw, db = _backward(dy, x, z, weight, bias, mean, rstd)
+        x, z, weight, bias, stats = ctx.saved_tensors
+        dx, dz, dw, db = _backward(dy, x, z, weight, bias, stats)
         return dx, dw, db, None, dz
 
 
@@ -215,8 +217,8 @@ def layer_norm(x: Tensor, norm: torch.nn.LayerNorm, gate: Tensor | None = None, 
               and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
     if usable and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        gate = None if gate is None else gate.to(dtype)
+        x = x if x.dtype == dtype else x.to(dtype)  # (a no-op `to` still costs a dispatch: host time)
+        gate = gate if gate is None or gate.dtype == dtype else gate.to(dtype)
     usable = (usable and x.dtype in KERNEL_DTYPES and x.numel() > 0
               and (gate is None or (gate.shape == x.shape and gate.dtype == x.dtype and gate.device == x.device)))
     if not usable:
