@@ -9,7 +9,7 @@ rows. At row r a tap (dr, dc) reads the contiguous channel vectors of h at row c
 per row — and columns clamp(c + dc), so the replicate clamp costs a few integer operations per position
 and tap, shared by BLOCK_D channels, and every load is a contiguous (16-byte) vector. The rows a program
 walks overlap in their taps, so most of them come from the L1/L2 caches. The centre taps of all dilations
-read the same element and are merged into one weight (`mixed_weights`, one small kernel).
+read the same element and are merged into one weight (`_mixed_weights`, one small kernel).
 
 Backward, given dy, in kernel order:
   parameter kernel (`_fusion_bwd_param_kernel`): g = dy·C, written once (state dtype) for the dh kernel;
@@ -381,7 +381,7 @@ def _grid(Bsz: int, D: int, H: int, W: int, cfg, device) -> tuple[tuple[int, int
     return _grid_of(Bsz, D, H, W, tuple(cfg), _num_sms(device), ROWS_PER_PROGRAM)
 
 
-def mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def _mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """(K·k·k, D) fp32 taps alpha_i·w_i, tap-major so each tap's channels are contiguous; the centre taps of
     all dilations (one and the same element) summed into dilation 0's. One launch (`_mix_weights_kernel`)."""
     K, D, ks, _ = weight.shape
@@ -391,17 +391,18 @@ def mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return wa
 
 
-def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions, wa=None):
-    """(y (B, L, D) in x's dtype, states h (B, L, D) in `state_dtype`) — h is what the backward needs. `wa`: the
-    mixed weights (`mixed_weights`) if the caller has them. The first call for a shape class also compiles the
-    backward's kernels in the background (`ahead`)."""
+def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions,
+                  keep_weights: bool = False):
+    """(y (B, L, D) in x's dtype, states h (B, L, D) in `state_dtype`) — h is what the backward needs; with
+    `keep_weights` also the mixed weights (`_mixed_weights`), which the backward then takes as `wa`. The first call
+    for a shape class also compiles the backward's kernels in the background (`ahead`)."""
     Bsz, L, Dm = x.shape
     ahead.plan(("fused", x.shape, x.stride(), dt.stride(), B.stride(), C.stride(), x.dtype, H, W, tuple(dilations),
                 weight.shape[-1], tuple(directions), x.device), x.device,
                lambda: _plan_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, directions))
     h = scan_forward(x, dt, A, B, dt_bias, H, W, directions, dtype=state_dtype(x.dtype))
     y = torch.empty(Bsz, L, Dm, device=x.device, dtype=x.dtype)
-    wa = mixed_weights(weight, alpha) if wa is None else wa
+    wa = _mixed_weights(weight, alpha)
     packed, K, ks = pack_dilations(dilations), len(dilations), weight.shape[-1]
 
     def run(cfg):
@@ -415,7 +416,7 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
 
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
     run(pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run, H * W, x.element_size() == 2))
-    return y, h
+    return (y, h, wa) if keep_weights else (y, h)
 
 
 def _plan_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions) -> None:
@@ -428,11 +429,12 @@ def _plan_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W:
 
 def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H: int, W: int, directions,
                    wa=None):
-    """Gradients (dx, ddt, dA, dB, dC, dD, d_dt_bias, dweight, dalpha); `wa` as for `fused_forward`."""
+    """Gradients (dx, ddt, dA, dB, dC, dD, d_dt_bias, dweight, dalpha); `wa`: the forward's mixed weights (else
+    computed again)."""
     Bsz, L, Dm = x.shape
     K, ks = len(dilations), weight.shape[-1]
     dev = x.device
-    wa = mixed_weights(weight, alpha) if wa is None else wa
+    wa = _mixed_weights(weight, alpha) if wa is None else wa
     packed, NTAP = pack_dilations(dilations), K * ks * ks
     g = torch.empty(Bsz, L, Dm, device=dev, dtype=h.dtype)  # dy·C; for an empty dilation list it is dh
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
@@ -484,4 +486,4 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     return dx, ddt, dA, dB, dC, dD, dbias, dweight, dalpha
 
 
-__all__ = ["MAX_DILATION", "MAX_DILATIONS", "fused_backward", "fused_forward", "mixed_weights"]
+__all__ = ["MAX_DILATION", "MAX_DILATIONS", "fused_backward", "fused_forward"]

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from . import ahead
-from .fused import MAX_DILATION, MAX_DILATIONS, fused_backward, fused_forward, mixed_weights
+from .fused import MAX_DILATION, MAX_DILATIONS, fused_backward, fused_forward
 from .reference import SCANS, observe, state_fusion_ref
 from .triton_scan import scan_backward, scan_forward, state_dtype, triton_interpreted
 
@@ -263,8 +263,9 @@ class _FusedEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
         A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
-        wa = mixed_weights(weight, alpha)  # kept for the backward (K·k·k·D fp32: one launch less per step)
-        y, h = fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan], wa=wa)
+        # the mixed weights (K·k·k·D fp32) kept for the backward: one launch less per step
+        y, h, wa = fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan],
+                                 keep_weights=True)
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, weight, alpha, h, wa)
         ctx.static = (dilations, H, W, SCANS[scan])
         return y
