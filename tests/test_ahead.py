@@ -39,20 +39,33 @@ def _signature(kernel, args, kwargs) -> tuple:
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Plans on (even in the interpreter); a plan's submissions and the real launches recorded, not compiled."""
-    planned, launched = [], []
+    """Plans on (even in the interpreter); a plan's submissions and the real launches recorded, not compiled.
+    At the end, every launched variant must have been planned before its first launch (a kernel launched ahead
+    of its op's plan would compile in the step)."""
+    planned, launched, order = [], [], []
     launch_now = ahead._launch_now
     monkeypatch.setattr(ahead, "enabled", lambda: True)
-    monkeypatch.setattr(ahead, "_submit", lambda kernel, args, kwargs: planned.append(_signature(kernel, args, kwargs)))
+
+    def submit(kernel, args, kwargs):
+        planned.append(_signature(kernel, args, kwargs))
+        order.append(("planned", planned[-1]))
 
     def record(kernel, grid, args, kwargs):
         launched.append(_signature(kernel, args, kwargs))
+        order.append(("launched", launched[-1]))
         launch_now(kernel, grid, args, kwargs)
 
+    monkeypatch.setattr(ahead, "_submit", submit)
     monkeypatch.setattr(ahead, "_launch_now", record)
     ahead.reset()
     yield planned, launched
     ahead.reset()
+    seen = set()
+    for event, signature in order:
+        if event == "planned":
+            seen.add(signature)
+        else:
+            assert signature in seen, f"{signature[0]} launched before its op's plan foresaw it"
 
 
 def _fused_inputs(dtype=torch.float32, Bsz=2, D=4, H=5, W=6, K=3):
