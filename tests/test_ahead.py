@@ -320,6 +320,14 @@ def test_whatever_can_select_another_variant_goes_through_triton(direct, change)
     assert len(kernel.full) == 2 and kernel.variants[0].runs == []
 
 
+def test_a_constexpr_given_by_position_sends_every_launch_through_triton(direct):
+    kernel, x = _FakeJit(), torch.zeros(8)
+    kernel.params[2].is_constexpr = True  # BLOCK, given by position below: 16, then 32 (another variant)
+    for block in (16, 32):
+        ahead._launch_now(kernel, (1,), (x, 7, block), dict(FLAG=True))
+    assert len(kernel.full) == 2 and not ahead._compiled
+
+
 def test_an_installed_launch_hook_sends_every_launch_through_triton(direct):
     kernel, x = _FakeJit(), torch.zeros(8)
     direct.launch_enter_hook = type("Chain", (), {"calls": [print]})()  # what Triton's profilers add

@@ -226,9 +226,11 @@ def arg_key(a) -> object:
 
 
 def _tail(kernel, n_args: int, kwargs: dict) -> tuple | None:
-    """The values of the kernel's parameters after the first `n_args` (keywords or defaults), or None."""
+    """The values of the kernel's parameters after the first `n_args` (keywords or defaults), or None where the
+    launch must not be cached: no parameter list, or a constexpr among the positional arguments (`arg_key` keys
+    an integer by its class, and a constexpr's every value is a variant of its own)."""
     params = getattr(kernel, "params", None)
-    if params is None:
+    if params is None or any(getattr(param, "is_constexpr", False) for param in params[:n_args]):
         return None
     tail = []
     for param in params[n_args:]:
