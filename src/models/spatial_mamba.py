@@ -159,7 +159,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_ratio)
         # the keep probability as a tensor: compiled, each block's graph then takes it as an input rather than
         # baking it in, so the blocks of a stage, whose rates differ, share one graph under regional compilation.
-        # 1 - p is computed once here (the same tensor op, so the same bits, as each branch of each step did before)
+        # 1 - p is computed once here (for an fp32 buffer the same bits as each branch of each step computed before)
         self.register_buffer("keep_prob", 1.0 - torch.tensor(float(drop_path)), persistent=False)
         # whether training draws the masks at all: the model passes one value to all its blocks (False when its
         # rate is 0, where each branch would otherwise cost a few kernel launches for nothing), so that the
