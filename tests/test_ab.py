@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import ab  # noqa: E402
+from benchmarks import ab
 
 BENCH = """
 import json, os, sys
