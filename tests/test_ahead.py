@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.kernels import ahead, norms
+from src.kernels import ahead, dwconv, norms
 from src.kernels.ops import selective_scan, structure_aware_ssm_fused
 from tests.conftest import requires_cuda
 
@@ -120,6 +120,18 @@ def test_plan_of_the_layer_norm_foresees_every_variant_it_launches(recorded, gat
     assert launched and set(planned) == set(launched)
 
 
+@pytest.mark.parametrize("mode", ["residual", "silu"])
+def test_plan_of_the_depthwise_conv_foresees_every_variant_it_launches(recorded, mode):
+    planned, launched = recorded
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8).to(DEVICE)
+    xx = torch.randn(2, 4, 5, 16, device=DEVICE, requires_grad=True)
+    x = xx[..., :8] if mode == "silu" else xx[..., :8].contiguous()  # the SSM reads one half in place
+    dwconv.depthwise_conv(x, conv, residual=mode == "residual", silu=mode == "silu").sum().backward()
+    assert launched and set(planned) == set(launched)
+    assert {p[0] for p in planned} == {"_dwconv_fwd_kernel", "_dwconv_bwd_param_kernel", "_dwconv_bwd_input_kernel",
+                                      "_dwconv_param_kernel"}
+
+
 class _FakeKernel:
     """Stands for a @triton.jit kernel: `warmup` (a slow compile, optionally failing) and `kernel[grid](...)`."""
 
@@ -214,7 +226,7 @@ _GPU_CHILD = r"""
 import json, threading, sys, torch, torch.nn as nn
 from triton.runtime.jit import JITFunction
 sys.path.insert(0, sys.argv[1])
-from src.kernels import norms
+from src.kernels import dwconv, norms
 from src.kernels.ops import structure_aware_ssm_fused
 from tests.test_ahead import _fused_inputs
 
@@ -227,7 +239,10 @@ torch.manual_seed(0)
 for dtype in (torch.bfloat16, torch.float32):
     leaves, args = _fused_inputs(dtype, Bsz=4, D=64, H=14, W=14)
     y = structure_aware_ssm_fused(*args, [1, 3, 5], 14, 14, "row")
-    y = norms.layer_norm(y, nn.LayerNorm(64).cuda(), y)
+    y = norms.layer_norm(y, nn.LayerNorm(64).cuda(), y).view(4, 14, 14, 64)
+    y = dwconv.depthwise_conv(y, nn.Conv2d(64, 64, 3, padding=1, groups=64).cuda(), residual=True)
+    y = dwconv.depthwise_conv(torch.cat([y, y], -1)[..., :64], nn.Conv2d(64, 64, 3, padding=1, groups=64).cuda(),
+                              silu=True)
     y.float().square().sum().backward()
 torch.cuda.synchronize()
 in_step = [kernel for thread, kernel in threads if not thread.startswith("triton-ahead")]
@@ -238,9 +253,9 @@ print("RESULT " + json.dumps({"in_step": in_step, "ahead": len(threads) - len(in
 @requires_cuda
 @pytest.mark.gpu
 def test_gpu_every_kernel_of_a_step_compiles_ahead(tmp_path):
-    """Fresh caches: the fused op's and the gated LayerNorm's forward and backward in bf16 and fp32 compile
-    nothing in the step (main thread, autograd's backward thread): every variant they launch was foreseen and
-    compiled by the plan's threads."""
+    """Fresh caches: the fused op's, the gated LayerNorm's and the depthwise convolutions' forward and backward
+    in bf16 and fp32 compile nothing in the step (main thread, autograd's backward thread): every variant they
+    launch was foreseen and compiled by the plan's threads."""
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), SPATIAL_MAMBA_CACHE=str(tmp_path / "tiles"),
                SPATIAL_MAMBA_TUNE="auto", SPATIAL_MAMBA_COMPILE_AHEAD="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))

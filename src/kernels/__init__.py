@@ -7,7 +7,8 @@ Backends compute the same function (tests prove it against `reference.py`):
     auto    `fused` on CUDA, `torch` elsewhere
 
 `layer_norm` is the blocks' LayerNorm (optionally gated): Triton kernels (`norms.py`) with the fused backend
-in eager mode, `nn.LayerNorm` otherwise.
+in eager mode, `nn.LayerNorm` otherwise. `depthwise_conv` likewise for the blocks' depthwise convolutions (with
+their residual or SiLU): Triton kernels (`dwconv.py`) or `nn.Conv2d`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .reference import FUSION_PADDINGS, SCANS, structure_aware_ssm_ref
 
 BACKENDS = ("torch", "triton", "fused", "auto")
 
-__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "layer_norm", "resolve_backend", "structure_aware_ssm",
-           "structure_aware_ssm_ref"]
+__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "depthwise_conv", "layer_norm", "plain_depthwise_conv",
+           "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -76,16 +77,43 @@ def structure_aware_ssm(
     return fn(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
 
 
+def _kernels_run(backend: str, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels of an eager layer run for `backend` on x's device: backend `fused` (or `auto`
+    on CUDA), on CUDA or under the Triton interpreter."""
+    resolved = ("fused" if x.device.type == "cuda" else "torch") if backend == "auto" else backend
+    return resolved == "fused" and (x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, gate: torch.Tensor | None = None,
                backend: str = "torch") -> torch.Tensor:
     """`norm(x)` over the last dim of channels-last activations, times `silu(gate)` if a gate is given. With
     backend `fused` (or `auto` on CUDA), on CUDA or under the Triton interpreter, the Triton kernels of
     `norms.py` compute it (in autocast's dtype, eager only: see there); with any other backend it is
     `norm(x) · F.silu(gate)`, the plain PyTorch modules. Never raises where `norm(x)` would not."""
-    resolved = ("fused" if x.device.type == "cuda" else "torch") if backend == "auto" else backend
-    if resolved == "fused" and (x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if _kernels_run(backend, x):
         from .norms import layer_norm as kernel_layer_norm  # imports Triton: only when it runs
 
         return kernel_layer_norm(x, norm, gate)
     y = norm(x)
     return y if gate is None else y * F.silu(gate)
+
+
+def depthwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d, residual: bool = False, silu: bool = False,
+                   backend: str = "torch") -> torch.Tensor:
+    """`conv` on channels-last activations x (B, H, W, C), then `silu` and/or plus x (`residual`). With backend
+    `fused` (or `auto` on CUDA), on CUDA or under the Triton interpreter, the Triton kernels of `dwconv.py`
+    compute it where they fit (eager only: see there); otherwise the plain module on a permuted view. Never
+    raises where `conv` would not."""
+    if _kernels_run(backend, x):
+        from .dwconv import depthwise_conv as kernel_depthwise_conv  # imports Triton: only when it runs
+
+        return kernel_depthwise_conv(x, conv, residual, silu)
+    return plain_depthwise_conv(x, conv, residual, silu)
+
+
+def plain_depthwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d, residual: bool, silu: bool) -> torch.Tensor:
+    """`depthwise_conv` as plain PyTorch: the module on a permuted view (cuDNN's channels-last kernels)."""
+    y = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    if silu:
+        y = F.silu(y)
+    return x + y if residual else y

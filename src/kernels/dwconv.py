@@ -1,0 +1,323 @@
+"""Depthwise k×k convolution (stride 1, zero padding k//2, bias) on channels-last maps in Triton, with the block's
+residual or the SSM's SiLU fused in: the fused backend's eager convolutions when the backbone's `fused_convs` is on.
+
+    y = x + dwconv(x) + bias                  (a block's conditional positional encodings, `residual`)
+    y = silu(dwconv(x) + bias)                (the SSM's convolution after the input projection, `silu`)
+
+Why: in eager mode every one of a block's three depthwise convolutions is a permute, autocast's casts of its
+weight and bias, cuDNN's NHWC depthwise kernel and a separate residual add or SiLU; its backward is cuDNN's
+data-gradient and weight-gradient kernels, the bias gradient as a PyTorch reduction over every position (a slow
+kernel on channels-last maps), the SiLU's or the add's backward, the casts' backward and the gradient
+accumulation of the residual — about a dozen kernels and autograd nodes per convolution, for 54 convolutions
+per step of Spatial-Mamba-T. Here the forward is one kernel and the backward three.
+
+Tiles: a program owns (a band of rows) × (BLOCK_W columns) × (BLOCK_C channels) of one image and walks its rows;
+a tap (dr, dc) reads the contiguous channel vectors at row r + dr, columns c + dc (zero outside the map), so all
+loads are contiguous vectors and the rows a program walks come mostly from the caches. The input may be a
+strided channels-last view with unit channel stride (one half of a chunked projection is read in place).
+
+Backward, given dy:
+  `_dwconv_bwd_param_kernel`: the gradient at the convolution's output gp = dy, or dy·silu'(pre) with the
+       pre-activation the forward saved (then written, in the activations' dtype, as autograd's SiLU backward
+       would); per-program fp32 partials of the weight gradient Σ_p gp[p]·x[p + tap] and of the bias gradient
+       Σ_p gp[p].
+  `_dwconv_bwd_input_kernel`: dx[q] = Σ_taps w[tap]·gp[q − tap] (+ dy[q] with the residual): the transposed
+       convolution as a gather, zero outside the map. (One kernel doing both read gp at 18 shifted positions
+       per element, twice that with the SiLU, and ran ~4× the forward's time on an H100.)
+  `_dwconv_param_kernel`: the partials summed in fp64 in a fixed order, written as the weight's (C, 1, k, k)
+       and the bias's (C,) gradients in the parameters' dtype.
+No atomics: the same bits on every run. `dwconv_ref` (below) is the specification; `tests/test_dwconv.py`
+compares both directions with it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import ahead, plain_depthwise_conv
+from .ahead import launch
+from .fused import _candidates, _grid
+from .triton_scan import triton_interpreted
+from .tuning import pick_config
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SHAPE_ARGS = ["H", "W", "n_ctiles", "rows"]
+# candidate tiles (BLOCK_W columns, BLOCK_C channels, warps); the backward holds k·k + 1 accumulator tiles
+FWD_CONFIGS = ((16, 64, 4), (8, 128, 4), (32, 32, 4))
+BWD_CONFIGS = ((16, 32, 4), (8, 64, 4), (32, 32, 8))
+
+
+def dwconv_ref(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool = False, silu: bool = False) -> Tensor:
+    """The definition, in x's dtype (float64 for checks): x (B, H, W, C), weight (C, 1, k, k), bias (C,) or None."""
+    k = weight.shape[-1]
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                 padding=k // 2, groups=x.shape[-1]).permute(0, 2, 3, 1)
+    if silu:
+        y = F.silu(y)
+    return x + y if residual else y
+
+
+@triton.jit
+def _tile(n_ctiles, W, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(program index over positions, row band, image, columns, their mask, channels, their mask, tile mask):
+    grid (row bands × column tiles, channel blocks, B)."""
+    pid = tl.program_id(0)
+    cols = (pid % n_ctiles) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask_w = cols < W
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ch < C
+    return pid, pid // n_ctiles, tl.program_id(2).to(tl.int64), cols, mask_w, ch, mask_c, \
+        mask_w[:, None] & mask_c[None, :]
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
+def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, sx_b, sx_h, sx_w, C, H, W, n_ctiles, rows,
+                       KS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y (and with SILU the pre-activation) for `rows` rows × BLOCK_W columns × BLOCK_C channels of image b."""
+    pid, band, b, cols, mask_w, ch, mask_c, m = _tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
+    P: tl.constexpr = KS // 2
+    x_base = x_ptr + b * sx_b + ch[None, :]
+    out_base = b * H * W * C + ch[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    r0 = band * rows
+    for r in range(r0, tl.minimum(r0 + rows, H)):
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32) + bias[None, :]
+        for a in tl.static_range(KS):
+            sr = r + (a - P)
+            row_ok = (sr >= 0) & (sr < H)
+            for c in tl.static_range(KS):
+                sc = cols + (c - P)
+                ok = (sc >= 0) & (sc < W) & row_ok
+                xv = tl.load(x_base + sr * sx_h + sc[:, None] * sx_w, mask=ok[:, None] & mask_c[None, :], other=0.0)
+                wv = tl.load(w_ptr + ch * (KS * KS) + (a * KS + c), mask=mask_c, other=0.0).to(tl.float32)
+                acc += wv[None, :] * xv.to(tl.float32)
+        offs = out_base + (r * W + cols)[:, None] * C
+        out = acc
+        if SILU:
+            tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=m)
+            out = acc * tl.sigmoid(acc)
+        if RESIDUAL:
+            out += tl.load(x_base + r * sx_h + cols[:, None] * sx_w, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
+def _dwconv_bwd_param_kernel(dy_ptr, x_ptr, pre_ptr, gp_ptr, part_ptr, sx_b, sx_h, sx_w, C, H, W, n_ctiles, rows,
+                             KS: tl.constexpr, SILU: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """For `rows` rows × BLOCK_W columns × BLOCK_C channels of image b: the gradient at the convolution's output
+    gp = dy (or dy·silu'(pre), then written to gp for the input kernel) and this program's partials of the
+    weight gradient Σ_p gp[p]·x[p + tap] and of the bias gradient Σ_p gp[p] (part: (B, programs over
+    positions, k·k + 1, C), the bias last)."""
+    pid, band, b, cols, mask_w, ch, mask_c, m = _tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
+    P: tl.constexpr = KS // 2
+    NTAP: tl.constexpr = KS * KS
+    x_base = x_ptr + b * sx_b + ch[None, :]
+    base = b * H * W * C + ch[None, :]  # dy, pre and gp: contiguous (B, H, W, C)
+    acc = (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),) * (NTAP + 1)
+    r0 = band * rows
+    for r in range(r0, tl.minimum(r0 + rows, H)):
+        offs = base + (r * W + cols)[:, None] * C
+        gp = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if SILU:
+            p = tl.load(pre_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            s = tl.sigmoid(p)
+            gp = gp * s * (1.0 + p * (1.0 - s))
+            tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=m)
+        new = ()
+        for a in tl.static_range(KS):
+            sr = r + (a - P)
+            row_ok = (sr >= 0) & (sr < H)
+            for c in tl.static_range(KS):
+                sc = cols + (c - P)
+                ok = (sc >= 0) & (sc < W) & row_ok
+                xv = tl.load(x_base + sr * sx_h + sc[:, None] * sx_w, mask=ok[:, None] & mask_c[None, :], other=0.0)
+                new = new + (acc[a * KS + c] + gp * xv.to(tl.float32),)
+        acc = new + (acc[NTAP] + gp,)
+    part = ((b * tl.num_programs(0) + pid) * (NTAP + 1)) * C + ch
+    for tap in tl.static_range(NTAP + 1):
+        tl.store(part_ptr + part + tap * C, tl.sum(acc[tap], axis=0), mask=mask_c)
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
+def _dwconv_bwd_input_kernel(gp_ptr, dy_ptr, w_ptr, dx_ptr, C, H, W, n_ctiles, rows,
+                             KS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx[q] = Σ_taps w[tap]·gp[q − tap] (+ dy[q] with the residual), the transposed convolution as a gather (zero
+    outside the map), for `rows` rows × BLOCK_W columns × BLOCK_C channels of image b; all contiguous."""
+    pid, band, b, cols, mask_w, ch, mask_c, m = _tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
+    P: tl.constexpr = KS // 2
+    base = b * H * W * C + ch[None, :]
+    r0 = band * rows
+    for r in range(r0, tl.minimum(r0 + rows, H)):
+        offs = base + (r * W + cols)[:, None] * C
+        if RESIDUAL:
+            dx = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        else:
+            dx = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for a in tl.static_range(KS):
+            qr = r - (a - P)
+            row_ok = (qr >= 0) & (qr < H)
+            for c in tl.static_range(KS):
+                qc = cols - (c - P)
+                ok = (qc >= 0) & (qc < W) & row_ok
+                g = tl.load(gp_ptr + base + (qr * W + qc)[:, None] * C, mask=ok[:, None] & mask_c[None, :], other=0.0)
+                wv = tl.load(w_ptr + ch * (KS * KS) + (a * KS + c), mask=mask_c, other=0.0).to(tl.float32)
+                dx += wv[None, :] * g.to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["R"])
+def _dwconv_param_kernel(part_ptr, dw_ptr, db_ptr, R, C, NTAP: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """For one tap (the bias at tap == NTAP) and block of channels: the R rows of partials summed in fp64, in a
+    fixed order, written as dweight[c, 0, a, b] (tap = a·k + b) or dbias[c]."""
+    tap = tl.program_id(1)
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = ch < C
+    rows = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    for r0 in range(0, R, BLOCK_R):
+        rr = (r0 + rows).to(tl.int64)
+        acc += tl.load(part_ptr + (rr[:, None] * (NTAP + 1) + tap) * C + ch[None, :],
+                       mask=(rr < R)[:, None] & mask_c[None, :], other=0.0).to(tl.float64)
+    s = tl.sum(acc, axis=0)
+    if tap < NTAP:
+        tl.store(dw_ptr + ch * NTAP + tap, s.to(dw_ptr.dtype.element_ty), mask=mask_c)
+    else:
+        tl.store(db_ptr + ch, s.to(db_ptr.dtype.element_ty), mask=mask_c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers (shapes, dtypes and strides are checked by `depthwise_conv`)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, residual: bool):
+    """x (B, H, W, C) with unit channel stride -> (y, pre-activation or None), both contiguous (B, H, W, C)."""
+    Bsz, H, W, C = x.shape
+    ks = weight.shape[-1]
+    ahead.plan(("dwconv", x.shape, x.stride(), x.dtype, weight.dtype, ks, bias is not None, silu, residual, x.device),
+               x.device, lambda: _plan(x, weight, bias, silu, residual))
+    y = torch.empty(Bsz, H, W, C, device=x.device, dtype=x.dtype)
+    pre = torch.empty_like(y) if silu else None
+
+    def run(cfg):
+        grid, n_ctiles, rows = _grid(Bsz, C, H, W, cfg, x.device)
+        launch(_dwconv_fwd_kernel, grid,
+            x, weight, weight if bias is None else bias, y, y if pre is None else pre,
+            x.stride(0), x.stride(1), x.stride(2), C, H, W, n_ctiles, rows,
+            KS=ks, HAS_BIAS=bias is not None, SILU=silu, RESIDUAL=residual, BLOCK_W=cfg[0], BLOCK_C=cfg[1],
+            num_warps=cfg[2])
+
+    key = (Bsz, C, H, W, ks, silu, residual, str(x.dtype))
+    run(pick_config("dwconv_fwd", key, _candidates(FWD_CONFIGS, C, W), run))
+    return y, pre
+
+
+def _backward(dy: Tensor, x: Tensor, pre: Tensor | None, weight: Tensor, bias: Tensor | None, residual: bool):
+    """(dx contiguous (B, H, W, C) in x's dtype, dweight, dbias or None in the parameters' dtypes)."""
+    Bsz, H, W, C = x.shape
+    ks = weight.shape[-1]
+    ntap = ks * ks
+    dy = dy.contiguous()
+    gp = dy if pre is None else torch.empty_like(pre)  # the gradient before the SiLU, in the activations' dtype
+    out = {}
+
+    def run_param(cfg):
+        grid, n_ctiles, rows = _grid(Bsz, C, H, W, cfg, x.device)
+        out["part"] = torch.empty(Bsz * grid[0], ntap + 1, C, device=x.device, dtype=torch.float32)
+        launch(_dwconv_bwd_param_kernel, grid,
+            dy, x, dy if pre is None else pre, gp, out["part"],
+            x.stride(0), x.stride(1), x.stride(2), C, H, W, n_ctiles, rows,
+            KS=ks, SILU=pre is not None, BLOCK_W=cfg[0], BLOCK_C=cfg[1], num_warps=cfg[2])
+
+    key = (Bsz, C, H, W, ks, pre is not None, str(x.dtype))
+    run_param(pick_config("dwconv_bwd_param", key, _candidates(BWD_CONFIGS, C, W), run_param))
+    dx = torch.empty(Bsz, H, W, C, device=x.device, dtype=x.dtype)
+
+    def run_input(cfg):
+        grid, n_ctiles, rows = _grid(Bsz, C, H, W, cfg, x.device)
+        launch(_dwconv_bwd_input_kernel, grid, gp, dy, weight, dx, C, H, W, n_ctiles, rows,
+               KS=ks, RESIDUAL=residual, BLOCK_W=cfg[0], BLOCK_C=cfg[1], num_warps=cfg[2])
+
+    key = (Bsz, C, H, W, ks, residual, str(x.dtype))
+    run_input(pick_config("dwconv_bwd_input", key, _candidates(FWD_CONFIGS, C, W), run_input))
+    part = out["part"]
+    dweight = torch.empty_like(weight)
+    dbias = None if bias is None else torch.empty_like(bias)
+    launch(_dwconv_param_kernel, (triton.cdiv(C, 32), ntap + (bias is not None)),
+           part, dweight, dweight if dbias is None else dbias, part.shape[0], C,
+           NTAP=ntap, BLOCK_R=32, BLOCK_C=32)
+    return dx, dweight, dbias
+
+
+def _plan(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, residual: bool) -> None:
+    """A plan's dry run (`ahead.plan`): forward and backward on meta tensors of the inputs' shapes and strides."""
+    x, weight, bias = (ahead.meta_like(t) for t in (x, weight, bias))
+    y, pre = _forward(x, weight, bias, silu, residual)
+    _backward(torch.empty_like(y), x, pre, weight, bias, residual)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """x (B, H, W, C) with unit channel stride; weight (C, 1, k, k) contiguous; bias (C,) or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, residual):
+        y, pre = _forward(x, weight, bias, silu, residual)
+        ctx.residual = residual
+        ctx.save_for_backward(x, pre, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, pre, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = _backward(dy, x, pre, weight, bias, ctx.residual)
+        return dx, dweight, dbias, None, None
+
+
+def kernel_fits(x: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the kernels compute `conv` on x (B, H, W, C): a depthwise, square, odd, stride-1, dilation-1
+    convolution zero-padded to the same size, on CUDA (or the Triton interpreter), eager and not under a dispatch
+    mode, with parameters of a kernel dtype."""
+    w = conv.weight
+    C = x.shape[-1] if x.ndim == 4 else -1
+    ks = w.shape[-1]
+    return ((x.is_cuda or triton_interpreted()) and x.ndim == 4 and x.numel() > 0
+            and conv.groups == C and tuple(w.shape) == (C, 1, ks, ks) and ks % 2 == 1
+            and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
+            and tuple(conv.padding) == (ks // 2, ks // 2) and conv.padding_mode == "zeros"
+            and w.dtype in KERNEL_DTYPES and (conv.bias is None or conv.bias.dtype == w.dtype)
+            and w.device == x.device
+            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
+
+
+def depthwise_conv(x: Tensor, conv: nn.Conv2d, residual: bool = False, silu: bool = False,
+                   kernel: bool = True) -> Tensor:
+    """`conv` on channels-last activations x (B, H, W, C), then SiLU (`silu`) and/or plus x (`residual`).
+
+    With `kernel` the Triton kernels run where they fit (`kernel_fits`): x of a kernel dtype, read in place if its
+    channels have unit stride (else copied). Under autocast x is cast to autocast's dtype, the output is in it
+    (as autocast's convolution would give), the weights are read in their own dtype and accumulated in fp32.
+    Anywhere else (or with `kernel=False`) it is the plain module on a permuted view: the reference behaviour."""
+    if not (kernel and kernel_fits(x, conv)):
+        return plain_depthwise_conv(x, conv, residual, silu)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x if x.dtype == dtype else x.to(dtype)
+    if x.dtype not in KERNEL_DTYPES:
+        return plain_depthwise_conv(x, conv, residual, silu)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    weight = conv.weight if conv.weight.is_contiguous() else conv.weight.contiguous()
+    return _DepthwiseConv.apply(x, weight, conv.bias, silu, residual)
+
+
+__all__ = ["KERNEL_DTYPES", "depthwise_conv", "dwconv_ref", "kernel_fits"]
