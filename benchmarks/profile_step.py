@@ -38,6 +38,7 @@ KINDS = (
                                          "_fusion_bwd_state_kernel", "_fusion_bwd_param_kernel",
                                          "_weight_grad_kernel", "_mix_weights_kernel")),
     ("LayerNorm (this project's kernels)", ("_ln_fwd_kernel", "_ln_bwd_kernel")),
+    ("depthwise conv (this project's kernels)", ("_dwconv_",)),
     ("inductor-generated", ("triton_",)),
     ("convolution", ("conv", "cudnn", "implicit_gemm", "winograd", "dgrad", "wgrad", "fprop")),
     ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "ampere_", "cublas")),
@@ -67,6 +68,9 @@ def main() -> None:
                    help="activation memory budget of the compiled graphs (src/compiling.py)")
     p.add_argument("--fused-norms", choices=["on", "off"], default="off",
                    help="the fused backend's LayerNorms as Triton kernels (on) or nn.LayerNorm (off, the default)")
+    p.add_argument("--fused-convs", choices=["on", "off"], default="off",
+                   help="the fused backend's depthwise convolutions as Triton kernels (on) or nn.Conv2d (off, the "
+                        "default)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
@@ -82,7 +86,8 @@ def main() -> None:
         raise UserError("profile_step.py profiles a step on a CUDA GPU; none is visible to torch")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    model = FACTORIES[args.model](backend=args.backend, fused_norms=args.fused_norms == "on")
+    model = FACTORIES[args.model](backend=args.backend, fused_norms=args.fused_norms == "on",
+                                  fused_convs=args.fused_convs == "on")
     model = model.to(device).to(memory_format=torch.channels_last)
     if args.compile:
         compile_for_training(model, memory_budget=args.memory_budget, regional=args.regional,

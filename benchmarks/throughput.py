@@ -52,15 +52,15 @@ BASELINES = {  # names for --baselines; anything else is passed to timm.create_m
 RATIO_BASES = ("convnext_tiny", "swin_tiny_patch4_window7_224")
 
 
-def build(name: str, backend: str, fused_norms: bool = False) -> nn.Module:
+def build(name: str, backend: str, fused_norms: bool = False, fused_convs: bool = False) -> nn.Module:
     if name in FACTORIES:
-        return FACTORIES[name](backend=backend, fused_norms=fused_norms)
+        return FACTORIES[name](backend=backend, fused_norms=fused_norms, fused_convs=fused_convs)
     if name.endswith((".yaml", ".yml")):
         import main
 
         model = main.cli(["--config", name], run=False).model
         model = getattr(model, "backbone", model)
-        model.set_backend(backend, fused_norms)
+        model.set_backend(backend, fused_norms, fused_convs)
         return model
     import timm  # baselines
 
@@ -172,15 +172,16 @@ def _one_process_ddp(model: nn.Module, device) -> nn.Module:
 MODES = ("eager", "compiled", "regional", "cudagraphs", "regional-cudagraphs", "graphed")
 
 
-def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False) -> dict:
+def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False, fused_convs: bool = False) -> dict:
     ours = name in FACTORIES or name.endswith(".yaml")
-    row = dict(model=name, backend=(backend + (", Triton norms" if fused_norms else "")) if ours else "-",
+    label = backend + (", Triton norms" if fused_norms else "") + (", Triton convs" if fused_convs else "")
+    row = dict(model=name, backend=label if ours else "-",
                precision=prec, mode=mode + (" + MESA" if args.mesa else "") + (f" + DDP {args.ddp}" if args.ddp else ""))
     for train in (True,) if args.no_infer else (True, False):
         key = "train" if train else "infer"
         try:
             torch.manual_seed(0)
-            model = build(name, backend, fused_norms)
+            model = build(name, backend, fused_norms, fused_convs)
             # measure's `compiled`: False, True (one graph), "regional", "cudagraphs", "regional-cudagraphs" or
             # "graphed"; the timm baselines have no regional compilation and compile as one graph
             compiled = {"eager": False, "compiled": True, "cudagraphs": "cudagraphs", "graphed": "graphed",
@@ -269,6 +270,9 @@ def main() -> None:
     p.add_argument("--fused-norms", default="off", choices=["on", "off", "on,off", "off,on"],
                    help="the fused backend's LayerNorms as Triton kernels in eager mode (on), nn.LayerNorm (off, "
                         "the models' default), or a row of each")
+    p.add_argument("--fused-convs", default="off", choices=["on", "off", "on,off", "off,on"],
+                   help="the fused backend's depthwise convolutions as Triton kernels in eager mode (on), nn.Conv2d "
+                        "(off, the models' default), or a row of each")
     p.add_argument("--no-infer", action="store_true", help="training rows only")
     p.add_argument("--ddp", choices=["split", "whole"], default="",
                    help="train inside a one-process DistributedDataParallel, as Lightning's ddp strategy does; "
@@ -321,7 +325,9 @@ def main() -> None:
             for name in models if mode in modes else []:
                 for backend in args.backends.split(","):
                     for norms in args.fused_norms.split(","):
-                        rows.append(run_one(name, backend, prec, mode, args, device, fused_norms=norms == "on"))
+                        for convs in args.fused_convs.split(","):
+                            rows.append(run_one(name, backend, prec, mode, args, device, fused_norms=norms == "on",
+                                                fused_convs=convs == "on"))
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     try:

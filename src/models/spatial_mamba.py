@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from src.checks import BACKBONE_STRIDE, positive, require
 from src.errors import InputNotFoundError, UserError
-from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, layer_norm, structure_aware_ssm
+from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, depthwise_conv, layer_norm, structure_aware_ssm
 
 TOTAL_STRIDE = BACKBONE_STRIDE
 
@@ -69,6 +69,7 @@ class StructureAwareSSM(nn.Module):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         fused_norms: bool = False,
+        fused_convs: bool = False,
     ):
         super().__init__()
         if scan not in SCANS:
@@ -85,6 +86,7 @@ class StructureAwareSSM(nn.Module):
         self.scan = scan
         self.backend = backend
         self.fused_norms = fused_norms
+        self.fused_convs = fused_convs
         self.fusion_eval_padding = fusion_eval_padding
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
@@ -113,10 +115,16 @@ class StructureAwareSSM(nn.Module):
         """The backend of the block's LayerNorms (`src.kernels.layer_norm`): Triton kernels with `fused`."""
         return self.backend if self.fused_norms else "torch"
 
+    @property
+    def conv_backend(self) -> str:
+        """The backend of the block's depthwise convolutions (`src.kernels.depthwise_conv`): Triton kernels with
+        `fused`."""
+        return self.backend if self.fused_convs else "torch"
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         Bsz, H, W, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each
-        x = F.silu(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)  # (B, H, W, D), conv on a view
+        x = depthwise_conv(x, self.conv, silu=True, backend=self.conv_backend)  # (B, H, W, D), conv on a view
         x = x.reshape(Bsz, H * W, self.d_inner)  # (B, L, D): a view, the conv output being channels-last
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt)  # (B, L, R) -> (B, L, D)
@@ -167,15 +175,11 @@ class Block(nn.Module):
         """The probability of dropping this block's residual branches in training."""
         return 1.0 - self.keep_prob
 
-    @staticmethod
-    def _cpe(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._cpe(self.cpe1, x)
+        x = depthwise_conv(x, self.cpe1, residual=True, backend=self.ssm.conv_backend)  # x + cpe1(x)
         x = x + drop_path(self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend)), self.keep_prob,
                           self.training)
-        x = x + self._cpe(self.cpe2, x)
+        x = depthwise_conv(x, self.cpe2, residual=True, backend=self.ssm.conv_backend)
         x = x + drop_path(self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend)), self.keep_prob,
                           self.training)
         return x
@@ -247,6 +251,10 @@ class SpatialMamba(nn.Module):
             cut the kernels' time per step from 105 to 81 ms and the peak memory from 16.3 to 12.9 GB, but add
             host time per launch; where the host already bounds the step (a slow CPU) eager training got slower
             (911 vs 1152 img/s), so they are off by default: turn them on where the GPU is the bottleneck.
+        fused_convs: with the fused backend, the blocks' depthwise convolutions (the two positional encodings
+            with their residual, the SSM's convolution with its SiLU) run as Triton kernels in eager mode
+            (src/kernels/dwconv.py): one kernel forward, three backward, instead of cuDNN's and about a dozen
+            small kernels and autograd nodes each (compiled graphs always trace nn.Conv2d). Off by default.
         fusion_eval_padding: padding of the state fusion in eval mode. "replicate" (default): as in training.
             "zeros": the authors' evaluation code, which runs the fusion kernels merged into one 11×11 kernel
             with zero padding (training pads by replication), to reproduce their published accuracies with
@@ -275,6 +283,7 @@ class SpatialMamba(nn.Module):
         scan: str = "row",
         backend: str = "torch",
         fused_norms: bool = False,
+        fused_convs: bool = False,
         fusion_eval_padding: Literal["replicate", "zeros"] = "replicate",
         features_only: bool = False,
         out_indices: Sequence[int] | None = None,
@@ -319,7 +328,7 @@ class SpatialMamba(nn.Module):
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         ssm_kwargs = dict(
             d_state=d_state, dilations=dilations, fusion_kernel_size=fusion_kernel_size, scan=scan, backend=backend,
-            fusion_eval_padding=fusion_eval_padding, fused_norms=fused_norms,
+            fusion_eval_padding=fusion_eval_padding, fused_norms=fused_norms, fused_convs=fused_convs,
         )
         self.stages = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths)):
@@ -344,9 +353,10 @@ class SpatialMamba(nn.Module):
             # state-dict names as a list of four norms. LayerNorm's own init is _init_weights' (ones, zeros).
             self.feature_norms = nn.ModuleDict({str(i): nn.LayerNorm(dims[i]) for i in self.out_indices})
 
-    def set_backend(self, backend: str, fused_norms: bool | None = None) -> None:
-        """Switch the kernel backend of every block (the parameters stay as they are), and with `fused_norms`
-        whether the fused backend runs the LayerNorms as Triton kernels too (None: unchanged)."""
+    def set_backend(self, backend: str, fused_norms: bool | None = None, fused_convs: bool | None = None) -> None:
+        """Switch the kernel backend of every block (the parameters stay as they are), and with `fused_norms` /
+        `fused_convs` whether the fused backend runs the LayerNorms / depthwise convolutions as Triton kernels
+        too (None: unchanged)."""
         if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         for m in self.modules():
@@ -354,6 +364,8 @@ class SpatialMamba(nn.Module):
                 m.backend = backend
                 if fused_norms is not None:
                     m.fused_norms = fused_norms
+                if fused_convs is not None:
+                    m.fused_convs = fused_convs
         self.backend = backend
 
     # graphs a regionally compiled block may need: 4 stage shapes × train / eval × a few batch sizes (the last,
