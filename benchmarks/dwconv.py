@@ -2,10 +2,12 @@
 path (cuDNN's channels-last depthwise convolution plus PyTorch's residual add or SiLU, autocast's casts), forward
 and forward+backward, at the shapes of Spatial-Mamba-T at 224² (batch 128): per stage the positional encodings
 (C channels, with the residual) and the SSM's convolution (2·C channels, with the SiLU, reading one half of the
-input projection in place). bf16 activations under autocast, fp32 parameters, as in training. Times: median of
-`triton.testing.do_bench`; "per step" multiplies each row by the number of such convolutions in one T step.
+input projection in place). bf16 activations under autocast, fp32 parameters, as in training. Times: the
+device time of the kernels per call (`torch.profiler`, mean of 10 calls after a warm-up: a single op's wall time
+at these sizes is the host's, not the GPU's); "per step" multiplies each row by the number of such
+convolutions in one T step. The tiles are timed first if the tuning cache has none for a shape (`tuning.py`).
 
-    PYTHONPATH=. python benchmarks/dwconv.py [--batch 128] [--profile]
+    PYTHONPATH=. python benchmarks/dwconv.py [--batch 128]
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 import torch
 import torch.nn as nn
-from triton.testing import do_bench
+from torch.profiler import ProfilerActivity, profile
 
 from src.errors import reports_user_errors
 from src.kernels import plain_depthwise_conv
@@ -35,7 +37,8 @@ def case(Bsz: int, C: int, side: int, silu: bool):
     return x, conv, [xx, conv.weight, conv.bias]
 
 
-def timed(fn, x, conv, leaves, silu: bool, backward: bool) -> float:
+def timed(fn, x, conv, leaves, silu: bool, backward: bool, reps: int = 10) -> float:
+    """Device ms of the kernels of one call (forward, or forward+backward)."""
     dy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
 
     def step():
@@ -44,21 +47,28 @@ def timed(fn, x, conv, leaves, silu: bool, backward: bool) -> float:
         if backward:
             torch.autograd.grad(y, leaves, dy)
 
-    return do_bench(step, warmup=10, rep=50, return_mode="median")
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / reps / 1e3
 
 
 @reports_user_errors
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--profile", action="store_true", help="also list the kernels of one forward+backward per row")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/dwconv.py times GPU kernels; no CUDA GPU is visible")
     torch.backends.cudnn.benchmark = True
     kernel = lambda x, conv, residual, silu: depthwise_conv(x, conv, residual, silu)  # noqa: E731
     plain = lambda x, conv, residual, silu: plain_depthwise_conv(x, conv, residual, silu)  # noqa: E731
-    print(f"{torch.cuda.get_device_name()}, batch {args.batch}, bf16 autocast; ms (median)")
+    print(f"{torch.cuda.get_device_name()}, batch {args.batch}, bf16 autocast; device ms of the kernels per call")
     print("| stage | conv | channels | map | plain fwd | Triton fwd | plain fwd+bwd | Triton fwd+bwd | ratio fwd+bwd |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     totals = {"plain": 0.0, "kernel": 0.0}
@@ -74,12 +84,6 @@ def main() -> None:
             print(f"| {i + 1} | {'SSM + SiLU' if silu else 'cpe + residual'} | {ch} | {side}² | {t['plain'][0]:.3f} | "
                   f"{t['kernel'][0]:.3f} | {t['plain'][1]:.3f} | {t['kernel'][1]:.3f} | "
                   f"{t['plain'][1] / t['kernel'][1]:.2f} |", flush=True)
-            if args.profile:
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    timed(kernel, x, conv, leaves, silu, True)
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
     print(f"per T training step (54 convolutions, forward+backward): plain {totals['plain']:.2f} ms, "
           f"Triton {totals['kernel']:.2f} ms")
 

@@ -174,6 +174,15 @@ def test_gpu_bf16(C):
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 5])
+def test_gpu_other_kernel_sizes(k):
+    """Compiled for the GPU, the rolling window of k = 1 (no rows carried) and k = 5 (four rows carried)."""
+    check_against_reference((2, 9, 11), 32, torch.float32, k=k, residual=True)
+    check_against_reference((2, 9, 11), 32, torch.float32, k=k, silu=True, strided=True)
+
+
+@requires_cuda
+@pytest.mark.gpu
 def test_gpu_autocast_output_dtype_and_determinism():
     """Under autocast an fp32 input is convolved with bf16 I/O, and the parameters' fixed-order sums give the same
     bits twice at a stage-1 size."""

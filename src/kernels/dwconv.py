@@ -11,10 +11,12 @@ kernel on channels-last maps), the SiLU's or the add's backward, the casts' back
 accumulation of the residual — about a dozen kernels and autograd nodes per convolution, for 54 convolutions
 per step of Spatial-Mamba-T. Here the forward is one kernel and the backward three.
 
-Tiles: a program owns (a band of rows) × (BLOCK_W columns) × (BLOCK_C channels) of one image and walks its rows;
-a tap (dr, dc) reads the contiguous channel vectors at row r + dr, columns c + dc (zero outside the map), so all
-loads are contiguous vectors and the rows a program walks come mostly from the caches. The input may be a
-strided channels-last view with unit channel stride (one half of a chunked projection is read in place).
+Tiles: a program owns (a band of rows) × (BLOCK_W columns) × (BLOCK_C channels) of one image and walks its rows
+with a rolling window: the k source rows r − P … r + P (P = k // 2), each as k column-shifted tiles (contiguous
+channel vectors, zero outside the map), held in registers. At the next row the oldest source row is dropped and
+one new one loaded, so each output row costs k tile loads instead of k² (the loads and their index arithmetic,
+not the bytes, bounded the first per-tap version). The input may be a strided channels-last view with unit
+channel stride (one half of a chunked projection is read in place).
 
 Backward, given dy:
   `_dwconv_bwd_param_kernel`: the gradient at the convolution's output gp = dy, or dy·silu'(pre) with the
@@ -76,6 +78,51 @@ def _tile(n_ctiles, W, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         mask_w[:, None] & mask_c[None, :]
 
 
+@triton.jit
+def _row_taps(base, sr, s_h, s_w, cols, mask_c, H, W, KS: tl.constexpr):
+    """The KS tiles of source row sr at columns cols − P … cols + P (P = KS // 2), fp32, zero outside the map:
+    one row of a program's rolling window."""
+    P: tl.constexpr = KS // 2
+    row_ok = (sr >= 0) & (sr < H)
+    taps = ()
+    for c in tl.static_range(KS):
+        sc = cols + (c - P)
+        ok = (sc >= 0) & (sc < W) & row_ok
+        taps = taps + (tl.load(base + sr * s_h + sc[:, None] * s_w, mask=ok[:, None] & mask_c[None, :],
+                               other=0.0).to(tl.float32),)
+    return taps
+
+
+@triton.jit
+def _window_start(base, r0, s_h, s_w, cols, mask_c, H, W, KS: tl.constexpr):
+    """A rolling window before its first row r0: source rows r0 − P … r0 + P − 1, KS tiles each (row-major)."""
+    P: tl.constexpr = KS // 2
+    win = ()
+    for a in tl.static_range(KS - 1):
+        win = win + _row_taps(base, r0 - P + a, s_h, s_w, cols, mask_c, H, W, KS)
+    return win
+
+
+@triton.jit
+def _window_drop_row(win, KS: tl.constexpr):
+    """The window without its oldest row (its first KS tiles)."""
+    rest = ()
+    for t in tl.static_range(KS, KS * KS):
+        rest = rest + (win[t],)
+    return rest
+
+
+@triton.jit
+def _tap_weights(w_ptr, ch, mask_c, KS: tl.constexpr, FLIP: tl.constexpr):
+    """The KS·KS weight vectors of the channels (fp32), in tap order, or in reversed order (FLIP: the transposed
+    convolution's)."""
+    wts = ()
+    for t in tl.static_range(KS * KS):
+        src = KS * KS - 1 - t if FLIP else t
+        wts = wts + (tl.load(w_ptr + ch * (KS * KS) + src, mask=mask_c, other=0.0).to(tl.float32),)
+    return wts
+
+
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, sx_b, sx_h, sx_w, C, H, W, n_ctiles, rows,
                        KS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -89,26 +136,23 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, sx_b, sx_h, sx_w, C,
         bias = tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    wts = _tap_weights(w_ptr, ch, mask_c, KS, False)
     r0 = band * rows
+    win = _window_start(x_base, r0, sx_h, sx_w, cols, mask_c, H, W, KS)
     for r in range(r0, tl.minimum(r0 + rows, H)):
+        full = win + _row_taps(x_base, r + P, sx_h, sx_w, cols, mask_c, H, W, KS)  # rows r − P … r + P
         acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32) + bias[None, :]
-        for a in tl.static_range(KS):
-            sr = r + (a - P)
-            row_ok = (sr >= 0) & (sr < H)
-            for c in tl.static_range(KS):
-                sc = cols + (c - P)
-                ok = (sc >= 0) & (sc < W) & row_ok
-                xv = tl.load(x_base + sr * sx_h + sc[:, None] * sx_w, mask=ok[:, None] & mask_c[None, :], other=0.0)
-                wv = tl.load(w_ptr + ch * (KS * KS) + (a * KS + c), mask=mask_c, other=0.0).to(tl.float32)
-                acc += wv[None, :] * xv.to(tl.float32)
+        for t in tl.static_range(KS * KS):
+            acc += wts[t][None, :] * full[t]
         offs = out_base + (r * W + cols)[:, None] * C
         out = acc
         if SILU:
             tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=m)
             out = acc * tl.sigmoid(acc)
         if RESIDUAL:
-            out += tl.load(x_base + r * sx_h + cols[:, None] * sx_w, mask=m, other=0.0).to(tl.float32)
+            out += full[P * KS + P]  # the centre tap: x itself
         tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=m)
+        win = _window_drop_row(full, KS)
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
@@ -125,7 +169,9 @@ def _dwconv_bwd_param_kernel(dy_ptr, x_ptr, pre_ptr, gp_ptr, part_ptr, sx_b, sx_
     base = b * H * W * C + ch[None, :]  # dy, pre and gp: contiguous (B, H, W, C)
     acc = (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),) * (NTAP + 1)
     r0 = band * rows
+    win = _window_start(x_base, r0, sx_h, sx_w, cols, mask_c, H, W, KS)
     for r in range(r0, tl.minimum(r0 + rows, H)):
+        full = win + _row_taps(x_base, r + P, sx_h, sx_w, cols, mask_c, H, W, KS)  # x at rows r − P … r + P
         offs = base + (r * W + cols)[:, None] * C
         gp = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if SILU:
@@ -134,15 +180,10 @@ def _dwconv_bwd_param_kernel(dy_ptr, x_ptr, pre_ptr, gp_ptr, part_ptr, sx_b, sx_
             gp = gp * s * (1.0 + p * (1.0 - s))
             tl.store(gp_ptr + offs, gp.to(gp_ptr.dtype.element_ty), mask=m)
         new = ()
-        for a in tl.static_range(KS):
-            sr = r + (a - P)
-            row_ok = (sr >= 0) & (sr < H)
-            for c in tl.static_range(KS):
-                sc = cols + (c - P)
-                ok = (sc >= 0) & (sc < W) & row_ok
-                xv = tl.load(x_base + sr * sx_h + sc[:, None] * sx_w, mask=ok[:, None] & mask_c[None, :], other=0.0)
-                new = new + (acc[a * KS + c] + gp * xv.to(tl.float32),)
+        for t in tl.static_range(NTAP):
+            new = new + (acc[t] + gp * full[t],)
         acc = new + (acc[NTAP] + gp,)
+        win = _window_drop_row(full, KS)
     part = ((b * tl.num_programs(0) + pid) * (NTAP + 1)) * C + ch
     for tap in tl.static_range(NTAP + 1):
         tl.store(part_ptr + part + tap * C, tl.sum(acc[tap], axis=0), mask=mask_c)
@@ -152,27 +193,26 @@ def _dwconv_bwd_param_kernel(dy_ptr, x_ptr, pre_ptr, gp_ptr, part_ptr, sx_b, sx_
 def _dwconv_bwd_input_kernel(gp_ptr, dy_ptr, w_ptr, dx_ptr, C, H, W, n_ctiles, rows,
                              KS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx[q] = Σ_taps w[tap]·gp[q − tap] (+ dy[q] with the residual), the transposed convolution as a gather (zero
-    outside the map), for `rows` rows × BLOCK_W columns × BLOCK_C channels of image b; all contiguous."""
+    outside the map), for `rows` rows × BLOCK_W columns × BLOCK_C channels of image b; all contiguous. The
+    window holds gp at rows q − P … q + P, columns q − P … q + P: window tile (i, j) meets weight tap
+    (KS − 1 − i, KS − 1 − j), the flipped kernel."""
     pid, band, b, cols, mask_w, ch, mask_c, m = _tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
     P: tl.constexpr = KS // 2
     base = b * H * W * C + ch[None, :]
+    wts = _tap_weights(w_ptr, ch, mask_c, KS, True)
     r0 = band * rows
+    win = _window_start(gp_ptr + base, r0, W * C, C, cols, mask_c, H, W, KS)
     for r in range(r0, tl.minimum(r0 + rows, H)):
+        full = win + _row_taps(gp_ptr + base, r + P, W * C, C, cols, mask_c, H, W, KS)
         offs = base + (r * W + cols)[:, None] * C
         if RESIDUAL:
             dx = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
         else:
             dx = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-        for a in tl.static_range(KS):
-            qr = r - (a - P)
-            row_ok = (qr >= 0) & (qr < H)
-            for c in tl.static_range(KS):
-                qc = cols - (c - P)
-                ok = (qc >= 0) & (qc < W) & row_ok
-                g = tl.load(gp_ptr + base + (qr * W + qc)[:, None] * C, mask=ok[:, None] & mask_c[None, :], other=0.0)
-                wv = tl.load(w_ptr + ch * (KS * KS) + (a * KS + c), mask=mask_c, other=0.0).to(tl.float32)
-                dx += wv[None, :] * g.to(tl.float32)
+        for t in tl.static_range(KS * KS):
+            dx += wts[t][None, :] * full[t]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        win = _window_drop_row(full, KS)
 
 
 @triton.jit(do_not_specialize=["R"])
