@@ -39,6 +39,7 @@ KINDS = (
                                          "_weight_grad_kernel", "_mix_weights_kernel")),
     ("LayerNorm (this project's kernels)", ("_ln_fwd_kernel", "_ln_bwd_kernel")),
     ("depthwise conv (this project's kernels)", ("_dwconv_",)),
+    ("drop path (this project's kernels)", ("_drop_path_",)),
     ("inductor-generated", ("triton_",)),
     ("convolution", ("conv", "cudnn", "implicit_gemm", "winograd", "dgrad", "wgrad", "fprop")),
     ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "ampere_", "cublas")),
@@ -71,6 +72,8 @@ def main() -> None:
     p.add_argument("--fused-convs", choices=["on", "off"], default="off",
                    help="the fused backend's depthwise convolutions as Triton kernels (on) or nn.Conv2d (off, the "
                         "default)")
+    p.add_argument("--fused-drop-path", choices=["on", "off"], default="off",
+                   help="the fused backend's residual adds with stochastic depth as Triton kernels (on) or plain ops")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
@@ -87,7 +90,7 @@ def main() -> None:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     model = FACTORIES[args.model](backend=args.backend, fused_norms=args.fused_norms == "on",
-                                  fused_convs=args.fused_convs == "on")
+                                  fused_convs=args.fused_convs == "on", fused_drop_path=args.fused_drop_path == "on")
     model = model.to(device).to(memory_format=torch.channels_last)
     if args.compile:
         compile_for_training(model, memory_budget=args.memory_budget, regional=args.regional,

@@ -52,15 +52,17 @@ BASELINES = {  # names for --baselines; anything else is passed to timm.create_m
 RATIO_BASES = ("convnext_tiny", "swin_tiny_patch4_window7_224")
 
 
-def build(name: str, backend: str, fused_norms: bool = False, fused_convs: bool = False) -> nn.Module:
+def build(name: str, backend: str, fused_norms: bool = False, fused_convs: bool = False,
+          fused_drop_path: bool = False) -> nn.Module:
     if name in FACTORIES:
-        return FACTORIES[name](backend=backend, fused_norms=fused_norms, fused_convs=fused_convs)
+        return FACTORIES[name](backend=backend, fused_norms=fused_norms, fused_convs=fused_convs,
+                               fused_drop_path=fused_drop_path)
     if name.endswith((".yaml", ".yml")):
         import main
 
         model = main.cli(["--config", name], run=False).model
         model = getattr(model, "backbone", model)
-        model.set_backend(backend, fused_norms, fused_convs)
+        model.set_backend(backend, fused_norms, fused_convs, fused_drop_path)
         return model
     import timm  # baselines
 
@@ -174,14 +176,16 @@ MODES = ("eager", "compiled", "regional", "cudagraphs", "regional-cudagraphs", "
 
 def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False, fused_convs: bool = False) -> dict:
     ours = name in FACTORIES or name.endswith(".yaml")
-    label = backend + (", Triton norms" if fused_norms else "") + (", Triton convs" if fused_convs else "")
+    fused_drop_path = args.fused_drop_path == "on"
+    label = backend + (", Triton norms" if fused_norms else "") + (", Triton convs" if fused_convs else "") + (
+        ", Triton drop path" if fused_drop_path else "")
     row = dict(model=name, backend=label if ours else "-",
                precision=prec, mode=mode + (" + MESA" if args.mesa else "") + (f" + DDP {args.ddp}" if args.ddp else ""))
     for train in (True,) if args.no_infer else (True, False):
         key = "train" if train else "infer"
         try:
             torch.manual_seed(0)
-            model = build(name, backend, fused_norms, fused_convs)
+            model = build(name, backend, fused_norms, fused_convs, fused_drop_path)
             # measure's `compiled`: False, True (one graph), "regional", "cudagraphs", "regional-cudagraphs" or
             # "graphed"; the timm baselines have no regional compilation and compile as one graph
             compiled = {"eager": False, "compiled": True, "cudagraphs": "cudagraphs", "graphed": "graphed",
@@ -273,6 +277,8 @@ def main() -> None:
     p.add_argument("--fused-convs", default="off", choices=["on", "off", "on,off", "off,on"],
                    help="the fused backend's depthwise convolutions as Triton kernels in eager mode (on), nn.Conv2d "
                         "(off, the models' default), or a row of each")
+    p.add_argument("--fused-drop-path", default="off", choices=["on", "off"],
+                   help="the fused backend's residual adds with stochastic depth as Triton kernels in eager training")
     p.add_argument("--no-infer", action="store_true", help="training rows only")
     p.add_argument("--ddp", choices=["split", "whole"], default="",
                    help="train inside a one-process DistributedDataParallel, as Lightning's ddp strategy does; "

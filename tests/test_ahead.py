@@ -132,6 +132,17 @@ def test_plan_of_the_depthwise_conv_foresees_every_variant_it_launches(recorded,
                                       "_dwconv_param_kernel"}
 
 
+def test_plan_of_the_drop_path_foresees_every_variant_it_launches(recorded):
+    from src.kernels.droppath import residual_drop_path
+
+    planned, launched = recorded
+    x = torch.randn(3, 4, 5, 8, device=DEVICE, requires_grad=True)
+    branch = torch.randn(3, 4, 5, 8, device=DEVICE, requires_grad=True)
+    residual_drop_path(x, branch, torch.tensor(0.5, device=DEVICE), True).sum().backward()
+    assert launched and set(planned) == set(launched)
+    assert {p[0] for p in planned} == {"_drop_path_fwd_kernel", "_drop_path_bwd_kernel"}
+
+
 class _FakeKernel:
     """Stands for a @triton.jit kernel: `warmup` (a slow compile, optionally failing) and `kernel[grid](...)`."""
 

@@ -8,7 +8,8 @@ Backends compute the same function (tests prove it against `reference.py`):
 
 `layer_norm` is the blocks' LayerNorm (optionally gated): Triton kernels (`norms.py`) with the fused backend
 in eager mode, `nn.LayerNorm` otherwise. `depthwise_conv` likewise for the blocks' depthwise convolutions (with
-their residual or SiLU): Triton kernels (`dwconv.py`) or `nn.Conv2d`.
+their residual or SiLU): Triton kernels (`dwconv.py`) or `nn.Conv2d`; `residual_drop_path` for the residual
+adds with stochastic depth (`droppath.py`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .reference import FUSION_PADDINGS, SCANS, structure_aware_ssm_ref
 
 BACKENDS = ("torch", "triton", "fused", "auto")
 
-__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "depthwise_conv", "layer_norm", "plain_depthwise_conv",
-           "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
+__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "depthwise_conv", "drop_path", "layer_norm", "plain_depthwise_conv",
+           "residual_drop_path", "resolve_backend", "structure_aware_ssm", "structure_aware_ssm_ref"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -109,6 +110,33 @@ def depthwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d, residual: bool = Fals
 
         return kernel_depthwise_conv(x, conv, residual, silu)
     return plain_depthwise_conv(x, conv, residual, silu)
+
+
+def residual_drop_path(x: torch.Tensor, branch: torch.Tensor, keep_prob: torch.Tensor, training: bool,
+                       backend: str = "torch") -> torch.Tensor:
+    """x + drop_path(branch) (stochastic depth: in training each sample's branch kept with probability keep_prob,
+    a 0-d tensor, and scaled by 1 / keep_prob). With backend `fused` (or `auto` on CUDA), on CUDA or under the
+    Triton interpreter, one Triton kernel each way (`droppath.py`, eager only); otherwise the plain ops. The mask is
+    drawn the same way either way."""
+    if _kernels_run(backend, x):
+        from .droppath import residual_drop_path as kernel_residual_drop_path  # imports Triton: only when it runs
+
+        return kernel_residual_drop_path(x, branch, keep_prob, training)
+    return x + drop_path(branch, keep_prob, training)
+
+
+def drop_path(x: torch.Tensor, keep_prob: torch.Tensor, training: bool) -> torch.Tensor:
+    """Stochastic depth: keep the whole residual branch of a sample with probability keep_prob, a 0-d tensor (a
+    compiled graph takes it as an input instead of a constant), and scale the kept ones by 1 / keep_prob."""
+    if not training:
+        return x
+    return x * drop_path_mask(x, keep_prob) / keep_prob
+
+
+def drop_path_mask(x: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
+    """One Bernoulli(keep_prob) draw per sample of x, shaped (B, 1, …) in x's dtype: the only random numbers
+    stochastic depth draws (the Triton path draws them here too, so the random stream is the same either way)."""
+    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
 
 
 def plain_depthwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d, residual: bool, silu: bool) -> torch.Tensor:

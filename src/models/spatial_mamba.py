@@ -19,18 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 from src.checks import BACKBONE_STRIDE, positive, require
 from src.errors import InputNotFoundError, UserError
-from src.kernels import BACKENDS, FUSION_PADDINGS, SCANS, depthwise_conv, layer_norm, structure_aware_ssm
+from src.kernels import (BACKENDS, FUSION_PADDINGS, SCANS, depthwise_conv, layer_norm, residual_drop_path,
+                         structure_aware_ssm)
 
 TOTAL_STRIDE = BACKBONE_STRIDE
-
-
-def drop_path(x: torch.Tensor, keep_prob: torch.Tensor, training: bool) -> torch.Tensor:
-    """Stochastic depth: keep the whole residual branch of a sample with probability keep_prob, a 0-d tensor (a
-    compiled graph takes it as an input instead of a constant), and scale the kept ones by 1 / keep_prob."""
-    if not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
-    return x * keep / keep_prob
 
 
 class StateFusion(nn.Module):
@@ -70,6 +62,7 @@ class StructureAwareSSM(nn.Module):
         dt_init_floor: float = 1e-4,
         fused_norms: bool = False,
         fused_convs: bool = False,
+        fused_drop_path: bool = False,
     ):
         super().__init__()
         if scan not in SCANS:
@@ -87,6 +80,7 @@ class StructureAwareSSM(nn.Module):
         self.backend = backend
         self.fused_norms = fused_norms
         self.fused_convs = fused_convs
+        self.fused_drop_path = fused_drop_path
         self.fusion_eval_padding = fusion_eval_padding
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
@@ -120,6 +114,11 @@ class StructureAwareSSM(nn.Module):
         """The backend of the block's depthwise convolutions (`src.kernels.depthwise_conv`): Triton kernels with
         `fused`."""
         return self.backend if self.fused_convs else "torch"
+
+    @property
+    def drop_path_backend(self) -> str:
+        """The backend of the block's residual adds with stochastic depth (`src.kernels.residual_drop_path`)."""
+        return self.backend if self.fused_drop_path else "torch"
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         Bsz, H, W, _ = u.shape
@@ -177,11 +176,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = depthwise_conv(x, self.cpe1, residual=True, backend=self.ssm.conv_backend)  # x + cpe1(x)
-        x = x + drop_path(self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend)), self.keep_prob,
-                          self.training)
+        x = residual_drop_path(x, self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend)), self.keep_prob,
+                               self.training, backend=self.ssm.drop_path_backend)
         x = depthwise_conv(x, self.cpe2, residual=True, backend=self.ssm.conv_backend)
-        x = x + drop_path(self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend)), self.keep_prob,
-                          self.training)
+        x = residual_drop_path(x, self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend)), self.keep_prob,
+                               self.training, backend=self.ssm.drop_path_backend)
         return x
 
 
@@ -255,6 +254,9 @@ class SpatialMamba(nn.Module):
             with their residual, the SSM's convolution with its SiLU) run as Triton kernels in eager mode
             (src/kernels/dwconv.py): one kernel forward, three backward, instead of cuDNN's and about a dozen
             small kernels and autograd nodes each (compiled graphs always trace nn.Conv2d). Off by default.
+        fused_drop_path: with the fused backend, the residual adds of the SSM and MLP branches with stochastic
+            depth run as one Triton kernel each way in eager training (src/kernels/droppath.py), instead of three
+            forward and two backward; the same random draws and, on a GPU, the same bits. Off by default.
         fusion_eval_padding: padding of the state fusion in eval mode. "replicate" (default): as in training.
             "zeros": the authors' evaluation code, which runs the fusion kernels merged into one 11×11 kernel
             with zero padding (training pads by replication), to reproduce their published accuracies with
@@ -284,6 +286,7 @@ class SpatialMamba(nn.Module):
         backend: str = "torch",
         fused_norms: bool = False,
         fused_convs: bool = False,
+        fused_drop_path: bool = False,
         fusion_eval_padding: Literal["replicate", "zeros"] = "replicate",
         features_only: bool = False,
         out_indices: Sequence[int] | None = None,
@@ -329,6 +332,7 @@ class SpatialMamba(nn.Module):
         ssm_kwargs = dict(
             d_state=d_state, dilations=dilations, fusion_kernel_size=fusion_kernel_size, scan=scan, backend=backend,
             fusion_eval_padding=fusion_eval_padding, fused_norms=fused_norms, fused_convs=fused_convs,
+            fused_drop_path=fused_drop_path,
         )
         self.stages = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths)):
@@ -353,10 +357,11 @@ class SpatialMamba(nn.Module):
             # state-dict names as a list of four norms. LayerNorm's own init is _init_weights' (ones, zeros).
             self.feature_norms = nn.ModuleDict({str(i): nn.LayerNorm(dims[i]) for i in self.out_indices})
 
-    def set_backend(self, backend: str, fused_norms: bool | None = None, fused_convs: bool | None = None) -> None:
+    def set_backend(self, backend: str, fused_norms: bool | None = None, fused_convs: bool | None = None,
+                    fused_drop_path: bool | None = None) -> None:
         """Switch the kernel backend of every block (the parameters stay as they are), and with `fused_norms` /
-        `fused_convs` whether the fused backend runs the LayerNorms / depthwise convolutions as Triton kernels
-        too (None: unchanged)."""
+        `fused_convs` / `fused_drop_path` whether the fused backend runs the LayerNorms / depthwise convolutions /
+        residual adds with stochastic depth as Triton kernels too (None: unchanged)."""
         if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         for m in self.modules():
@@ -366,6 +371,8 @@ class SpatialMamba(nn.Module):
                     m.fused_norms = fused_norms
                 if fused_convs is not None:
                     m.fused_convs = fused_convs
+                if fused_drop_path is not None:
+                    m.fused_drop_path = fused_drop_path
         self.backend = backend
 
     # graphs a regionally compiled block may need: 4 stage shapes × train / eval × a few batch sizes (the last,
