@@ -31,3 +31,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_backbone_both_ways(monkeypatch, flag: str, module, batch: int = 2, drop_path_rate: float = 0.0):
+    """The 4-block backbone (fused backend) with the eager kernels of `flag` (a SpatialMamba argument: fused_norms,
+    fused_convs, fused_drop_path) on and off, from one seed, a forward and backward each. The SSM op runs as the
+    torch reference in both (the interpreter's fused op is slow, and its own tests are elsewhere), so any
+    difference is `flag`'s kernels'. Returns ({on: (logits, parameter gradients, the next random draw)}, the
+    argument tuples of the calls of `module._forward`, the kernels' host entry)."""
+    from src.models import spatial_mamba
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    op = spatial_mamba.structure_aware_ssm
+    monkeypatch.setattr(spatial_mamba, "structure_aware_ssm", lambda *a, **k: op(*a, **{**k, "backend": "torch"}))
+    calls = []
+    forward = module._forward
+    monkeypatch.setattr(module, "_forward", lambda *a: calls.append(a) or forward(*a))
+    x = torch.randn(batch, 3, 64, 64, device=device)
+    out = {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = spatial_mamba.SpatialMamba(num_classes=5, dims=[8, 16, 16, 16], depths=[1, 1, 1, 1], backend="fused",
+                                           drop_path_rate=drop_path_rate, **{flag: on}).to(device)
+        logits = model(x)
+        logits.square().sum().backward()
+        out[on] = (logits, {n: p.grad for n, p in model.named_parameters()}, torch.rand(3, device=device))
+    return out, calls

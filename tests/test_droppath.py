@@ -9,8 +9,7 @@ import torch
 
 from src.kernels import droppath, residual_drop_path
 from src.kernels.droppath import residual_drop_path as kernel_residual_drop_path
-from src.models.spatial_mamba import SpatialMamba
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, tiny_backbone_both_ways
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -74,24 +73,9 @@ def test_falls_back_to_the_plain_ops():
 
 
 def test_model_with_the_kernel_matches_the_plain_ops(monkeypatch):
-    """The whole backbone (fused backend, SSM op on the torch reference), stochastic depth 0.5, with and without
-    the kernels: the same draws, the same logits and gradients to rounding, and the kernels ran (2 per block)."""
-    from src.models import spatial_mamba
-
-    op = spatial_mamba.structure_aware_ssm
-    monkeypatch.setattr(spatial_mamba, "structure_aware_ssm", lambda *a, **k: op(*a, **{**k, "backend": "torch"}))
-    calls = []
-    forward = droppath._forward
-    monkeypatch.setattr(droppath, "_forward", lambda *a: calls.append(1) or forward(*a))
-    x = torch.randn(4, 3, 64, 64, device=DEVICE)
-    out = {}
-    for fused in (True, False):
-        torch.manual_seed(0)
-        model = SpatialMamba(num_classes=5, dims=[8, 16, 16, 16], depths=[1, 1, 1, 1], backend="fused",
-                             fused_drop_path=fused, drop_path_rate=0.5).to(DEVICE)
-        logits = model(x)
-        logits.square().sum().backward()
-        out[fused] = (logits, {n: p.grad for n, p in model.named_parameters()}, torch.rand(3, device=DEVICE))
+    """The whole backbone (fused backend), stochastic depth 0.5, with and without the kernels: the same draws,
+    the same logits and gradients to rounding, and the kernels ran (2 per block)."""
+    out, calls = tiny_backbone_both_ways(monkeypatch, "fused_drop_path", droppath, batch=4, drop_path_rate=0.5)
     assert len(calls) == 8, "two residual branches in each of the 4 blocks, and only with the kernels"
     assert torch.equal(out[True][2], out[False][2])
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)

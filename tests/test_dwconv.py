@@ -14,9 +14,7 @@ import torch.nn as nn
 
 from src.kernels import dwconv, fused
 from src.kernels.dwconv import depthwise_conv, dwconv_ref
-from src.models import spatial_mamba
-from src.models.spatial_mamba import SpatialMamba
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, tiny_backbone_both_ways
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -141,22 +139,9 @@ def test_traced_code_uses_the_plain_ops():
 
 def test_model_with_kernel_convs_matches_nn_conv2d(monkeypatch):
     """The whole backbone, fused backend, its blocks' depthwise convolutions on the kernels vs nn.Conv2d: same
-    logits and parameter gradients (fp32) to rounding; the SSM op and the norms as the torch reference in both,
-    so any difference is the convolutions'."""
-    op = spatial_mamba.structure_aware_ssm
-    monkeypatch.setattr(spatial_mamba, "structure_aware_ssm", lambda *a, **k: op(*a, **{**k, "backend": "torch"}))
-    calls = []
-    forward = dwconv._forward
-    monkeypatch.setattr(dwconv, "_forward", lambda *a: calls.append(a[3:]) or forward(*a))
-    x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    out = {}
-    for fused_convs in (True, False):
-        torch.manual_seed(0)
-        model = SpatialMamba(num_classes=5, dims=[8, 16, 16, 16], depths=[1, 1, 1, 1], backend="fused",
-                             fused_convs=fused_convs, drop_path_rate=0.0).to(DEVICE)
-        logits = model(x)
-        logits.square().sum().backward()
-        out[fused_convs] = (logits, {n: p.grad for n, p in model.named_parameters()})
+    logits and parameter gradients (fp32) to rounding."""
+    out, calls = tiny_backbone_both_ways(monkeypatch, "fused_convs", dwconv)
+    calls = [a[3:] for a in calls]  # (silu, residual)
     # per block: cpe1 and cpe2 with the residual, the SSM's convolution with the SiLU; only with fused_convs
     assert calls == [(False, True), (True, False), (False, True)] * 4
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)

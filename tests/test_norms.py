@@ -15,9 +15,7 @@ import torch.nn as nn
 from src.kernels import layer_norm
 from src.kernels import norms
 from src.kernels.norms import layer_norm_ref
-from src.models import spatial_mamba
-from src.models.spatial_mamba import SpatialMamba
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, tiny_backbone_both_ways
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -133,29 +131,11 @@ def test_traced_code_uses_the_plain_ops():
     torch.testing.assert_close(got, norm(x) * torch.nn.functional.silu(z))
 
 
-def tiny_model(fused_norms: bool) -> SpatialMamba:
-    torch.manual_seed(0)
-    return SpatialMamba(num_classes=5, dims=[8, 16, 16, 16], depths=[1, 1, 1, 1], backend="fused",
-                        fused_norms=fused_norms, drop_path_rate=0.0).to(DEVICE)
-
-
 def test_model_with_kernel_norms_matches_nn_layernorm(monkeypatch):
     """The whole backbone, fused backend, its norms on the kernels vs nn.LayerNorm: same logits and
-    parameter gradients (fp32) to rounding. The SSM op runs as the torch reference in both (the interpreter's
-    fused op is slow, and its own tests are elsewhere), so any difference is the norms'."""
-    op = spatial_mamba.structure_aware_ssm
-    monkeypatch.setattr(spatial_mamba, "structure_aware_ssm", lambda *a, **k: op(*a, **{**k, "backend": "torch"}))
-    kernel_calls = []
-    forward = norms._forward
-    monkeypatch.setattr(norms, "_forward", lambda *a: kernel_calls.append(1) or forward(*a))
-    x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    out = {}
-    for fused_norms in (True, False):
-        model = tiny_model(fused_norms)
-        logits = model(x)
-        logits.square().sum().backward()
-        out[fused_norms] = (logits, {n: p.grad for n, p in model.named_parameters()})
-        assert len(kernel_calls) == 12, "3 norms in each of the 4 blocks, and only with fused_norms"
+    parameter gradients (fp32) to rounding."""
+    out, calls = tiny_backbone_both_ways(monkeypatch, "fused_norms", norms)
+    assert len(calls) == 12, "3 norms in each of the 4 blocks, and only with fused_norms"
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)
     for name, g in out[False][1].items():
         torch.testing.assert_close(out[True][1][name], g, rtol=1e-3, atol=1e-5, msg=name)

@@ -32,28 +32,32 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 2048
 
 
-@triton.jit(do_not_specialize=["n", "per_sample"])
-def _drop_path_fwd_kernel(x_ptr, br_ptr, keep_ptr, kp_ptr, out_ptr, n, per_sample, BLOCK: tl.constexpr):
+@triton.jit
+def _elements(keep_ptr, kp_ptr, n, per_sample, dtype, BLOCK: tl.constexpr):
+    """This program's flat offsets and their mask, keep_prob as the activations' dtype reads it (fp32), and each
+    element's sample mask (fp32)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    dtype = out_ptr.dtype.element_ty
     kp = tl.load(kp_ptr).to(dtype).to(tl.float32)
-    k = tl.load(keep_ptr + offs // per_sample, mask=m, other=0.0).to(tl.float32)
+    return offs, m, kp, tl.load(keep_ptr + offs // per_sample, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["n", "per_sample"])
+def _drop_path_fwd_kernel(x_ptr, br_ptr, keep_ptr, kp_ptr, out_ptr, n, per_sample, BLOCK: tl.constexpr):
+    dtype = out_ptr.dtype.element_ty
+    offs, m, kp, k = _elements(keep_ptr, kp_ptr, n, per_sample, dtype, BLOCK)
     br = tl.load(br_ptr + offs, mask=m, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    t = tl.math.div_rn((br * k).to(dtype).to(tl.float32), kp).to(dtype).to(tl.float32)
+    t = tl.math.div_rn((br * k).to(dtype).to(tl.float32), kp).to(dtype).to(tl.float32)  # (branch·keep) / keep_prob
     tl.store(out_ptr + offs, (x + t).to(dtype), mask=m)
 
 
 @triton.jit(do_not_specialize=["n", "per_sample"])
 def _drop_path_bwd_kernel(dy_ptr, keep_ptr, kp_ptr, dbr_ptr, n, per_sample, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
     dtype = dbr_ptr.dtype.element_ty
-    kp = tl.load(kp_ptr).to(dtype).to(tl.float32)
-    k = tl.load(keep_ptr + offs // per_sample, mask=m, other=0.0).to(tl.float32)
+    offs, m, kp, k = _elements(keep_ptr, kp_ptr, n, per_sample, dtype, BLOCK)
     dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    g = tl.math.div_rn(dy, kp).to(dtype).to(tl.float32)
+    g = tl.math.div_rn(dy, kp).to(dtype).to(tl.float32)  # the division's backward, then the mask's
     tl.store(dbr_ptr + offs, (g * k).to(dtype), mask=m)
 
 
