@@ -120,6 +120,15 @@ def test_falls_back_where_the_kernel_does_not_apply():
                        torch.nn.functional.silu(conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
 
 
+def test_images_beyond_32_bit_offsets_take_the_plain_path(monkeypatch):
+    conv = make_conv(4)
+    x = torch.randn(2, 5, 6, 4, device=DEVICE)
+    assert dwconv.kernel_fits(x, conv)
+    monkeypatch.setattr(dwconv, "MAX_IMAGE_EXTENT", 5 * 6 * 4 - 1)
+    assert not dwconv.kernel_fits(x, conv)
+    assert torch.equal(depthwise_conv(x, conv, residual=True), x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
 def test_traced_code_uses_the_plain_ops():
     """Under torch.compile (dynamo, eager backend here) the kernels are not traced: the graph holds the module's
     convolution, which inductor handles itself."""

@@ -49,6 +49,7 @@ from .triton_scan import triton_interpreted
 from .tuning import pick_config
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_IMAGE_EXTENT = 2**31 - 1  # offsets within one image are 32-bit in the kernels (the image's own is 64-bit)
 _SHAPE_ARGS = ["H", "W", "n_ctiles", "rows"]
 # candidate tiles (BLOCK_W columns, BLOCK_C channels, warps); the backward holds k·k + 1 accumulator tiles
 FWD_CONFIGS = ((16, 64, 4), (8, 128, 4), (32, 32, 4))
@@ -326,7 +327,7 @@ class _DepthwiseConv(torch.autograd.Function):
 def kernel_fits(x: Tensor, conv: nn.Conv2d) -> bool:
     """Whether the kernels compute `conv` on x (B, H, W, C): a depthwise, square, odd, stride-1, dilation-1
     convolution zero-padded to the same size, on CUDA (or the Triton interpreter), eager and not under a dispatch
-    mode, with parameters of a kernel dtype."""
+    mode, with parameters of a kernel dtype, and one image's elements addressable with 32-bit offsets."""
     w = conv.weight
     C = x.shape[-1] if x.ndim == 4 else -1
     ks = w.shape[-1]
@@ -335,7 +336,7 @@ def kernel_fits(x: Tensor, conv: nn.Conv2d) -> bool:
             and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
             and tuple(conv.padding) == (ks // 2, ks // 2) and conv.padding_mode == "zeros"
             and w.dtype in KERNEL_DTYPES and (conv.bias is None or conv.bias.dtype == w.dtype)
-            and w.device == x.device
+            and w.device == x.device and max(x.stride(0), x.shape[1] * x.shape[2] * C) <= MAX_IMAGE_EXTENT
             and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
 
@@ -360,4 +361,4 @@ def depthwise_conv(x: Tensor, conv: nn.Conv2d, residual: bool = False, silu: boo
     return _DepthwiseConv.apply(x, weight, conv.bias, silu, residual)
 
 
-__all__ = ["KERNEL_DTYPES", "depthwise_conv", "dwconv_ref", "kernel_fits"]
+__all__ = ["KERNEL_DTYPES", "MAX_IMAGE_EXTENT", "depthwise_conv", "dwconv_ref", "kernel_fits"]
