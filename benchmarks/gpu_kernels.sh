@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The kernels on one GPU, in one go from a cold start: the GPU tests (timed), the op benchmark with the
-# per-kernel profile at stage 1, then optionally the whole-model throughput and the training-equivalence
+# per-kernel profile at stage 1 and the depthwise convolutions against cuDNN, then optionally the whole-model throughput and the training-equivalence
 # check. Logs and JSON go to $OUT (default out/).
 #
 #   bash benchmarks/gpu_kernels.sh            # tests + op benchmark (stage 1 only: --quick)
@@ -29,8 +29,10 @@ if [ "$what" = "quick" ] || [ "$what" = "full" ]; then
 fi
 if [ "$what" = "quick" ] || [ "$what" = "bench" ]; then
   python benchmarks/ops.py --quick --skip-torch --profile --host --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+  python benchmarks/dwconv.py 2>&1 | tee "$OUT/dwconv.log"
 elif [ "$what" = "full" ] || [ "$what" = "speed" ]; then
   python benchmarks/ops.py --skip-torch --profile --host --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+  python benchmarks/dwconv.py 2>&1 | tee "$OUT/dwconv.log"
   python benchmarks/throughput.py --models t,convnext_tiny,swin_tiny_patch4_window7_224 --backends fused \
     --precisions bf16 --modes eager,compiled,cudagraphs 2>&1 | tee "$OUT/throughput.log"
 fi
