@@ -116,6 +116,9 @@ def test_falls_back_where_the_kernel_does_not_apply():
                        x64 + conv64(x64.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
     assert depthwise_conv(x[:0], make_conv(4)).shape == (0, 5, 6, 4)
     conv = make_conv(4)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):  # x + conv(x) stays fp32 under autocast
+        want = x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        assert torch.equal(depthwise_conv(x, conv, residual=True), want) and want.dtype == torch.float32
     assert torch.equal(depthwise_conv(x, conv, silu=True, kernel=False),
                        torch.nn.functional.silu(conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
 
@@ -178,18 +181,18 @@ def test_gpu_other_kernel_sizes(k):
 @requires_cuda
 @pytest.mark.gpu
 def test_gpu_autocast_output_dtype_and_determinism():
-    """Under autocast an fp32 input is convolved with bf16 I/O, and the parameters' fixed-order sums give the same
-    bits twice at a stage-1 size."""
-    conv = make_conv(64, device="cuda")
-    x = torch.randn(16, 56, 56, 64, device="cuda", requires_grad=True)
-    dy = torch.randn(16, 56, 56, 64, device="cuda", dtype=torch.bfloat16)
+    """Under autocast an fp32 input is convolved with bf16 I/O (the SSM's convolution: SiLU, no residual), and the
+    parameters' fixed-order sums give the same bits twice at a stage-1 size."""
+    conv = make_conv(128, device="cuda")
+    x = torch.randn(16, 56, 56, 128, device="cuda", requires_grad=True)
+    dy = torch.randn(16, 56, 56, 128, device="cuda", dtype=torch.bfloat16)
     runs = []
     for _ in range(2):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = depthwise_conv(x, conv, residual=True)
+            y = depthwise_conv(x, conv, silu=True)
         assert y.dtype == torch.bfloat16
         runs.append([y, *torch.autograd.grad(y, [x, conv.weight, conv.bias], dy)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    ref = dwconv_ref(x.detach().double(), conv.weight.double(), conv.bias.double(), residual=True)
+    ref = dwconv_ref(x.detach().bfloat16().double(), conv.weight.double(), conv.bias.double(), silu=True)
     assert rel_err(runs[0][0], ref) < TOL[torch.bfloat16]

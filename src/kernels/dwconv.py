@@ -346,12 +346,15 @@ def depthwise_conv(x: Tensor, conv: nn.Conv2d, residual: bool = False, silu: boo
 
     With `kernel` the Triton kernels run where they fit (`kernel_fits`): x of a kernel dtype, read in place if its
     channels have unit stride (else copied). Under autocast x is cast to autocast's dtype, the output is in it
-    (as autocast's convolution would give), the weights are read in their own dtype and accumulated in fp32.
+    (as autocast's convolution would give), the weights are read in their own dtype and accumulated in fp32; with
+    the residual and an x wider than autocast's dtype (whose plain sum stays in x's dtype) the plain path runs.
     Anywhere else (or with `kernel=False`) it is the plain module on a permuted view: the reference behaviour."""
     if not (kernel and kernel_fits(x, conv)):
         return plain_depthwise_conv(x, conv, residual, silu)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != dtype and residual:  # the plain sum keeps x's wider dtype: so does this path, plainly
+            return plain_depthwise_conv(x, conv, residual, silu)
         x = x if x.dtype == dtype else x.to(dtype)
     if x.dtype not in KERNEL_DTYPES:
         return plain_depthwise_conv(x, conv, residual, silu)
