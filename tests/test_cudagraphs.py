@@ -15,11 +15,12 @@ from tests.conftest import requires_cuda
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("fused_norms", [False, True])
-def test_graph_step_trains_as_the_eager_step(monkeypatch, fused_norms, optimizer):
+@pytest.mark.parametrize("eager_kernels", [False, True])
+def test_graph_step_trains_as_the_eager_step(monkeypatch, eager_kernels, optimizer):
     """A training step of a narrow Spatial-Mamba (fused backend, fp32) replayed from its recording moves the
     weights as the same number of eager steps does: the first call is warm-up (3) + 1 steps, each later call one
-    more; new data written into the input tensor is seen by the replay.
+    more; new data written into the input tensor is seen by the replay. `eager_kernels`: with the Triton
+    LayerNorms, depthwise convolutions and drop path (`fused_norms`, `fused_convs`, `fused_drop_path`).
 
     The recording and the eager module round differently (kernel choices), and some gradients are pure rounding
     noise: a depthwise conv bias whose channel always passes the ReLU before `reduce` + BatchNorm has a true
@@ -32,7 +33,8 @@ def test_graph_step_trains_as_the_eager_step(monkeypatch, fused_norms, optimizer
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     device = torch.device("cuda")
     model = SpatialMamba(dims=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_classes=10, backend="fused",
-                         drop_path_rate=0.0, fused_norms=fused_norms).to(device).to(memory_format=torch.channels_last)
+                         drop_path_rate=0.0, fused_norms=eager_kernels, fused_convs=eager_kernels,
+                         fused_drop_path=eager_kernels).to(device).to(memory_format=torch.channels_last)
     ref = copy.deepcopy(model)
     x = torch.randn(4, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (4,), device=device)
@@ -204,7 +206,8 @@ def test_fit_with_eager_cudagraphs(tmp_path, monkeypatch):
                     "--model.init_args.ema_decay=0.99", "--model.init_args.mesa=1.0", "--model.init_args.mesa_start=0",
                     "--model.init_args.mixup=0.8", "--model.init_args.cutmix=1.0",
                     f"{BACKBONE}dims=[8, 16, 32, 64]", f"{BACKBONE}depths=[1, 1, 1, 1]", f"{BACKBONE}backend=fused",
-                    f"{BACKBONE}fused_norms=true", "--data.init_args.batch_size=16"], run=False)
+                    f"{BACKBONE}fused_norms=true", f"{BACKBONE}fused_convs=true", f"{BACKBONE}fused_drop_path=true",
+                    "--data.init_args.batch_size=16"], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 6
     assert cli.model._graphed and cli.model._teacher_graph is not None

@@ -52,9 +52,9 @@ def read_losses(path: Path) -> dict[int, str]:
 
 def recipe(tmp_path, data, name, losses, workers, kill_at=None, gpu=None, compiled=False):
     """The tiny recipe writing every step's loss to `losses`; `gpu`: None (the CPU) or a dict of trainer
-    settings for a GPU run (fused backend, Triton LayerNorms, bf16, stochastic depth), which records the eager
-    kernels as CUDA graphs (`eager_cudagraphs`), or with `compiled` compiles as the ImageNet recipe does on a GPU
-    (regional graphs compiled in parallel workers, replayed as CUDA graphs)."""
+    settings for a GPU run (fused backend, Triton LayerNorms, convolutions and drop path, bf16, stochastic
+    depth), which records the eager kernels as CUDA graphs (`eager_cudagraphs`), or with `compiled` compiles as
+    the ImageNet recipe does on a GPU (regional graphs compiled in parallel workers, replayed as CUDA graphs)."""
     callbacks = [{"class_path": "tests.test_resume.LossRecorder", "init_args": {"path": str(losses)}}]
     if kill_at is not None:
         callbacks.append({"class_path": "tests.test_resume.KillAtStep", "init_args": {"step": kill_at}})
@@ -67,8 +67,8 @@ def recipe(tmp_path, data, name, losses, workers, kill_at=None, gpu=None, compil
         cfg["model"]["init_args"].update(eager_cudagraphs=not compiled, compile=None)
         if compiled:
             cfg["model"]["init_args"].update(compile_regional=True, compile_parallel=True, compile_cudagraphs=True)
-        cfg["model"]["init_args"]["backbone"]["init_args"].update(backend="fused", fused_norms=True,
-                                                                  drop_path_rate=0.2)
+        cfg["model"]["init_args"]["backbone"]["init_args"].update(backend="fused", fused_norms=True, fused_convs=True,
+                                                                  fused_drop_path=True, drop_path_rate=0.2)
     config.write_text(yaml.safe_dump(cfg))
     return config
 
@@ -80,9 +80,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, monkeypatch):
 @requires_cuda
 @pytest.mark.gpu
 def test_sigkill_then_resume_with_recorded_cuda_graphs_is_bit_exact(tmp_path, monkeypatch):
-    """On a GPU with the recipe's CUDA-graph path as it ships (bf16, fused kernels, Triton LayerNorms, stochastic
-    depth; the resumed process records its graphs again): every step's loss, the weights and the EMA equal the
-    uninterrupted run's."""
+    """On a GPU with the recipe's CUDA-graph path as it ships (bf16, fused kernels, Triton LayerNorms,
+    convolutions and drop path, stochastic depth; the resumed process records its graphs again): every step's
+    loss, the weights and the EMA equal the uninterrupted run's."""
     kill_resume_and_compare(tmp_path, monkeypatch, gpu={})
 
 
