@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import ahead, plain_depthwise_conv
 from .ahead import launch
-from .fused import _candidates, _grid
+from .fused import _candidates, _grid, _program_tile
 from .triton_scan import triton_interpreted
 from .tuning import pick_config
 
@@ -64,19 +64,6 @@ def dwconv_ref(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool = 
     if silu:
         y = F.silu(y)
     return x + y if residual else y
-
-
-@triton.jit
-def _tile(n_ctiles, W, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(program index over positions, row band, image, columns, their mask, channels, their mask, tile mask):
-    grid (row bands × column tiles, channel blocks, B)."""
-    pid = tl.program_id(0)
-    cols = (pid % n_ctiles) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_w = cols < W
-    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = ch < C
-    return pid, pid // n_ctiles, tl.program_id(2).to(tl.int64), cols, mask_w, ch, mask_c, \
-        mask_w[:, None] & mask_c[None, :]
 
 
 @triton.jit
@@ -129,7 +116,7 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr, sx_b, sx_h, sx_w, C,
                        KS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """y (and with SILU the pre-activation) for `rows` rows × BLOCK_W columns × BLOCK_C channels of image b."""
-    pid, band, b, cols, mask_w, ch, mask_c, m = _tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
+    pid, _, band, _, b, cols, mask_w, ch, mask_c, m = _program_tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
     P: tl.constexpr = KS // 2
     x_base = x_ptr + b * sx_b + ch[None, :]
     out_base = b * H * W * C + ch[None, :]
@@ -163,7 +150,7 @@ def _dwconv_bwd_param_kernel(dy_ptr, x_ptr, pre_ptr, gp_ptr, part_ptr, sx_b, sx_
     gp = dy (or dy·silu'(pre), then written to gp for the input kernel) and this program's partials of the
     weight gradient Σ_p gp[p]·x[p + tap] and of the bias gradient Σ_p gp[p] (part: (B, programs over
     positions, k·k + 1, C), the bias last)."""
-    pid, band, b, cols, mask_w, ch, mask_c, m = _tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
+    pid, _, band, _, b, cols, mask_w, ch, mask_c, m = _program_tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
     P: tl.constexpr = KS // 2
     NTAP: tl.constexpr = KS * KS
     x_base = x_ptr + b * sx_b + ch[None, :]
@@ -197,7 +184,7 @@ def _dwconv_bwd_input_kernel(gp_ptr, dy_ptr, w_ptr, dx_ptr, C, H, W, n_ctiles, r
     outside the map), for `rows` rows × BLOCK_W columns × BLOCK_C channels of image b; all contiguous. The
     window holds gp at rows q − P … q + P, columns q − P … q + P: window tile (i, j) meets weight tap
     (KS − 1 − i, KS − 1 − j), the flipped kernel."""
-    pid, band, b, cols, mask_w, ch, mask_c, m = _tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
+    pid, _, band, _, b, cols, mask_w, ch, mask_c, m = _program_tile(n_ctiles, W, C, BLOCK_W, BLOCK_C)
     P: tl.constexpr = KS // 2
     base = b * H * W * C + ch[None, :]
     wts = _tap_weights(w_ptr, ch, mask_c, KS, True)
