@@ -18,14 +18,17 @@ Backward, given dy, in kernel order:
        accumulator tile per tap, reduced once at the end).
   `_weight_grad_kernel`: G summed over the partials in fp64 in a fixed order; dweight_i[tap] = alpha_i·G[tap]
        and dalpha_i = Σ w_i·G (fp64: it often cancels).
+  `_fusion_edge_kernel`: per row and column offset s = m·d of a tap, the sums of g over the columns [0, s) and
+       [W−s, W) (fp32, a few vectors per row): what the replicate clamp folds onto column 0 and column W−1.
   dh kernel (`_fusion_bwd_state_kernel`): the fusion transposed applied to g. Tap (dr, dc) sends g at p to dh
        at clamp(p + (dr, dc)); so dh at q gathers g over the positions p with clamp(p + offset) = q: one
        position q − offset inside the map (zero outside it: the gather over the zero-padded domain), plus, on
        the border rows and columns, the positions whose shifted index was clamped onto q — the halo folded
        back. Rows: a scalar box [lo, hi] per row and tap (`_box_range`, more than one row only on the first
        and last row). Columns: the shifted gather, plus for column 0 (tap dc < 0) the sum of g over columns
-       [0, −dc) and for column W−1 (dc > 0) over [W−dc, W) (`_edge_sum`, only in the tiles holding those
-       columns). One kernel, no separate border launches; one load per tap (g precomputed).
+       [0, −dc) and for column W−1 (dc > 0) over [W−dc, W): one load of the edge kernel's sums per tap, added
+       at that column once per row (only in the tiles holding those columns). One load per tap (g precomputed),
+       no per-element clamps, no separate border launches.
   Then the scan backward (triton_scan) with dh, which also adds D·dy into dx and returns dD = Σ dy·x.
 Nothing uses atomics: the op gives the same bits on every run.
 
@@ -148,71 +151,68 @@ def _fusion_fwd_kernel(
 
 
 @triton.jit
-def _edge_sum(g_vec, start, n, D, mask_d, BLOCK_D: tl.constexpr):
-    """Σ_{j < n} g[start + j], a (BLOCK_D,) vector (a few positions at a map edge)."""
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(start, start + n):
-        acc += tl.load(g_vec + j * D, mask=mask_d, other=0.0).to(tl.float32)
-    return acc
-
-
-@triton.jit
 def _g_tile(g_base, D, p, ok, mask_d):
     """g at raster positions p (zero where not ok), a (BLOCK_C, BLOCK_D) fp32 tile."""
     return tl.load(g_base + p[:, None] * D, mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
 
 
+@triton.jit(do_not_specialize=["H", "W", "dil_packed"])
+def _fusion_edge_kernel(g_ptr, el_ptr, er_ptr, D, H, W, dil_packed,
+                        NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For row `row` of image b and each column offset s = m·d_k (m = 1 … KS // 2) of a tap: the sums of g over
+    the columns that the replicate clamp of offset −s moves onto column 0 (EL: columns [0, min(s, W))) and of +s
+    onto column W − 1 (ER: the last min(s, W) columns), fp32, (B, H, NDIL·(KS // 2), D). The dh kernel's column
+    folds then cost one vector load per tap instead of a loop over s columns. Grid (H, channel blocks, B)."""
+    row = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    b = tl.program_id(2).to(tl.int64)
+    P: tl.constexpr = KS // 2
+    g_row = g_ptr + (b * H + row) * W * D + offs_d
+    out = (b * H + row) * (NDIL * P) * D + offs_d
+    for k in tl.static_range(NDIL):
+        d = (dil_packed >> (8 * k)) & 255
+        left = tl.zeros([BLOCK_D], dtype=tl.float32)
+        right = tl.zeros([BLOCK_D], dtype=tl.float32)
+        done = 0
+        for m in tl.static_range(1, P + 1):  # the sums grow outward from each edge: s = d, 2d, ... reuse them
+            n = tl.minimum(m * d, W)
+            for j in range(done, n):
+                left += tl.load(g_row + j * D, mask=mask_d, other=0.0).to(tl.float32)
+                right += tl.load(g_row + (W - 1 - j) * D, mask=mask_d, other=0.0).to(tl.float32)
+            done = n
+            tl.store(el_ptr + out + (k * P + m - 1) * D, left, mask=mask_d)
+            tl.store(er_ptr + out + (k * P + m - 1) * D, right, mask=mask_d)
+
+
 @triton.jit
-def _edge_fold(g_vec, D, row, cols, d, W, mask_d, left, right, COL_STEP: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The columns that the clamp of tap column offset dc = COL_STEP·d moved onto column 0 (dc < 0: columns
-    [0, −dc)) or column W−1 (dc > 0: [W − dc, W)), summed from source row `row` and placed at that column of
-    a (BLOCK_C, BLOCK_D) tile (zero elsewhere, and in tiles not holding that column)."""
-    dc = COL_STEP * d
-    fold = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+def _edge_vector(el_ptr, er_ptr, bH, row, D, offs_d, mask_d, left, right, KP: tl.constexpr, COL_STEP: tl.constexpr,
+                 NS: tl.constexpr):
+    """The precomputed column fold (`_fusion_edge_kernel`) of source row `row` for the tap of column offset
+    COL_STEP·d_k (KP = k·(KS // 2); bH = b·H, int64): EL's sum for COL_STEP < 0 in a tile holding column 0,
+    ER's for COL_STEP > 0 in one holding column W − 1, zero otherwise; a (BLOCK_D,) fp32 vector."""
     if COL_STEP < 0:
-        if left:
-            edge = _edge_sum(g_vec, row * W, tl.minimum(-dc, W), D, mask_d, BLOCK_D)
-            fold = tl.where((cols == 0)[:, None], edge[None, :], 0.0)
-    if COL_STEP > 0:
-        if right:
-            n = tl.minimum(dc, W)
-            edge = _edge_sum(g_vec, row * W + W - n, n, D, mask_d, BLOCK_D)
-            fold = tl.where((cols == W - 1)[:, None], edge[None, :], 0.0)
-    return fold
-
-
-@triton.jit
-def _border_rows_fold(g_base, g_vec, D, r, d, cols, mask_c, mask_d, H, W, left, right,
-                      ROW_STEP: tl.constexpr, COL_STEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For the first and last row: the source rows other than r − dr that the clamp of tap (dr, dc) moved
-    onto row r (the box [lo, hi] of `_box_range`), each gathered like the main row, column folds included."""
-    dr = ROW_STEP * d
-    dc = COL_STEP * d
-    lo, hi = _box_range(r, dr, H)
-    src_c = cols - dc
-    ok_c = mask_c & (src_c >= 0) & (src_c < W)
-    fold = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-    for sr in range(lo, hi + 1):
-        if sr != r - dr:  # the main gather has that one
-            fold += _g_tile(g_base, D, sr * W + src_c, ok_c, mask_d)
-            if COL_STEP != 0:
-                fold += _edge_fold(g_vec, D, sr, cols, d, W, mask_d, left, right, COL_STEP, BLOCK_C, BLOCK_D)
-    return fold
+        v = tl.load(el_ptr + ((bH + row) * NS + KP - COL_STEP - 1) * D + offs_d, mask=mask_d & left, other=0.0)
+    else:
+        v = tl.load(er_ptr + ((bH + row) * NS + KP + COL_STEP - 1) * D + offs_d, mask=mask_d & right, other=0.0)
+    return v
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _fusion_bwd_state_kernel(
-    g_ptr, wa_ptr, dh_ptr,
+    g_ptr, wa_ptr, el_ptr, er_ptr, dh_ptr,
     D, H, W, dil_packed, n_ctiles, rows,
     NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dh = the fusion's adjoint applied to g = dy·C (written by the parameter kernel, contiguous (B, L, D)),
-    for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b (NDIL ≥ 1)."""
+    for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b (NDIL ≥ 1); el, er: the column folds of
+    `_fusion_edge_kernel` (unused for KS = 1)."""
     pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
+    P: tl.constexpr = KS // 2
+    NS: tl.constexpr = NDIL * P
     dh_base = dh_ptr + b * H * W * D + offs_d[None, :]
-    g_vec = g_ptr + b * H * W * D + offs_d
-    g_base = g_vec[None, :]
+    g_base = g_ptr + b * H * W * D + offs_d[None, :]
+    bH = b * H  # (int64) rows of the images before b, for the edge sums
     left = ct == 0  # this tile holds column 0
     right = (ct + 1) * BLOCK_C >= W  # ... and column W-1
     r0 = band * rows
@@ -224,37 +224,63 @@ def _fusion_bwd_state_kernel(
         for k in tl.static_range(NDIL):
             d = (dil_packed >> (8 * k)) & 255
             for a in tl.static_range(KS):
-                sr = r - (a - KS // 2) * d
+                sr = r - (a - P) * d
                 row_ok = (sr >= 0) & (sr < H)
                 for c in tl.static_range(KS):
-                    if k == 0 or a != KS // 2 or c != KS // 2:
-                        src_c = cols - (c - KS // 2) * d
+                    if k == 0 or a != P or c != P:
+                        src_c = cols - (c - P) * d
                         ok = mask_c & (src_c >= 0) & (src_c < W) & row_ok
                         w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
                         dh += w[None, :] * _g_tile(g_base, D, sr * W + src_c, ok, mask_d)
-        # the halo folded back: columns clamped onto column 0 / W-1 (edge tiles only) ...
+        # the halo folded back: the columns clamped onto column 0 / W-1 (edge tiles only; one vector each,
+        # placed at that column once per row) ...
+        fold_l = tl.zeros([BLOCK_D], dtype=tl.float32)
+        fold_r = tl.zeros([BLOCK_D], dtype=tl.float32)
         if left | right:
             for k in tl.static_range(NDIL):
                 d = (dil_packed >> (8 * k)) & 255
                 for a in tl.static_range(KS):
-                    sr = r - (a - KS // 2) * d
+                    sr = r - (a - P) * d
                     if (sr >= 0) & (sr < H):
                         for c in tl.static_range(KS):
-                            if c != KS // 2:
+                            if c != P:
                                 w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
-                                dh += w[None, :] * _edge_fold(g_vec, D, sr, cols, d, W, mask_d, left, right,
-                                                              c - KS // 2, BLOCK_C, BLOCK_D)
-        # ... and rows clamped onto the first / last row
+                                e = _edge_vector(el_ptr, er_ptr, bH, sr, D, offs_d, mask_d, left, right,
+                                                 k * P, c - P, NS)
+                                if c < P:
+                                    fold_l += w * e
+                                else:
+                                    fold_r += w * e
+        # ... and the rows clamped onto the first / last row: for tap (dr, dc) the source rows [lo, hi] whose
+        # clamp lands on row r (`_box_range`) other than the main gather's, each gathered like it, with their
+        # column folds
         if (r == 0) | (r == H - 1):
             for k in tl.static_range(NDIL):
                 d = (dil_packed >> (8 * k)) & 255
                 for a in tl.static_range(KS):
-                    if a != KS // 2:
+                    if a != P:
+                        dr = (a - P) * d
+                        lo, hi = _box_range(r, dr, H)
                         for c in tl.static_range(KS):
                             w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
-                            dh += w[None, :] * _border_rows_fold(g_base, g_vec, D, r, d, cols, mask_c, mask_d,
-                                                                 H, W, left, right, a - KS // 2, c - KS // 2,
-                                                                 BLOCK_C, BLOCK_D)
+                            src_c = cols - (c - P) * d
+                            ok_c = mask_c & (src_c >= 0) & (src_c < W)
+                            box = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+                            edge = tl.zeros([BLOCK_D], dtype=tl.float32)
+                            for sr in range(lo, hi + 1):
+                                if sr != r - dr:  # the main gather has that one
+                                    box += _g_tile(g_base, D, sr * W + src_c, ok_c, mask_d)
+                                    if c != P:
+                                        edge += _edge_vector(el_ptr, er_ptr, bH, sr, D, offs_d, mask_d, left,
+                                                             right, k * P, c - P, NS)
+                            dh += w[None, :] * box
+                            if c < P:
+                                fold_l += w * edge
+                            if c > P:
+                                fold_r += w * edge
+        if left | right:
+            dh += tl.where((cols == 0)[:, None], fold_l[None, :], 0.0)
+            dh += tl.where((cols == W - 1)[:, None], fold_r[None, :], 0.0)
         tl.store(dh_base + pos[:, None] * D, dh.to(dh_ptr.dtype.element_ty), mask=m)
 
 
@@ -346,6 +372,7 @@ FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (64, 32, 8))
 BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8))
 # the dh kernel holds one load per tap in flight but no per-tap accumulators
 STATE_CONFIGS = ((16, 64, 4), (8, 64, 4), (32, 32, 4), (8, 128, 4), (32, 64, 8))
+EDGE_BLOCK_D = 128  # channels per program of the column-fold sums (`_fusion_edge_kernel`)
 INTERPRETER_CONFIG = (8, 16, 1)  # tile in the CPU interpreter (the kernel tests lower it)
 ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8 programs (tests set it)
 
@@ -455,16 +482,22 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     run_param(pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param, L, half))
     if K:
         dh = torch.empty_like(g)
+        NS = K * (ks // 2)  # column offsets m·d of the taps (m = 1 ... k // 2): their folds, summed once
+        el = torch.empty(Bsz, H, max(NS, 1), Dm, device=dev, dtype=torch.float32)
+        er = torch.empty_like(el)
+        if NS:
+            launch(_fusion_edge_kernel, (H, triton.cdiv(Dm, EDGE_BLOCK_D), Bsz), g, el, er, Dm, H, W, packed,
+                   NDIL=K, KS=ks, BLOCK_D=EDGE_BLOCK_D, num_warps=4)
 
         def run_state(cfg):
             grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
             launch(_fusion_bwd_state_kernel, grid,
-                g, wa, dh, Dm, H, W, packed, n_ctiles, rows,
+                g, wa, el, er, dh, Dm, H, W, packed, n_ctiles, rows,
                 NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
             )
 
         run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state, L, half))
-        g = None  # freed before the scan backward
+        g = el = er = None  # freed before the scan backward
     else:
         dh = g
     dx, ddt, dA, dB, dbias, dD = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
