@@ -171,6 +171,19 @@ def test_gpu_bf16(C):
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", range(max(len(dwconv.FWD_CONFIGS), len(dwconv.BWD_CONFIGS))))
+def test_gpu_every_candidate_tile(config, monkeypatch):
+    """Each candidate tile alone (the tuner picks any of them), compiled for the GPU: a map of several column
+    tiles with ragged edges, both epilogues, against float64."""
+    for name in ("FWD_CONFIGS", "BWD_CONFIGS"):
+        configs = getattr(dwconv, name)
+        monkeypatch.setattr(dwconv, name, (configs[config % len(configs)],))
+    check_against_reference((2, 13, 37), 96, torch.float32, residual=True)
+    check_against_reference((2, 13, 37), 96, torch.float32, silu=True, strided=True)
+
+
+@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 5])
 def test_gpu_other_kernel_sizes(k):
     """Compiled for the GPU, the rolling window of k = 1 (no rows carried) and k = 5 (four rows carried)."""

@@ -51,9 +51,11 @@ from .tuning import pick_config
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_IMAGE_EXTENT = 2**31 - 1  # offsets within one image are 32-bit in the kernels (the image's own is 64-bit)
 _SHAPE_ARGS = ["H", "W", "n_ctiles", "rows"]
-# candidate tiles (BLOCK_W columns, BLOCK_C channels, warps); the backward holds k·k + 1 accumulator tiles
-FWD_CONFIGS = ((16, 64, 4), (8, 128, 4), (32, 32, 4))
-BWD_CONFIGS = ((16, 32, 4), (8, 64, 4), (32, 32, 8))
+# candidate tiles (BLOCK_W columns, BLOCK_C channels, warps), timed once per shape (`tuning.pick_config`); the
+# parameter kernel holds k·k + 1 accumulator tiles. Two-warp tiles won the parameter kernel at all eight of T's
+# convolution shapes on an H200 (by 3–50 %: 4 × 64 or 8 × 32), and often the others; 32 × 32 never won
+FWD_CONFIGS = ((16, 64, 4), (8, 128, 4), (16, 64, 2), (8, 128, 2))  # the forward and the input gradient
+BWD_CONFIGS = ((8, 32, 2), (4, 64, 2), (16, 32, 4), (8, 64, 4))
 
 
 def dwconv_ref(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool = False, silu: bool = False) -> Tensor:
