@@ -39,7 +39,8 @@ def test_measured_picks_by_map_size():
     tuning._CAPABILITY[99] = (9, 0)
     assert tuning.measured_pick("scan_fwd", 56 * 56, 99) == (64, 16, 2)
     assert tuning.measured_pick("scan_fwd", 28 * 28, 99) == (16, 16, 1)
-    assert tuning.measured_pick("fusion_bwd_state", 7 * 7, 99) == (8, 128, 4)
+    assert tuning.measured_pick("fusion_bwd_state", 28 * 28, 99) == (8, 128, 4)
+    assert tuning.measured_pick("fusion_bwd_state", 7 * 7, 99) == (8, 128, 2)
     assert tuning.measured_pick("no_such_kernel", 3136, 99) is None
     tuning._CAPABILITY[98] = (8, 0)  # no measured picks for this architecture
     assert tuning.measured_pick("scan_fwd", 3136, 98) is None
