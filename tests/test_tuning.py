@@ -42,6 +42,11 @@ def test_measured_picks_by_map_size():
     assert tuning.measured_pick("fusion_bwd_state", 28 * 28, 99) == (8, 128, 4)
     assert tuning.measured_pick("fusion_bwd_state", 7 * 7, 99) == (8, 128, 2)
     assert tuning.measured_pick("no_such_kernel", 3136, 99) is None
+    # a row of several configs: the first among the shape's candidates (64 channels rule out 128-channel tiles)
+    assert tuning.measured_pick("dwconv_fwd", 3136, 99) == (8, 128, 4)
+    assert tuning.measured_pick("dwconv_fwd", 3136, 99, ((16, 64, 4), (16, 64, 2))) == (16, 64, 2)
+    assert tuning.measured_pick("dwconv_fwd", 3136, 99, ((16, 64, 4),)) is None
+    assert tuning.measured_pick("dwconv_bwd_param", 7 * 7, 99) == (8, 32, 2)
     tuning._CAPABILITY[98] = (8, 0)  # no measured picks for this architecture
     assert tuning.measured_pick("scan_fwd", 3136, 98) is None
     for table in tuning.MEASURED_PICKS.values():  # rows largest first, the last one covering every size
@@ -92,3 +97,20 @@ def test_unknown_tuning_mode_is_refused(fake_gpu, monkeypatch):
     monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "yes")
     with pytest.raises(ValueError, match="SPATIAL_MAMBA_TUNE must be auto, 0 or 1, got 'yes'"):
         tuning.pick_config("fusion_fwd", ("x",), CANDIDATES, timed.append, tokens=3136, half=True)
+
+
+def test_a_known_shape_on_a_given_device_asks_cuda_nothing(fake_gpu, monkeypatch):
+    timed, _ = fake_gpu
+    first = tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True)
+
+    def no_query(*args):
+        raise AssertionError("a CUDA query on the per-call path")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_query)
+    monkeypatch.setattr(torch.cuda, "current_device", no_query)
+    again = tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
+                               device=torch.device("cuda", 0))
+    assert again == first == (8, 128, 4) and timed == []
+    with pytest.raises(AssertionError, match="CUDA query"):  # another device index: the full path
+        tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
+                           device=torch.device("cuda", 1))

@@ -51,9 +51,10 @@ from .tuning import pick_config
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_IMAGE_EXTENT = 2**31 - 1  # offsets within one image are 32-bit in the kernels (the image's own is 64-bit)
 _SHAPE_ARGS = ["H", "W", "n_ctiles", "rows"]
-# candidate tiles (BLOCK_W columns, BLOCK_C channels, warps), timed once per shape (`tuning.pick_config`); the
-# parameter kernel holds k·k + 1 accumulator tiles. Two-warp tiles won the parameter kernel at all eight of T's
-# convolution shapes on an H200 (by 3–50 %: 4 × 64 or 8 × 32), and often the others; 32 × 32 never won
+# candidate tiles (BLOCK_W columns, BLOCK_C channels, warps), timed once per shape (`tuning.pick_config`) except
+# where a measured pick applies (Hopper, 16-bit inputs: `tuning.MEASURED_PICKS`); the parameter kernel holds
+# k·k + 1 accumulator tiles. Two-warp tiles won the parameter kernel at all eight of T's convolution shapes on an
+# H200 (by 3–50 %: 4 × 64 or 8 × 32) and on an H100, and most of the others; 32 × 32 never won
 FWD_CONFIGS = ((16, 64, 4), (8, 128, 4), (16, 64, 2), (8, 128, 2))  # the forward and the input gradient
 BWD_CONFIGS = ((8, 32, 2), (4, 64, 2), (16, 32, 4), (8, 64, 4))
 
@@ -248,7 +249,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, residua
             num_warps=cfg[2])
 
     key = (Bsz, C, H, W, ks, silu, residual, str(x.dtype))
-    run(pick_config("dwconv_fwd", key, _candidates(FWD_CONFIGS, C, W), run))
+    run(pick_config("dwconv_fwd", key, _candidates(FWD_CONFIGS, C, W), run, H * W, x.element_size() == 2, x.device))
     return y, pre
 
 
@@ -270,7 +271,8 @@ def _backward(dy: Tensor, x: Tensor, pre: Tensor | None, weight: Tensor, bias: T
             KS=ks, SILU=pre is not None, BLOCK_W=cfg[0], BLOCK_C=cfg[1], num_warps=cfg[2])
 
     key = (Bsz, C, H, W, ks, pre is not None, str(x.dtype))
-    run_param(pick_config("dwconv_bwd_param", key, _candidates(BWD_CONFIGS, C, W), run_param))
+    run_param(pick_config("dwconv_bwd_param", key, _candidates(BWD_CONFIGS, C, W), run_param, H * W,
+                          x.element_size() == 2, x.device))
     dx = torch.empty(Bsz, H, W, C, device=x.device, dtype=x.dtype)
 
     def run_input(cfg):
@@ -279,7 +281,8 @@ def _backward(dy: Tensor, x: Tensor, pre: Tensor | None, weight: Tensor, bias: T
                KS=ks, RESIDUAL=residual, BLOCK_W=cfg[0], BLOCK_C=cfg[1], num_warps=cfg[2])
 
     key = (Bsz, C, H, W, ks, residual, str(x.dtype))
-    run_input(pick_config("dwconv_bwd_input", key, _candidates(FWD_CONFIGS, C, W), run_input))
+    run_input(pick_config("dwconv_bwd_input", key, _candidates(FWD_CONFIGS, C, W), run_input, H * W,
+                          x.element_size() == 2, x.device))
     part = out["part"]
     dweight = torch.empty_like(weight)
     dbias = None if bias is None else torch.empty_like(bias)

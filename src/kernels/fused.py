@@ -442,7 +442,8 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
         )
 
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
-    run(pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run, H * W, x.element_size() == 2))
+    run(pick_config("fusion_fwd", key, _candidates(FWD_CONFIGS, Dm, W), run, H * W, x.element_size() == 2,
+                    x.device))
     return (y, h, wa) if keep_weights else (y, h)
 
 
@@ -479,7 +480,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
             NDIL=K, KS=ks, NTAP=NTAP, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
         )
 
-    run_param(pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param, L, half))
+    run_param(pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param, L, half, dev))
     if K:
         dh = torch.empty_like(g)
         NS = K * (ks // 2)  # column offsets m·d of the taps (m = 1 ... k // 2): their folds, summed once
@@ -496,7 +497,8 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
                 NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
             )
 
-        run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state, L, half))
+        run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state, L, half,
+                              dev))
         g = el = er = None  # freed before the scan backward
     else:
         dh = g

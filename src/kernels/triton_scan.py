@@ -346,7 +346,8 @@ def scan_forward(x, dt, A, B, dt_bias, H: int, W: int, directions: Sequence[str]
                 )
 
     key = (Bsz, D, H, W, tuple(directions), str(x.dtype), str(dtype))
-    run(pick_config("scan_fwd", key, _scan_candidates(SCAN_FWD_CONFIGS, D, L), run, L, x.element_size() == 2))
+    run(pick_config("scan_fwd", key, _scan_candidates(SCAN_FWD_CONFIGS, D, L), run, L, x.element_size() == 2,
+                    x.device))
     return h
 
 
@@ -394,7 +395,8 @@ def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Seque
                 )
 
     key = (Bsz, D, H, W, tuple(directions), str(x.dtype), str(h.dtype))
-    run(pick_config("scan_bwd", key, _scan_candidates(SCAN_BWD_CONFIGS, D, L), run, L, x.element_size() == 2))
+    run(pick_config("scan_bwd", key, _scan_candidates(SCAN_BWD_CONFIGS, D, L), run, L, x.element_size() == 2,
+                    dev))
     dB = out["dB_part"].sum(0)[:, :, None].to(B.dtype)  # (n_dblk, B, L) -> (B, L, 1)
     # (B, n_chunks, D) -> (D,), each its own tensor (the ops' outputs must not share storage)
     dA = out["parts"][0].sum((0, 1))[:, None].to(A.dtype)

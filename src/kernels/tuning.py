@@ -32,10 +32,12 @@ from . import ahead
 _TUNED: dict[tuple, tuple[int, ...]] = {}  # (kernel, shape key, device index) -> config
 
 # Winners of the timing on an H100 (Triton 3.6, bf16, batch 128, Spatial-Mamba-T's four stages: 56², 28², 14², 7²
-# maps of 128 ... 1024 state channels; `SPATIAL_MAMBA_TUNE_LOG=1` shows every candidate's time). Per compute
-# capability and kernel: (least tokens per map, config), largest first; the first row whose token count the map
-# reaches applies. Every pick is within a few per cent of the best candidate at the other measured sizes too.
-MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple[int, ...]], ...]]] = {
+# maps of 128 ... 1024 state channels, and the blocks' convolutions at 64 ... 1024 channels;
+# `SPATIAL_MAMBA_TUNE_LOG=1` shows every candidate's time). Per compute capability and kernel: (least tokens per
+# map, config or configs in order of preference), largest first; the first row whose token count the map reaches
+# applies, and of its configs the first among the shape's candidates (narrow maps or few channels clamp them).
+# Every pick is within a few per cent of the best candidate at the other measured sizes too.
+MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple], ...]]] = {
     (9, 0): {  # H100, H200
         "scan_fwd": ((3136, (64, 16, 2)), (0, (16, 16, 1))),  # (BLOCK_L, BLOCK_D, warps)
         "scan_bwd": ((3136, (16, 16, 1)), (0, (8, 16, 1))),
@@ -44,18 +46,24 @@ MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple[int, ...]
         "fusion_fwd": ((3136, (8, 128, 4)), (196, (16, 64, 2)), (0, (8, 128, 4))),
         "fusion_bwd_param": ((0, (8, 32, 2)),),
         "fusion_bwd_state": ((784, (8, 128, 4)), (0, (8, 128, 2))),
+        # (BLOCK_W, BLOCK_C, warps); 16 × 64 where 64 channels rule out 128-channel tiles
+        "dwconv_fwd": ((3136, ((8, 128, 4), (16, 64, 2))), (0, ((8, 128, 2), (16, 64, 2)))),
+        "dwconv_bwd_input": ((0, ((8, 128, 2), (16, 64, 2))),),
+        "dwconv_bwd_param": ((196, (4, 64, 2)), (0, (8, 32, 2))),
     },
 }
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
-def measured_pick(name: str, tokens: int, device_index: int) -> tuple[int, ...] | None:
-    """The measured winner of kernel `name` for maps of `tokens` positions on this GPU, or None."""
+def measured_pick(name: str, tokens: int, device_index: int, candidates=None) -> tuple[int, ...] | None:
+    """The measured winner of kernel `name` for maps of `tokens` positions on this GPU (the first of the row's
+    configs that is among `candidates`, if given), or None."""
     if device_index not in _CAPABILITY:
         _CAPABILITY[device_index] = torch.cuda.get_device_capability(device_index)
-    for least, cfg in MEASURED_PICKS.get(_CAPABILITY[device_index], {}).get(name, ()):
+    for least, picks in MEASURED_PICKS.get(_CAPABILITY[device_index], {}).get(name, ()):
         if tokens >= least:
-            return cfg
+            picks = picks if isinstance(picks[0], tuple) else (picks,)
+            return next((cfg for cfg in picks if candidates is None or cfg in candidates), None)
     return None
 
 
@@ -66,12 +74,20 @@ def _cache_file() -> Path:
 
 
 def pick_config(name: str, key: tuple, candidates, run, tokens: int | None = None,
-                half: bool = False) -> tuple[int, ...]:
+                half: bool = False, device: torch.device | None = None) -> tuple[int, ...]:
     """The tile for this kernel and shape: this shape's earlier timing (memory, then the JSON file), else the
     measured pick for the map size (`tokens` positions, `half`: 16-bit inputs) on GPUs that have one, else
     the fastest candidate, timed once (a few short runs of each) and kept in memory and in the JSON file.
     Without a GPU (or with one candidate): the first candidate; while a CUDA graph is captured or with
-    SPATIAL_MAMBA_TUNE=0: the measured pick or the first candidate, untimed."""
+    SPATIAL_MAMBA_TUNE=0: the measured pick or the first candidate, untimed.
+
+    `device`: the launch's CUDA device, if the caller knows it. A shape seen before on it is then answered
+    from memory before any CUDA query (`torch.cuda.is_available()` and `current_device()` cost the host a few
+    microseconds each, and eager T asks for about 250 tiles per training step)."""
+    if device is not None and device.type == "cuda":
+        known = _TUNED.get((name, key, device.index))
+        if known is not None:
+            return known
     if len(candidates) == 1 or not torch.cuda.is_available():
         return candidates[0]
     device = torch.cuda.current_device()
@@ -81,8 +97,7 @@ def pick_config(name: str, key: tuple, candidates, run, tokens: int | None = Non
     mode = os.environ.get("SPATIAL_MAMBA_TUNE", "auto")
     if mode not in ("auto", "0", "1"):
         raise UserError(f"SPATIAL_MAMBA_TUNE must be auto, 0 or 1, got {mode!r}")
-    pick = measured_pick(name, tokens, device) if half and tokens is not None and mode != "1" else None
-    pick = pick if pick in candidates else None
+    pick = measured_pick(name, tokens, device, candidates) if half and tokens is not None and mode != "1" else None
     if mode == "0" or torch.cuda.is_current_stream_capturing():
         return pick or candidates[0]
     full = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|{name}|{key}"
