@@ -5,7 +5,9 @@ and forward+backward, at the shapes of Spatial-Mamba-T at 224² (batch 128): per
 input projection in place). bf16 activations under autocast, fp32 parameters, as in training. Times: the
 device time of the kernels per call (`torch.profiler`, mean of 10 calls after a warm-up: a single op's wall time
 at these sizes is the host's, not the GPU's); "per step" multiplies each row by the number of such
-convolutions in one T step. The tiles are timed first if the tuning cache has none for a shape (`tuning.py`).
+convolutions in one T step. The tiles are the measured picks on Hopper GPUs (bf16), else timed first if the
+tuning cache has none for a shape (`tuning.py`; `SPATIAL_MAMBA_TUNE=1 SPATIAL_MAMBA_TUNE_LOG=1` times and prints
+every candidate).
 
     PYTHONPATH=. python benchmarks/dwconv.py [--batch 128]
 """
