@@ -49,7 +49,7 @@ import triton.language as tl
 
 from . import ahead
 from .ahead import launch
-from .triton_scan import _num_sms, scan_backward, scan_forward, state_dtype, triton_interpreted
+from .triton_scan import _num_sms, column_sums, scan_backward, scan_forward, state_dtype, triton_interpreted
 from .tuning import pick_config
 
 MAX_DILATIONS = 7  # dilations travel packed 8 bits each in one int64 kernel argument
@@ -503,7 +503,8 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
     else:
         dh = g
     dx, ddt, dA, dB, dbias, dD = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
-    dC = out["dC_part"].sum(0)[:, :, None].to(C.dtype)  # (channel blocks, B, L) -> (B, L, 1)
+    dC = torch.empty(Bsz, L, 1, device=dev, dtype=C.dtype)  # (channel blocks, B, L) -> (B, L, 1)
+    column_sums(out["dC_part"].view(1, -1, Bsz * L), (dC,))
     if K:
         # fp64 from the fp32 partials on: dalpha = Σ w·G often cancels (terms of both signs), so its rounding
         # error would otherwise be that of the largest terms, not of the result

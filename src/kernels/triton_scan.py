@@ -239,6 +239,29 @@ def _scan_bwd_kernel(
             tl.store(dD_part_ptr + part, acc_dD, mask=mask_d)
 
 
+@triton.jit(do_not_specialize=["R", "N"])
+def _column_sums_kernel(src_ptr, out0_ptr, out1_ptr, out2_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out_j[n] = Σ_r src[j, r, n] for the job j = program_id(1) < 3 of a contiguous (jobs, R, N) buffer of
+    partials: accumulated in fp64 in a fixed order (the same bits on every run), stored in out_j's dtype."""
+    job = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    rows = tl.arange(0, BLOCK_R)
+    base = src_ptr + job.to(tl.int64) * R * N + cols[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float64)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rows
+        acc += tl.load(base + rr[:, None].to(tl.int64) * N, mask=(rr < R)[:, None] & mask_n[None, :],
+                       other=0.0).to(tl.float64)
+    total = tl.sum(acc, axis=0)
+    if job == 0:
+        tl.store(out0_ptr + cols, total.to(out0_ptr.dtype.element_ty), mask=mask_n)
+    elif job == 1:
+        tl.store(out1_ptr + cols, total.to(out1_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(out2_ptr + cols, total.to(out2_ptr.dtype.element_ty), mask=mask_n)
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers (no checks: the public functions in ops.py check shapes, dtypes and devices first)
 
@@ -312,6 +335,16 @@ def _chunking(Bsz: int, n_dblk: int, L: int, BLOCK_L: int, device: torch.device)
     """(chunk length, number of chunks): one chunk while batch × channel blocks give every multiprocessor
     two programs; otherwise enough chunks of at least MIN_CHUNK_TILES tiles to do so."""
     return _chunking_of(Bsz, n_dblk, L, BLOCK_L, _num_sms(device), MAX_CHUNK_L)
+
+
+def column_sums(parts: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+    """outs[j] (contiguous, N elements, any shape and float dtype) = parts[j].sum(0) for a contiguous fp32/fp64
+    (jobs, R, N) buffer of partials, j < len(outs) <= 3: one launch instead of a reduction and a cast per output
+    (host time: the backward's launcher runs once per block and step)."""
+    jobs, R, N = parts.shape
+    block_r = min(8, triton.next_power_of_2(R))
+    launch(_column_sums_kernel, (triton.cdiv(N, 256), len(outs)), parts, *outs, *[outs[0]] * (3 - len(outs)), R, N,
+           BLOCK_R=block_r, BLOCK_N=256)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -397,11 +430,14 @@ def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Seque
     key = (Bsz, D, H, W, tuple(directions), str(x.dtype), str(h.dtype))
     run(pick_config("scan_bwd", key, _scan_candidates(SCAN_BWD_CONFIGS, D, L), run, L, x.element_size() == 2,
                     dev))
-    dB = out["dB_part"].sum(0)[:, :, None].to(B.dtype)  # (n_dblk, B, L) -> (B, L, 1)
+    dB = torch.empty(Bsz, L, 1, device=dev, dtype=B.dtype)  # (n_dblk, B, L) -> (B, L, 1)
+    column_sums(out["dB_part"].view(1, -1, Bsz * L), (dB,))
     # (B, n_chunks, D) -> (D,), each its own tensor (the ops' outputs must not share storage)
-    dA = out["parts"][0].sum((0, 1))[:, None].to(A.dtype)
-    dbias = out["parts"][1].sum((0, 1)).to(dt_bias.dtype)
-    dD = out["parts"][2].sum((0, 1)).to(D_skip.dtype) if has_dy else None
+    dA = torch.empty(D, 1, device=dev, dtype=A.dtype)
+    dbias = torch.empty(D, device=dev, dtype=dt_bias.dtype)
+    dD = torch.empty(D, device=dev, dtype=D_skip.dtype) if has_dy else None
+    parts = out["parts"].view(3, -1, D)
+    column_sums(parts, (dA, dbias, dD) if has_dy else (dA, dbias))
     return dx.to(x.dtype), ddt.to(dt.dtype), dA, dB, dbias, dD
 
 
@@ -409,4 +445,6 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-__all__ = ["DIRECTION_FLAGS", "scan_backward", "scan_forward", "state_dtype", "triton_interpreted"]
+__all__ = [
+    "DIRECTION_FLAGS", "column_sums", "scan_backward", "scan_forward", "state_dtype", "triton_interpreted",
+]
