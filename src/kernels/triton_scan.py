@@ -16,7 +16,7 @@ backward does the same in the reverse direction.
 Backward (reverse recurrence in scan order, g_t = dh_t + exp(dA_{t+1})·g_{t+1}); with dA = Δ·A, u = Δ·B·x:
 d(dA_t) = g_t·exp(dA_t)·h_{t-1}, dx = g·Δ·B (+ D·dy), dΔ = d(dA)·A + g·B·x, ddt = dΔ·softplus'(dt + bias).
 dB (over the tile's channels) and dA, d(dt_bias), dD (over the chunk's steps) go to fp32 partial buffers
-that the launcher sums in a fixed order: no atomics, the same bits on every run.
+that one more launch sums in a fixed order, in fp64 (`column_sums`): no atomics, the same bits on every run.
 
 Public: `scan_forward`, `scan_backward` (launchers, no checks: `ops.py` checks inputs first).
 """
