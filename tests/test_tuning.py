@@ -10,6 +10,7 @@ import triton.testing
 from src.kernels import tuning
 
 CANDIDATES = ((16, 64, 4), (8, 128, 4), (32, 32, 4))
+KERNEL = "fusion_bwd_state"  # its measured pick for 56² maps, (8, 128, 4), is among CANDIDATES
 FAKE_MS = {(16, 64, 4): 0.3, (8, 128, 4): 0.2, (32, 32, 4): 0.1}  # the fake timer: the last is the fastest
 
 
@@ -38,7 +39,10 @@ def fake_gpu(monkeypatch, tmp_path):
 def test_measured_picks_by_map_size():
     tuning._CAPABILITY[99] = (9, 0)
     assert tuning.measured_pick("scan_fwd", 56 * 56, 99) == (64, 16, 2)
-    assert tuning.measured_pick("scan_fwd", 28 * 28, 99) == (16, 16, 1)
+    assert tuning.measured_pick("scan_fwd", 28 * 28, 99) == (32, 16, 1)
+    assert tuning.measured_pick("scan_fwd", 14 * 14, 99) == (16, 16, 1)
+    assert tuning.measured_pick("fusion_fwd", 7 * 7, 99) == (8, 128, 8)
+    assert tuning.measured_pick("fusion_fwd", 56 * 56, 99, ((16, 64, 4), (16, 64, 2))) == (16, 64, 2)
     assert tuning.measured_pick("fusion_bwd_state", 28 * 28, 99) == (8, 128, 4)
     assert tuning.measured_pick("fusion_bwd_state", 7 * 7, 99) == (8, 128, 2)
     assert tuning.measured_pick("no_such_kernel", 3136, 99) is None
@@ -57,18 +61,18 @@ def test_measured_picks_by_map_size():
 
 def test_measured_pick_is_used_untimed_for_16_bit_inputs(fake_gpu):
     timed, cache = fake_gpu
-    pick = tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True)
+    pick = tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True)
     assert pick == (8, 128, 4) and timed == []  # nothing compiled or timed
     assert not cache.exists()
 
 
 def test_fp32_and_forced_timing_pick_the_fastest_and_remember_it(fake_gpu, monkeypatch):
     timed, cache = fake_gpu
-    assert tuning.pick_config("fusion_fwd", ("fp32",), CANDIDATES, timed.append, tokens=3136, half=False) == (32, 32, 4)
+    assert tuning.pick_config(KERNEL, ("fp32",), CANDIDATES, timed.append, tokens=3136, half=False) == (32, 32, 4)
     assert sorted(timed) == sorted(CANDIDATES)
     monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "1")
     timed.clear()
-    assert tuning.pick_config("fusion_fwd", ("bf16",), CANDIDATES, timed.append, tokens=3136, half=True) == (32, 32, 4)
+    assert tuning.pick_config(KERNEL, ("bf16",), CANDIDATES, timed.append, tokens=3136, half=True) == (32, 32, 4)
     assert len(timed) == 3
     stored = json.loads(cache.read_text())
     assert sorted(map(tuple, stored.values())) == [(32, 32, 4)] * 2
@@ -76,19 +80,19 @@ def test_fp32_and_forced_timing_pick_the_fastest_and_remember_it(fake_gpu, monke
     monkeypatch.setattr(tuning, "_TUNED", {})
     monkeypatch.delenv("SPATIAL_MAMBA_TUNE")
     timed.clear()
-    assert tuning.pick_config("fusion_fwd", ("bf16",), CANDIDATES, timed.append, tokens=3136, half=True) == (32, 32, 4)
+    assert tuning.pick_config(KERNEL, ("bf16",), CANDIDATES, timed.append, tokens=3136, half=True) == (32, 32, 4)
     assert timed == []
 
 
 def test_no_timing_mode_and_unfitting_pick(fake_gpu, monkeypatch):
     timed, _ = fake_gpu
     monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "0")
-    assert tuning.pick_config("fusion_fwd", ("a",), CANDIDATES, timed.append, tokens=3136, half=True) == (8, 128, 4)
-    assert tuning.pick_config("fusion_fwd", ("b",), CANDIDATES, timed.append, tokens=3136) == (16, 64, 4)
+    assert tuning.pick_config(KERNEL, ("a",), CANDIDATES, timed.append, tokens=3136, half=True) == (8, 128, 4)
+    assert tuning.pick_config(KERNEL, ("b",), CANDIDATES, timed.append, tokens=3136) == (16, 64, 4)
     monkeypatch.delenv("SPATIAL_MAMBA_TUNE")
     # the measured tile is not among this shape's candidates (a narrow map clamps them): timed instead
     narrow = ((16, 64, 4), (32, 32, 4))
-    assert tuning.pick_config("fusion_fwd", ("c",), narrow, timed.append, tokens=3136, half=True) == (32, 32, 4)
+    assert tuning.pick_config(KERNEL, ("c",), narrow, timed.append, tokens=3136, half=True) == (32, 32, 4)
     assert sorted(timed) == sorted(narrow)
 
 
@@ -96,21 +100,21 @@ def test_unknown_tuning_mode_is_refused(fake_gpu, monkeypatch):
     timed, _ = fake_gpu
     monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "yes")
     with pytest.raises(ValueError, match="SPATIAL_MAMBA_TUNE must be auto, 0 or 1, got 'yes'"):
-        tuning.pick_config("fusion_fwd", ("x",), CANDIDATES, timed.append, tokens=3136, half=True)
+        tuning.pick_config(KERNEL, ("x",), CANDIDATES, timed.append, tokens=3136, half=True)
 
 
 def test_a_known_shape_on_a_given_device_asks_cuda_nothing(fake_gpu, monkeypatch):
     timed, _ = fake_gpu
-    first = tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True)
+    first = tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True)
 
     def no_query(*args):
         raise AssertionError("a CUDA query on the per-call path")
 
     monkeypatch.setattr(torch.cuda, "is_available", no_query)
     monkeypatch.setattr(torch.cuda, "current_device", no_query)
-    again = tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
+    again = tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
                                device=torch.device("cuda", 0))
     assert again == first == (8, 128, 4) and timed == []
     with pytest.raises(AssertionError, match="CUDA query"):  # another device index: the full path
-        tuning.pick_config("fusion_fwd", ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
+        tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
                            device=torch.device("cuda", 1))
