@@ -26,6 +26,7 @@ import triton
 from triton.testing import do_bench
 
 from src.errors import reports_user_errors
+from src.kernels import ahead
 from src.kernels.ops import structure_aware_ssm_fused, structure_aware_ssm_triton
 from src.kernels.reference import structure_aware_ssm_ref
 
@@ -75,6 +76,15 @@ def floor_bytes(Bsz, D, H, W, dtype, backward: bool) -> int:
 
 def bench(fn, t, H, W, backward: bool) -> float:
     args = [t[n] for n in NAMES]
+    # the first call for a shape compiles the backward's kernels in background threads (src/kernels/ahead.py):
+    # one forward+backward, then wait for them, so that no timing shares the host with a compile
+    y = fn(*args, DILATIONS, H, W, "row")
+    if y.requires_grad:
+        y.sum().backward()
+    del y
+    ahead.wait_all()
+    for a in args:
+        a.grad = None
     if not backward:
         with torch.no_grad():
             return do_bench(lambda: fn(*args, DILATIONS, H, W, "row"), warmup=25, rep=200, return_mode="median")

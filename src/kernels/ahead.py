@@ -291,11 +291,17 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     _launch_now(kernel, grid, args, kwargs)
 
 
-def reset() -> None:
-    """Forget the planned keys and wait for every pending compile (tests)."""
+def wait_all() -> None:
+    """Block until every background compile submitted so far has finished (benchmarks: nothing timed while
+    compiles share the host)."""
     for kernel in list(_pending):
         wait(kernel)
+
+
+def reset() -> None:
+    """Forget the planned keys and wait for every pending compile (tests)."""
+    wait_all()
     _planned.clear()
 
 
-__all__ = ["arg_key", "enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait"]
+__all__ = ["arg_key", "enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait", "wait_all"]
