@@ -367,7 +367,8 @@ def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R
 
 # candidate tiles (BLOCK_C columns, BLOCK_D channels, warps). The backward kernels hold more per element (one
 # accumulator tile per tap; all taps' loads in flight), so their tiles keep about 4 elements per thread: at
-# 8 they spill registers (ptxas, sm_90)
+# 8 they spill registers (ptxas, sm_90). The forward's 8 × 128 tile on 8 warps keeps 4 too, in fewer, larger programs
+# per multiprocessor (its measured pick on Hopper: `tuning.MEASURED_PICKS`)
 FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (8, 128, 8), (16, 64, 2), (8, 64, 2))
 BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8), (8, 32, 2))
 # the dh kernel holds one load per tap in flight but no per-tap accumulators
