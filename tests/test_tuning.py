@@ -38,9 +38,10 @@ def fake_gpu(monkeypatch, tmp_path):
 
 def test_measured_picks_by_map_size():
     tuning._CAPABILITY[99] = (9, 0)
-    assert tuning.measured_pick("scan_fwd", 56 * 56, 99) == (64, 16, 2)
-    assert tuning.measured_pick("scan_fwd", 28 * 28, 99) == (32, 16, 1)
-    assert tuning.measured_pick("scan_fwd", 14 * 14, 99) == (16, 16, 1)
+    assert tuning.measured_pick("scan_fwd", 56 * 56, 99) == (64, 16, 2, 3)
+    assert tuning.measured_pick("scan_fwd", 28 * 28, 99) == (16, 16, 1, 3)
+    assert tuning.measured_pick("scan_fwd", 7 * 7, 99) == (16, 16, 1, 1)
+    assert tuning.measured_pick("scan_bwd", 14 * 14, 99) == (8, 16, 1, 3)
     assert tuning.measured_pick("fusion_fwd", 7 * 7, 99) == (8, 128, 8)
     assert tuning.measured_pick("fusion_fwd", 56 * 56, 99, ((16, 64, 4), (16, 64, 2))) == (16, 64, 2)
     assert tuning.measured_pick("fusion_bwd_state", 28 * 28, 99) == (8, 128, 4)
@@ -118,3 +119,21 @@ def test_a_known_shape_on_a_given_device_asks_cuda_nothing(fake_gpu, monkeypatch
     with pytest.raises(AssertionError, match="CUDA query"):  # another device index: the full path
         tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
                            device=torch.device("cuda", 1))
+
+
+def test_every_measured_pick_is_a_candidate_tile():
+    """A pick outside its kernel's candidate list would never be used (pick_config takes only candidates)."""
+    from src.kernels import dwconv, fused, triton_scan
+
+    candidates = {
+        "scan_fwd": triton_scan.SCAN_FWD_CONFIGS, "scan_bwd": triton_scan.SCAN_BWD_CONFIGS,
+        "fusion_fwd": fused.FWD_CONFIGS, "fusion_bwd_param": fused.BWD_CONFIGS,
+        "fusion_bwd_state": fused.STATE_CONFIGS, "dwconv_fwd": dwconv.FWD_CONFIGS,
+        "dwconv_bwd_input": dwconv.FWD_CONFIGS, "dwconv_bwd_param": dwconv.BWD_CONFIGS,
+    }
+    for table in tuning.MEASURED_PICKS.values():
+        assert set(table) <= set(candidates)
+        for name, rows in table.items():
+            for _, picks in rows:
+                for cfg in picks if isinstance(picks[0], tuple) else (picks,):
+                    assert cfg in candidates[name], f"{name}: measured pick {cfg} is not a candidate"

@@ -100,7 +100,7 @@ def _scan_fwd_kernel(
     sx_b, sx_l, sx_d, sdt_b, sdt_l, sdt_d, sB_b, sB_l,
     D, L, H, W, chunk_len, n_chunks,
     REVERSED: tl.constexpr, COLUMN: tl.constexpr, ACCUMULATE: tl.constexpr, SUMMARY: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One chunk of one direction's scan for (BLOCK_D channels, batch b). SUMMARY: write the chunk's total
     log-decay and end state (from zero) only; else: write (or add, ACCUMULATE) its states into h."""
@@ -117,7 +117,7 @@ def _scan_fwd_kernel(
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = pid_c * chunk_len
     end = tl.minimum(start + chunk_len, L)
-    for t0 in range(start, end, BLOCK_L):
+    for t0 in tl.range(start, end, BLOCK_L, num_stages=STAGES):
         t = t0 + tl.arange(0, BLOCK_L)
         mask_l = t < end
         pos = _raster(t, L, H, W, REVERSED, COLUMN)
@@ -151,7 +151,7 @@ def _scan_bwd_kernel(
     sx_b, sx_l, sx_d, sdt_b, sdt_l, sdt_d, sB_b, sB_l, sdy_b, sdy_l, sdy_d,
     Bsz, D, L, H, W, chunk_len, n_chunks,
     REVERSED: tl.constexpr, COLUMN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DY: tl.constexpr,
-    SUMMARY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    SUMMARY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Gradients of one chunk of one direction's scan, given dh and that direction's states h (both
     (B, L, D) at raster positions). Tiles are walked from the chunk's last, each loaded ascending and
@@ -179,7 +179,7 @@ def _scan_bwd_kernel(
     start = pid_c * chunk_len
     end = tl.minimum(start + chunk_len, L)
     n_tiles = tl.cdiv(end - start, BLOCK_L)
-    for i in range(0, n_tiles):
+    for i in tl.range(0, n_tiles, num_stages=STAGES):
         t = start + (n_tiles - 1 - i) * BLOCK_L + tl.arange(0, BLOCK_L)  # tiles from the last, ascending inside
         mask_l = t < end
         m = mask_l[:, None] & mask_d[None, :]
@@ -271,13 +271,18 @@ MAX_CHUNK_L = None  # steps per chunk; None: chosen to fill the GPU (tests set i
 MIN_CHUNK_TILES = 8  # a chunk spans at least this many tiles (the summary pass reads the chunk once more)
 
 
-# candidate tiles (BLOCK_L steps, BLOCK_D channels, warps), the first the default. The scan runs down the steps
-# axis; the fewer warps share it, the fewer barriers each tile's scan needs (the combine crosses warps through
-# shared memory), so one-warp programs win the backward at every stage of T (H100, bf16: 0.76 vs 0.89 ms at
-# 56×56, 0.17 vs 0.25 ms at 14×14 against 32 × 16 × 4 warps)
-SCAN_FWD_CONFIGS = ((64, 16, 2), (32, 16, 1), (16, 16, 1), (32, 16, 4))
-SCAN_BWD_CONFIGS = ((16, 16, 1), (8, 16, 1), (32, 16, 1), (16, 32, 1), (32, 32, 4))
-SCAN_INTERPRETER_CONFIG = (32, 16, 1)
+# candidate tiles (BLOCK_L steps, BLOCK_D channels, warps, loop stages), the first the default. The scan runs down
+# the steps axis; the fewer warps share it, the fewer barriers each tile's scan needs (the combine crosses warps
+# through shared memory), so one-warp programs win the backward at every stage of T (H100, bf16: 0.76 vs 0.89 ms at
+# 56×56, 0.17 vs 0.25 ms at 14×14 against 32 × 16 × 4 warps). Loop stages: the tile loop is software-pipelined
+# (`tl.range(num_stages=...)`), the loads of the next tiles issued while the current one is scanned — a program
+# walks its steps one tile after another, so without it every tile waits for its loads. Three stages took the
+# backward from 0.76 to 0.57 ms at 56×56 and 0.17 to 0.13 ms at 14×14, the forward from 0.26 to 0.23 ms at
+# 56×56 (H100, bf16; in the backward 2, 4, 5 and 6 stages were slower than 3 at all four of T's map sizes; the
+# fusion kernels' row loops only got slower pipelined). 1: not pipelined.
+SCAN_FWD_CONFIGS = ((64, 16, 2, 3), (16, 16, 1, 3), (64, 16, 2, 1), (32, 16, 1, 1), (16, 16, 1, 1), (32, 16, 4, 1))
+SCAN_BWD_CONFIGS = ((8, 16, 1, 3), (16, 16, 1, 3), (16, 16, 1, 1), (8, 16, 1, 1), (16, 32, 1, 1), (32, 32, 4, 1))
+SCAN_INTERPRETER_CONFIG = (32, 16, 1, 3)
 _SMS: dict[int, int] = {}
 
 
@@ -309,7 +314,7 @@ def _blocks(D: int, L: int, cfg) -> tuple[int, int]:
 def _candidates_of(configs, D: int, L: int, max_block_l: int, interpreted: bool, interpreter_config):
     out = []
     for cfg in (interpreter_config,) if interpreted else configs:
-        eff = (*reversed(_blocks_of(D, L, cfg, max_block_l)), cfg[2])
+        eff = (*reversed(_blocks_of(D, L, cfg, max_block_l)), *cfg[2:])
         if eff not in out:
             out.append(eff)
     return tuple(out)
@@ -361,7 +366,7 @@ def scan_forward(x, dt, A, B, dt_bias, H: int, W: int, directions: Sequence[str]
     h = torch.empty(Bsz, L, D, device=x.device, dtype=dtype) if out is None else out
 
     def run(cfg):
-        BLOCK_L, BLOCK_D, warps = cfg
+        BLOCK_L, BLOCK_D, warps, stages = cfg
         n_dblk = triton.cdiv(D, BLOCK_D)
         chunk, n_chunks = _chunking(Bsz, n_dblk, L, BLOCK_L, x.device)
         sums = torch.empty(Bsz, n_chunks, D, device=x.device, dtype=torch.float32)
@@ -375,7 +380,7 @@ def scan_forward(x, dt, A, B, dt_bias, H: int, W: int, directions: Sequence[str]
                     B.stride(0), B.stride(1),
                     D, L, H, W, chunk, n_chunks,
                     REVERSED=reversed_, COLUMN=column, ACCUMULATE=i > 0, SUMMARY=summary,
-                    BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, num_warps=warps,
+                    BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, num_warps=warps, STAGES=stages,
                 )
 
     key = (Bsz, D, H, W, tuple(directions), str(x.dtype), str(dtype))
@@ -404,7 +409,7 @@ def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Seque
     out = {}
 
     def run(cfg):
-        BLOCK_L, BLOCK_D, warps = cfg
+        BLOCK_L, BLOCK_D, warps, stages = cfg
         n_dblk = triton.cdiv(D, BLOCK_D)
         chunk, n_chunks = _chunking(Bsz, n_dblk, L, BLOCK_L, dev)
         out["dB_part"] = torch.empty(n_dblk, Bsz, L, device=dev, dtype=torch.float32)
@@ -425,6 +430,7 @@ def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Seque
                     Bsz, D, L, H, W, chunk, n_chunks,
                     REVERSED=reversed_, COLUMN=column, ACCUMULATE=i > 0, HAS_DY=has_dy and i == 0,
                     SUMMARY=summary, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, num_warps=warps,
+                    STAGES=stages,
                 )
 
     key = (Bsz, D, H, W, tuple(directions), str(x.dtype), str(h.dtype))

@@ -39,8 +39,9 @@ _TUNED: dict[tuple, tuple[int, ...]] = {}  # (kernel, shape key, device index) -
 # Every pick is within a few per cent of the best candidate at the other measured sizes too.
 MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple], ...]]] = {
     (9, 0): {  # H100, H200
-        "scan_fwd": ((3136, (64, 16, 2)), (784, (32, 16, 1)), (0, (16, 16, 1))),  # (BLOCK_L, BLOCK_D, warps)
-        "scan_bwd": ((3136, (16, 16, 1)), (0, (8, 16, 1))),
+        # (BLOCK_L, BLOCK_D, warps, loop stages): three-stage pipelined tile loops won both scans down to 14²
+        "scan_fwd": ((3136, (64, 16, 2, 3)), (196, (16, 16, 1, 3)), (0, (16, 16, 1, 1))),
+        "scan_bwd": ((0, (8, 16, 1, 3)),),
         # (BLOCK_C, BLOCK_D, warps); two-warp tiles won the parameter kernel at every size; the forward's 8 × 128
         # tile on 8 warps (4 elements a thread) beat every other at all four sizes by 5–15 %: fewer, larger
         # programs per multiprocessor, whose rows of taps then stay in L1 more often
