@@ -405,3 +405,10 @@ def test_gpu_direct_launches_give_the_bits_of_triton_launches(monkeypatch):
             assert ahead._compiled, "no launch was direct"
             for e, g in zip(expected, got):
                 torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_cdiv_is_the_ceiling_of_the_quotient():
+    """The launch grids' ceiling division (plain Python, not Triton's per-call-costly `triton.cdiv`)."""
+    for a in (0, 1, 15, 16, 17, 3136, 2**40 + 3):
+        for b in (1, 2, 16, 128, 1000):
+            assert ahead.cdiv(a, b) == (a + b - 1) // b

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import ahead, drop_path_mask
-from .ahead import launch
+from .ahead import cdiv, launch
 from .triton_scan import triton_interpreted
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,7 +66,7 @@ def _forward(x: Tensor, branch: Tensor, keep: Tensor, keep_prob: Tensor) -> Tens
                lambda: _plan(x, branch, keep, keep_prob))
     out = torch.empty_like(x)
     n = x.numel()
-    launch(_drop_path_fwd_kernel, (triton.cdiv(n, BLOCK),), x, branch, keep, keep_prob, out, n, n // x.shape[0],
+    launch(_drop_path_fwd_kernel, (cdiv(n, BLOCK),), x, branch, keep, keep_prob, out, n, n // x.shape[0],
            BLOCK=BLOCK, num_warps=4)
     return out
 
@@ -74,7 +74,7 @@ def _forward(x: Tensor, branch: Tensor, keep: Tensor, keep_prob: Tensor) -> Tens
 def _backward(dy: Tensor, keep: Tensor, keep_prob: Tensor) -> Tensor:
     dbranch = torch.empty_like(dy)
     n = dy.numel()
-    launch(_drop_path_bwd_kernel, (triton.cdiv(n, BLOCK),), dy, keep, keep_prob, dbranch, n, n // dy.shape[0],
+    launch(_drop_path_bwd_kernel, (cdiv(n, BLOCK),), dy, keep, keep_prob, dbranch, n, n // dy.shape[0],
            BLOCK=BLOCK, num_warps=4)
     return dbranch
 

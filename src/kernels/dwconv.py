@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import ahead, plain_depthwise_conv
-from .ahead import launch
+from .ahead import cdiv, launch
 from .fused import _candidates, _grid, _program_tile
 from .triton_scan import triton_interpreted
 from .tuning import pick_config
@@ -286,7 +286,7 @@ def _backward(dy: Tensor, x: Tensor, pre: Tensor | None, weight: Tensor, bias: T
     part = out["part"]
     dweight = torch.empty_like(weight)
     dbias = None if bias is None else torch.empty_like(bias)
-    launch(_dwconv_param_kernel, (triton.cdiv(C, 32), ntap + (bias is not None)),
+    launch(_dwconv_param_kernel, (cdiv(C, 32), ntap + (bias is not None)),
            part, dweight, dweight if dbias is None else dbias, part.shape[0], C,
            NTAP=ntap, BLOCK_R=32, BLOCK_C=32)
     return dx, dweight, dbias

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import ahead
-from .ahead import launch
+from .ahead import cdiv, launch
 from .triton_scan import _num_sms, column_sums, scan_backward, scan_forward, state_dtype, triton_interpreted
 from .tuning import pick_config
 
@@ -394,13 +394,13 @@ def _candidates(configs, D: int, W: int):
 @functools.lru_cache(maxsize=4096)
 def _grid_of(Bsz: int, D: int, H: int, W: int, cfg, n_sms: int, rows_per_program):
     bc, bd, _ = cfg
-    n_ctiles, n_dblk = triton.cdiv(W, bc), triton.cdiv(D, bd)
+    n_ctiles, n_dblk = cdiv(W, bc), cdiv(D, bd)
     if rows_per_program is not None:
         rows = rows_per_program
     else:
-        bands = min(H, triton.cdiv(8 * n_sms, n_ctiles * n_dblk * Bsz))
-        rows = triton.cdiv(H, bands)
-    return (n_ctiles * triton.cdiv(H, rows), n_dblk, Bsz), n_ctiles, rows
+        bands = min(H, cdiv(8 * n_sms, n_ctiles * n_dblk * Bsz))
+        rows = cdiv(H, bands)
+    return (n_ctiles * cdiv(H, rows), n_dblk, Bsz), n_ctiles, rows
 
 
 def _grid(Bsz: int, D: int, H: int, W: int, cfg, device) -> tuple[tuple[int, int, int], int, int]:
@@ -415,7 +415,7 @@ def _mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     K, D, ks, _ = weight.shape
     wa = torch.empty(K * ks * ks, D, device=weight.device, dtype=torch.float32)
     if K:
-        launch(_mix_weights_kernel, (triton.cdiv(D, 256),), weight, alpha, wa, D, NDIL=K, KS=ks, BLOCK_D=256)
+        launch(_mix_weights_kernel, (cdiv(D, 256),), weight, alpha, wa, D, NDIL=K, KS=ks, BLOCK_D=256)
     return wa
 
 
@@ -488,7 +488,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
         el = torch.empty(Bsz, H, max(NS, 1), Dm, device=dev, dtype=torch.float32)
         er = torch.empty_like(el)
         if NS:
-            launch(_fusion_edge_kernel, (H, triton.cdiv(Dm, EDGE_BLOCK_D), Bsz), g, el, er, Dm, H, W, packed,
+            launch(_fusion_edge_kernel, (H, cdiv(Dm, EDGE_BLOCK_D), Bsz), g, el, er, Dm, H, W, packed,
                    NDIL=K, KS=ks, BLOCK_D=EDGE_BLOCK_D, num_warps=4)
 
         def run_state(cfg):
@@ -511,7 +511,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
         # error would otherwise be that of the largest terms, not of the result
         G_part = out["G_part"]
         dweight = torch.empty_like(weight)
-        n_dblk = triton.cdiv(Dm, 32)
+        n_dblk = cdiv(Dm, 32)
         dalpha_part = torch.empty(NTAP, n_dblk, device=dev, dtype=torch.float64)
         launch(_weight_grad_kernel, (n_dblk, NTAP),
             G_part, weight, alpha, dweight, dalpha_part, G_part.shape[0] * G_part.shape[1], Dm,

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import ahead
-from .ahead import launch
+from .ahead import cdiv, launch
 from .triton_scan import _num_sms, triton_interpreted
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -154,7 +154,7 @@ def _forward(x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, eps: flo
     y = torch.empty_like(x)
     stats = torch.empty(2, M, device=x.device, dtype=torch.float32)
     block_m, block_n, warps = _tile(N)
-    launch(_ln_fwd_kernel, (triton.cdiv(M, block_m),),
+    launch(_ln_fwd_kernel, (cdiv(M, block_m),),
         x, x if z is None else z, weight, bias, y, stats, M, N, N if z is None else z.stride(0), eps,
         HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y, stats
@@ -189,10 +189,10 @@ def _bwd_grid(M: int, N: int, device: torch.device) -> tuple[int, int, int, int,
     """The backward's tile, its program count (at most 4 per SM, each over whole row blocks) and row blocks
     per program, cached per shape: the arithmetic is a measurable share of the host's time per norm."""
     block_m, block_n, warps = _bwd_tile(N)
-    blocks = triton.cdiv(M, block_m)
+    blocks = cdiv(M, block_m)
     programs = min(blocks, 4 * _num_sms(device))
-    per_program = triton.cdiv(blocks, programs)
-    return block_m, block_n, warps, triton.cdiv(blocks, per_program), per_program
+    per_program = cdiv(blocks, programs)
+    return block_m, block_n, warps, cdiv(blocks, per_program), per_program
 
 
 class _LayerNorm(torch.autograd.Function):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ahead import launch, real_device
+from .ahead import cdiv, launch, real_device
 from .tuning import pick_config
 
 DIRECTION_FLAGS = {  # direction -> (REVERSED, COLUMN)
@@ -330,10 +330,10 @@ def _chunking_of(Bsz: int, n_dblk: int, L: int, BLOCK_L: int, n_sms: int, max_ch
     if max_chunk_l is not None:
         chunk = max(BLOCK_L, max_chunk_l // BLOCK_L * BLOCK_L)
     else:
-        wanted = triton.cdiv(2 * n_sms, Bsz * n_dblk)
+        wanted = cdiv(2 * n_sms, Bsz * n_dblk)
         n = min(wanted, max(1, L // (MIN_CHUNK_TILES * BLOCK_L)))
-        chunk = triton.cdiv(triton.cdiv(L, max(n, 1)), BLOCK_L) * BLOCK_L
-    return chunk, triton.cdiv(L, chunk)
+        chunk = cdiv(cdiv(L, max(n, 1)), BLOCK_L) * BLOCK_L
+    return chunk, cdiv(L, chunk)
 
 
 def _chunking(Bsz: int, n_dblk: int, L: int, BLOCK_L: int, device: torch.device) -> tuple[int, int]:
@@ -348,7 +348,7 @@ def column_sums(parts: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
     (host time: the backward's launcher runs once per block and step)."""
     jobs, R, N = parts.shape
     block_r = min(8, triton.next_power_of_2(R))
-    launch(_column_sums_kernel, (triton.cdiv(N, 256), len(outs)), parts, *outs, *[outs[0]] * (3 - len(outs)), R, N,
+    launch(_column_sums_kernel, (cdiv(N, 256), len(outs)), parts, *outs, *[outs[0]] * (3 - len(outs)), R, N,
            BLOCK_R=block_r, BLOCK_N=256)
 
 
@@ -367,7 +367,7 @@ def scan_forward(x, dt, A, B, dt_bias, H: int, W: int, directions: Sequence[str]
 
     def run(cfg):
         BLOCK_L, BLOCK_D, warps, stages = cfg
-        n_dblk = triton.cdiv(D, BLOCK_D)
+        n_dblk = cdiv(D, BLOCK_D)
         chunk, n_chunks = _chunking(Bsz, n_dblk, L, BLOCK_L, x.device)
         sums = torch.empty(Bsz, n_chunks, D, device=x.device, dtype=torch.float32)
         ends = torch.empty_like(sums)
@@ -410,7 +410,7 @@ def scan_backward(x, dt, A, B, dt_bias, h, dh, H: int, W: int, directions: Seque
 
     def run(cfg):
         BLOCK_L, BLOCK_D, warps, stages = cfg
-        n_dblk = triton.cdiv(D, BLOCK_D)
+        n_dblk = cdiv(D, BLOCK_D)
         chunk, n_chunks = _chunking(Bsz, n_dblk, L, BLOCK_L, dev)
         out["dB_part"] = torch.empty(n_dblk, Bsz, L, device=dev, dtype=torch.float32)
         # dA, d(dt_bias), dD partials side by side in one buffer: one reduction for the three (without dy the
