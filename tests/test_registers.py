@@ -1,0 +1,84 @@
+"""benchmarks/registers.py: every kernel variant of an op's dry run found and compiled for sm_90 on the CPU, with
+ptxas's register and spill counts; bad arguments give a clear error."""
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import registers
+from src.kernels import fused, triton_scan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _has_ptxas() -> bool:
+    import triton
+
+    return bool(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")))
+
+
+def test_dry_run_captures_every_candidate_tile_and_restores_the_modules(monkeypatch):
+    for module in (fused, triton_scan):  # the tiles of a GPU, not the interpreter's one
+        monkeypatch.setattr(module, "triton_interpreted", lambda: False)
+    before = (fused.pick_config, triton_scan.pick_config, dict(triton_scan._SMS))
+    launches = registers.capture(registers.dry_runs(["fused"], torch.bfloat16, [4]))
+    names = {getattr(kernel, "__name__", None) or kernel.fn.__name__ for kernel, *_ in launches}
+    assert {"_scan_fwd_kernel", "_scan_bwd_kernel", "_fusion_fwd_kernel", "_fusion_bwd_param_kernel",
+            "_fusion_bwd_state_kernel", "_weight_grad_kernel"} <= names
+    # every forward tile that fits 7×7 maps (BLOCK_C ≤ 8) is launched
+    fwd = {(kw["BLOCK_C"], kw["BLOCK_D"], kw["num_warps"]) for kernel, args, kw in launches
+           if kernel is fused._fusion_fwd_kernel}
+    assert fwd == {cfg for cfg in fused.FWD_CONFIGS if cfg[0] <= 8}
+    assert (fused.pick_config, triton_scan.pick_config, dict(triton_scan._SMS)) == before
+
+
+def test_signature_specialises_as_the_launcher_does():
+    def kernel_params():
+        class P:
+            def __init__(self, name, constexpr=False):
+                self.name, self.is_constexpr, self.default = name, constexpr, None
+        return [P("x_ptr"), P("n"), P("stride"), P("BLOCK", True)]
+
+    class K:
+        params = kernel_params()
+
+    x = torch.empty(64, device="meta", dtype=torch.bfloat16)
+    sig, consts, attrs, options = registers.signature(K, (x, 48, 1), {"BLOCK": 32, "num_warps": 2})
+    assert sig == {"x_ptr": "*bf16", "n": "i32", "stride": "constexpr", "BLOCK": "constexpr"}
+    assert consts == {"stride": 1, "BLOCK": 32}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    assert options == {"num_warps": 2}
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="Triton's CUDA backend (ptxas) is not installed")
+def test_layer_norm_variants_report_registers():
+    """The script as a user runs it (its own process: the test session runs the Triton interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "registers.py"), "--ops", "norms", "--stages",
+                          "4"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| _ln_")]
+    assert len(rows) == 4, out.stdout  # forward and backward, with and without the gate
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert 0 < int(cells[3]) <= 255, row
+
+
+def test_bad_arguments_are_refused_by_name(capsys):
+    assert registers.main(["--ops", "fused,conv"]) == 2
+    assert "--ops: unknown ['conv']" in capsys.readouterr().err
+    assert registers.main(["--stages", "5"]) == 2
+    assert "--stages must be a comma list of 1 ... 4" in capsys.readouterr().err
+    assert registers.main(["--stages", "x"]) == 2
+    assert "--stages" in capsys.readouterr().err
+
+
+def test_the_interpreter_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert registers.main(["--ops", "norms"]) == 2
+    assert "TRITON_INTERPRET=1 is set" in capsys.readouterr().err
