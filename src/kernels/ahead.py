@@ -311,4 +311,5 @@ def reset() -> None:
     _planned.clear()
 
 
-__all__ = ["arg_key", "cdiv", "enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait", "wait_all"]
+__all__ = ["arg_key", "cdiv", "enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait",
+           "wait_all"]
