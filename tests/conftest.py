@@ -18,6 +18,31 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `minutes(n)` (GPU tests that compile for a minute or more) start first, one at the head of
+    each xdist worker's share. With `--dist worksteal` (pyproject's addopts) each worker is first sent a
+    contiguous share of the list and idle workers later take queued tests from busy ones, but never the one
+    queued behind a running test; so the long tests go to the heads of the shares, longest first, and a short
+    test follows each. In one process the order stays as collected."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    weight = {id(item): item.get_closest_marker("minutes").args[0] for item in items
+              if item.get_closest_marker("minutes")}
+    if not weight or workers < 2:
+        return
+    long = sorted((item for item in items if id(item) in weight), key=lambda item: -weight[id(item)])
+    rest = [item for item in items if id(item) not in weight]
+    heads, left = set(), len(items)  # the worksteal scheduler's first shares: an even split, in order
+    for i in range(workers):
+        heads.add(len(items) - left)
+        left -= left // (workers - i)
+    heads = sorted(heads)[:len(long)]
+    # more long tests than shares: the rest go last, where idle workers take them first
+    fill = iter(rest + long[len(heads):])
+    at_head = dict(zip(heads, long))
+    items[:] = [at_head[i] if i in at_head else next(fill) for i in range(len(items))]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -263,6 +263,7 @@ print("RESULT " + json.dumps({"in_step": in_step, "ahead": len(threads) - len(in
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.minutes(0.75)
 def test_gpu_every_kernel_of_a_step_compiles_ahead(tmp_path):
     """Fresh caches: the fused op's, the gated LayerNorm's and the depthwise convolutions' forward and backward
     in bf16 and fp32 compile nothing in the step (main thread, autograd's backward thread): every variant they

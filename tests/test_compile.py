@@ -64,6 +64,7 @@ def test_whole_graph_compile_is_the_default():
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.minutes(1)
 @pytest.mark.parametrize("features_only", [False, True])
 def test_regional_cuda_graphs_evaluate_without_gradients(features_only):
     """Regional compilation replayed as CUDA graphs, no backward pending: a block's output is the next block's
@@ -113,6 +114,7 @@ def test_regional_compile_gives_every_block_the_block_arguments(monkeypatch):
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.minutes(0.75)
 def test_regional_block_backward_runs_cudnn_depthwise_kernels():
     """A block compiled regionally by inductor, bf16, under the activation memory budget (whose backward
     recomputes the depthwise convolutions' inputs): its convolutions' backward runs in cuDNN, not in PyTorch's

@@ -196,6 +196,7 @@ def test_inference_graph_matches_the_module_and_returns_copies():
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.minutes(0.5)
 def test_fit_with_eager_cudagraphs(tmp_path, monkeypatch):
     """A short fit with the recipe's pieces (EMA, MESA from the start, mixup, bf16) records the graphs once and
     trains to finite losses; validation (eval mode) runs the modules themselves."""

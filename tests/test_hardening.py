@@ -238,7 +238,8 @@ def test_pretrained_lightning_checkpoint_of_another_architecture_is_refused(trai
     load_pretrained(spatial_mamba_digits(backend="torch", num_classes=7, **tiny), trained_checkpoint)  # fine-tuning: new head
 
 
-@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, requires_cuda])])
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, requires_cuda,
+                                                                        pytest.mark.minutes(1.25)])])
 @pytest.mark.parametrize("checkpoint_every_step", [False, True])
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch, accelerator, checkpoint_every_step):
     """On the CPU the NaN step itself stops the run; on a GPU the verdict is read one step late (no per-step

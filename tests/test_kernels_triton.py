@@ -401,6 +401,7 @@ def test_fused_is_deterministic(dtype, chunked, monkeypatch):
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.minutes(1.25)
 def test_compiled_backbone_fused_fullgraph_forward_backward(monkeypatch):
     """The fused op inside a fullgraph-compiled backbone (a narrow one: compile time is not what is tested):
     bf16 training step finite; in fp32 eval mode the compiled model gives the torch backend's logits.
