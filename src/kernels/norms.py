@@ -80,7 +80,7 @@ def _ln_fwd_kernel(x_ptr, z_ptr, w_ptr, b_ptr, y_ptr, stats_ptr, M, N, z_row_str
 @triton.jit(do_not_specialize=["M", "blocks_per_program"])
 def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, stats_ptr, dx_ptr, dz_ptr, part_ptr,
                    M, N, z_row_stride, blocks_per_program,
-                   HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 1):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask_n = cols < N
@@ -89,7 +89,7 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, stats_ptr, dx_ptr, dz_ptr
         b = tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i in range(0, blocks_per_program):
+    for i in tl.range(0, blocks_per_program, num_stages=STAGES):
         rows = (pid.to(tl.int64) * blocks_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = rows < M
         mask = mask_m[:, None] & mask_n[None, :]
@@ -114,6 +114,14 @@ def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, stats_ptr, dx_ptr, dz_ptr
         db += tl.sum(dy, axis=0)
     tl.store(part_ptr + pid * N + cols, dw, mask=mask_n)  # parts (2, programs, N): weight, then bias partials
     tl.store(part_ptr + (tl.num_programs(0) + pid) * N + cols, db, mask=mask_n)
+
+
+# The backward's loop over its row blocks, software-pipelined (the next blocks' loads issued while one is
+# reduced). Measured on an H100 at T's widths (bf16, B = 128; alternating rounds): 3 stages against none took
+# the gated backward 22-28 % faster (0.303 -> 0.217 ms at 56² × 128 channels), the plain one 2 % slower to
+# 15 % faster, all sixteen shapes 1.52 -> 1.25 ms. ptxas then reports no spills at any of T's widths (the
+# gated 16 × 128 tile spilled 52 bytes unpipelined), at 17-26 KB of shared memory a program.
+BWD_STAGES = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,7 +187,7 @@ def _backward(dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, bias: Ten
     launch(_ln_bwd_kernel, (programs,),
         dy, x, x if z is None else z, weight, bias, stats, dx, dx if dz is None else dz,
         parts, M, N, N if z is None else z.stride(0), per_program,
-        HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        HAS_GATE=z is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, STAGES=BWD_STAGES)
     dw, db = parts.sum(1)  # a fixed-order reduction over the programs' partials
     return dx, dz, dw, db
 
