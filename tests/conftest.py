@@ -18,10 +18,18 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns "no" into "load"
+def pytest_cmdline_main(config):
+    """With `-n N` and no `--dist`, pytest-xdist's worksteal scheduler: an idle worker takes queued tests from a
+    busy one. (A hook, not `addopts`: without pytest-xdist an unknown `--dist` would stop every run.)"""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
+        config.option.dist = "worksteal"
+
+
 @pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection
 def pytest_collection_modifyitems(config, items):
     """Tests marked `minutes(n)` (GPU tests that compile for a minute or more) start first, one at the head of
-    each xdist worker's share. With `--dist worksteal` (pyproject's addopts) each worker is first sent a
+    each xdist worker's share. With `--dist worksteal` (`pytest_cmdline_main` above) each worker is first sent a
     contiguous share of the list and idle workers later take queued tests from busy ones, but never the one
     queued behind a running test; so the long tests go to the heads of the shares, longest first, and a short
     test follows each. In one process the order stays as collected."""

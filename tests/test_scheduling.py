@@ -70,4 +70,37 @@ def test_the_marker_is_registered():
 
     config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert any(marker.startswith("minutes(n):") for marker in config["markers"])
-    assert "--dist worksteal" in config["addopts"]
+
+
+@pytest.mark.parametrize("numprocesses,dist,expected", [(8, "no", "worksteal"), ("auto", "no", "worksteal"),
+                                                        (8, "load", "load"), (0, "no", "no"), (None, "no", "no")])
+def test_workers_steal_unless_told_otherwise(numprocesses, dist, expected):
+    from tests.conftest import pytest_cmdline_main
+
+    config = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=numprocesses, dist=dist))
+    pytest_cmdline_main(config)
+    assert config.option.dist == expected
+
+
+def test_without_xdist_nothing_is_set():
+    from tests.conftest import pytest_cmdline_main
+
+    config = types.SimpleNamespace(option=types.SimpleNamespace())
+    pytest_cmdline_main(config)
+    assert not hasattr(config.option, "dist")
+
+
+@pytest.mark.slow
+def test_pytest_xdist_schedules_by_work_stealing():
+    """End to end: `pytest -n 2` (one cheap test of this file) reports pytest-xdist's worksteal scheduler."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("xdist")
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-v", "-p", "no:cacheprovider",
+                          f"{Path(__file__).name}::test_fewer_tests_than_workers"],
+                         cwd=root / "tests", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "WorkStealingScheduling" in out.stdout, out.stdout[-2000:]
