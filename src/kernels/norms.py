@@ -80,7 +80,7 @@ def _ln_fwd_kernel(x_ptr, z_ptr, w_ptr, b_ptr, y_ptr, stats_ptr, M, N, z_row_str
 @triton.jit(do_not_specialize=["M", "blocks_per_program"])
 def _ln_bwd_kernel(dy_ptr, x_ptr, z_ptr, w_ptr, b_ptr, stats_ptr, dx_ptr, dz_ptr, part_ptr,
                    M, N, z_row_stride, blocks_per_program,
-                   HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 1):
+                   HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask_n = cols < N
