@@ -105,6 +105,18 @@ def test_fused_equals_reference_fp32(scan, dilations, HW):
     check_against_reference("fused", t, dilations, H, W, scan, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dilations,HW,k", [([1, 3, 5], (7, 5), 3), ([1, 3, 5, 7], (6, 4), 3), ([1, 2], (5, 6), 5),
+                                             ([2], (5, 6), 3), ([], (5, 7), 3)],
+                         ids=["1-3-5", "1-3-5-7", "1-2-k5", "2", "none"])
+def test_fused_forward_with_hoisted_weights(dilations, HW, k, monkeypatch):
+    """The forward's tiles that load every tap's weights once, before the row loop (`HOISTED`)."""
+    monkeypatch.setattr(fused_mod, "INTERPRETER_CONFIG", (4, 2, 1, 1))
+    monkeypatch.setattr(fused_mod, "FWD_CONFIGS", tuple(c for c in fused_mod.FWD_CONFIGS if len(c) > 3 and c[3]))
+    H, W = HW
+    t = make_inputs(Bsz=2, H=H, W=W, K=len(dilations), k=k)
+    check_against_reference("fused", t, dilations, H, W, "row", TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("H,W,dilations,k", [(1, 9, [1, 2], 3), (7, 1, [2], 3), (1, 1, [1], 3), (2, 2, [1, 3], 3),
                                              (5, 6, [2], 5)])

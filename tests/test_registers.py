@@ -31,8 +31,8 @@ def test_dry_run_captures_every_candidate_tile_and_restores_the_modules(monkeypa
     assert {"_scan_fwd_kernel", "_scan_bwd_kernel", "_fusion_fwd_kernel", "_fusion_bwd_param_kernel",
             "_fusion_bwd_state_kernel", "_weight_grad_kernel"} <= names
     # every forward tile that fits 7×7 maps (BLOCK_C ≤ 8) is launched
-    fwd = {(kw["BLOCK_C"], kw["BLOCK_D"], kw["num_warps"]) for kernel, args, kw in launches
-           if kernel is fused._fusion_fwd_kernel}
+    fwd = {(kw["BLOCK_C"], kw["BLOCK_D"], kw["num_warps"]) + ((1,) if kw["HOISTED"] else ())
+           for kernel, args, kw in launches if kernel is fused._fusion_fwd_kernel}
     assert fwd == {cfg for cfg in fused.FWD_CONFIGS if cfg[0] <= 8}
     assert (fused.pick_config, triton_scan.pick_config, dict(triton_scan._SMS)) == before
 

@@ -82,10 +82,11 @@ def _box_range(q, s, N):
 @triton.jit
 def _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, G, g,
                   NDIL: tl.constexpr, KS: tl.constexpr, WITH_G: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  BLOCK_D: tl.constexpr, WV=(), HOISTED: tl.constexpr = False):
     """h' at row r, columns `cols`: Σ_taps wa[tap]·h[clamp(r + dr), clamp(cols + dc)], a (BLOCK_C, BLOCK_D)
     fp32 tile (h itself for an empty dilation list). WITH_G: also adds g·h[tap source] to each tap's
-    accumulator tile in the tuple G (the weight gradient's sums); returns (h', G)."""
+    accumulator tile in the tuple G (the weight gradient's sums); returns (h', G). HOISTED: the taps' weights
+    are the tuple WV (`_tap_weights`, loaded once by the caller), else loaded here, at every row."""
     if NDIL == 0:
         hf = tl.load(h_base + (r * W + cols)[:, None] * D, mask=m, other=0.0).to(tl.float32)
     else:
@@ -99,7 +100,10 @@ def _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packe
                     if k == 0 or a != KS // 2 or c != KS // 2:  # later centre taps are merged into k = 0's
                         src = src_row + _clamp(cols + (c - KS // 2) * d, W - 1)
                         hv = tl.load(h_base + src[:, None] * D, mask=m, other=0.0).to(tl.float32)
-                        w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                        if HOISTED:
+                            w = WV[(k * KS + a) * KS + c]
+                        else:
+                            w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
                         hf += w[None, :] * hv
                         if WITH_G:  # (tuple indices inline: they must stay compile-time constants)
                             G_new = G_new + (G[(k * KS + a) * KS + c] + g * hv,)
@@ -108,6 +112,16 @@ def _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packe
         if WITH_G:
             G = G_new
     return hf, G
+
+
+@triton.jit
+def _tap_weights(wa_ptr, offs_d, mask_d, D, NDIL: tl.constexpr, KS: tl.constexpr):
+    """Every tap's mixed weights for the channels offs_d: a tuple of NDIL·KS² (BLOCK_D,) fp32 vectors, indexed
+    as `wa`'s rows (the later dilations' centre rows are loaded too, and never used)."""
+    WV = ()
+    for t in tl.static_range(NDIL * KS * KS):
+        WV = WV + (tl.load(wa_ptr + t * D + offs_d, mask=mask_d, other=0.0),)
+    return WV
 
 
 @triton.jit
@@ -130,20 +144,25 @@ def _fusion_fwd_kernel(
     h_ptr, x_ptr, C_ptr, Dskip_ptr, wa_ptr, y_ptr,
     sx_b, sx_l, sx_d, sC_b, sC_l,
     D, H, W, dil_packed, n_ctiles, rows,
-    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HOISTED: tl.constexpr,
 ):
-    """y = h'·C + D·x for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b."""
+    """y = h'·C + D·x for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b. HOISTED: every tap's
+    weights loaded once, before the row loop, instead of at every row (Triton does not hoist loop-invariant
+    loads; 26 of the 53 loads a row at three 3×3 dilations were these)."""
     pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
     L = H * W
     h_base = h_ptr + b * L * D + offs_d[None, :]
     x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
     y_base = y_ptr + b * L * D + offs_d[None, :]
     Dskip = tl.load(Dskip_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    WV = ()
+    if HOISTED:
+        WV = _tap_weights(wa_ptr, offs_d, mask_d, D, NDIL, KS)
     r0 = band * rows
     for r in range(r0, tl.minimum(r0 + rows, H)):
         pos = r * W + cols
         hf, unused = _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, (), 0.0,
-                              NDIL, KS, False, BLOCK_C, BLOCK_D)
+                                   NDIL, KS, False, BLOCK_C, BLOCK_D, WV, HOISTED)
         Cv = tl.load(C_ptr + b * sC_b + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)
         xv = tl.load(x_base + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
         y = hf * Cv[:, None] + Dskip[None, :] * xv
@@ -367,9 +386,12 @@ def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R
 
 # candidate tiles (BLOCK_C columns, BLOCK_D channels, warps). The backward kernels hold more per element (one
 # accumulator tile per tap; all taps' loads in flight), so their tiles keep about 4 elements per thread: at
-# 8 they spill registers (ptxas, sm_90). The forward's 8 × 128 tile on 8 warps keeps 4 too, in fewer, larger programs
-# per multiprocessor (its measured pick on Hopper: `tuning.MEASURED_PICKS`)
-FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (8, 128, 8), (16, 64, 2), (8, 64, 2))
+# 8 they spill registers (ptxas, sm_90). A forward tile with a fourth entry 1 loads the taps' weights once,
+# before the row loop (`HOISTED`: 26 weight vectors held in registers; 8 × 64 on 4 warps: 166 registers in bf16,
+# 180 in fp32, no spills); it won at every size of T on Hopper (`tuning.MEASURED_PICKS`). Measured and left out:
+# hoisted 8 × 128 on 8 warps (slower than without), 16 × 64 and 32 × 32 on 4 (they spill); the backward kernels
+# with their weights so held (the dh kernel 40 % slower, the parameter kernel 4 %), so those load them each row.
+FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (8, 128, 8), (16, 64, 2), (8, 64, 2), (8, 64, 4, 1))
 BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8), (8, 32, 2))
 # the dh kernel holds one load per tap in flight but no per-tap accumulators
 STATE_CONFIGS = ((16, 64, 4), (8, 64, 4), (32, 32, 4), (8, 128, 4), (32, 64, 8), (8, 128, 2))
@@ -382,8 +404,8 @@ ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8
 def _candidates_of(configs, D: int, W: int, interpreted: bool, interpreter_config):
     if interpreted:
         return (interpreter_config,)
-    fit = tuple((bc, bd, nw) for bc, bd, nw in configs
-                if bc <= max(8, triton.next_power_of_2(W)) and bd <= max(16, triton.next_power_of_2(D)))
+    fit = tuple(cfg for cfg in configs
+                if cfg[0] <= max(8, triton.next_power_of_2(W)) and cfg[1] <= max(16, triton.next_power_of_2(D)))
     return fit or (configs[0],)
 
 
@@ -393,7 +415,7 @@ def _candidates(configs, D: int, W: int):
 
 @functools.lru_cache(maxsize=4096)
 def _grid_of(Bsz: int, D: int, H: int, W: int, cfg, n_sms: int, rows_per_program):
-    bc, bd, _ = cfg
+    bc, bd = cfg[0], cfg[1]
     n_ctiles, n_dblk = cdiv(W, bc), cdiv(D, bd)
     if rows_per_program is not None:
         rows = rows_per_program
@@ -439,7 +461,7 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
             h, x, C, D, wa, y,
             x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1),
             Dm, H, W, packed, n_ctiles, rows,
-            NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
+            NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2], HOISTED=len(cfg) > 3 and bool(cfg[3]),
         )
 
     key = (Bsz, Dm, H, W, K, ks, str(x.dtype))

@@ -43,10 +43,10 @@ MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple], ...]]] 
         # the forward down to 14² (at 7² the unpipelined tile was as fast)
         "scan_fwd": ((3136, (64, 16, 2, 3)), (196, (16, 16, 1, 3)), (0, (16, 16, 1, 1))),
         "scan_bwd": ((0, (8, 16, 1, 3)),),
-        # (BLOCK_C, BLOCK_D, warps); two-warp tiles won the parameter kernel at every size; the forward's 8 × 128
-        # tile on 8 warps (4 elements a thread) beat every other at all four sizes by 5–15 %: fewer, larger
-        # programs per multiprocessor, whose rows of taps then stay in L1 more often
-        "fusion_fwd": ((0, ((8, 128, 8), (16, 64, 2))),),
+        # (BLOCK_C, BLOCK_D, warps[, hoisted weights]); two-warp tiles won the parameter kernel at every size; the
+        # forward's 8 × 64 tile on 4 warps with the taps' weights loaded once (4 elements a thread) beat every other
+        # at all four sizes, by 7-10 % the 8 × 128 one on 8 warps that had won before it
+        "fusion_fwd": ((0, ((8, 64, 4, 1), (8, 128, 8), (16, 64, 2))),),
         "fusion_bwd_param": ((0, (8, 32, 2)),),
         "fusion_bwd_state": ((784, (8, 128, 4)), (0, (8, 128, 2))),
         # (BLOCK_W, BLOCK_C, warps); 16 × 64 where 64 channels rule out 128-channel tiles
