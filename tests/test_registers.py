@@ -69,6 +69,25 @@ def test_layer_norm_variants_report_registers():
         assert 0 < int(cells[3]) <= 255, row
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_ptxas(), reason="Triton's CUDA backend (ptxas) is not installed")
+def test_every_fused_op_variant_compiles_for_hopper():
+    """Every kernel variant of the fused op at T's last stage (every tile candidate) compiles for sm_90 on the
+    CPU: a kernel the interpreter runs can still fail Triton's compiler, which the other CPU tests would first
+    meet on a GPU. (With the installed Triton: the GPU machine's older one can refuse more — a jit function's
+    tuple default argument, which Triton 3.8 compiles and 3.6 does not.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "registers.py"), "--ops", "fused", "--stages",
+                          "4"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| _")]
+    names = {row.split("|")[1].strip() for row in rows}
+    assert {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_fusion_bwd_param_kernel", "_fusion_bwd_state_kernel",
+            "_scan_bwd_kernel", "_weight_grad_kernel"} <= names, out.stdout
+    failed = [row for row in rows if "failed:" in row]
+    assert not failed, "\n".join(failed)
+
+
 def test_bad_arguments_are_refused_by_name(capsys):
     assert registers.main(["--ops", "fused,conv"]) == 2
     assert "--ops: unknown ['conv']" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def _box_range(q, s, N):
 @triton.jit
 def _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, G, g,
                   NDIL: tl.constexpr, KS: tl.constexpr, WITH_G: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_D: tl.constexpr, WV=(), HOISTED: tl.constexpr = False):
+                  BLOCK_D: tl.constexpr, WV, HOISTED: tl.constexpr):
     """h' at row r, columns `cols`: Σ_taps wa[tap]·h[clamp(r + dr), clamp(cols + dc)], a (BLOCK_C, BLOCK_D)
     fp32 tile (h itself for an empty dilation list). WITH_G: also adds g·h[tap source] to each tap's
     accumulator tile in the tuple G (the weight gradient's sums); returns (h', G). HOISTED: the taps' weights
@@ -326,7 +326,7 @@ def _fusion_bwd_param_kernel(
         g = dyc * Cv[:, None]
         tl.store(g_ptr + b * L * D + pos[:, None] * D + offs_d[None, :], g.to(g_ptr.dtype.element_ty), mask=m)
         hf, G = _fused_states(h_base, wa_ptr, offs_d, mask_d, m, r, cols, D, H, W, dil_packed, G,
-                              g, NDIL, KS, True, BLOCK_C, BLOCK_D)
+                              g, NDIL, KS, True, BLOCK_C, BLOCK_D, (), False)
         tl.store(dC_part_ptr + (pid_d * Bsz + b) * L + pos, tl.sum(dyc * hf, axis=1), mask=mask_c)
     part = (b * tl.num_programs(0) + pid) * NTAP * D + offs_d  # (B, programs over positions, NTAP, D)
     for tap in tl.static_range(NTAP):
