@@ -11,7 +11,10 @@ ptxas (`-v`, the copy inside the Triton wheel) what it uses. Prints one row per 
     python benchmarks/registers.py --ops norms --stages 1   # one stage only (quick)
 
 The variants are compiled without the per-argument alignment hints of a real launch, so the counts can differ a
-little from those of the GPU's compile; the installed Triton may also differ from the one on the GPU. A row with
+little from those of the GPU's compile; the installed Triton may also differ from the one on the GPU. Older
+Tritons refuse some code that newer ones compile (Triton 3.6 a jit function's tuple default argument, which 3.8
+and the interpreter accept), so a kernel change is worth compiling with the GPU machine's Triton too: run the
+script from an environment that has that version (a `failed:` row names the error). A row with
 spill stores, or at 255 registers with few warps, is one to time before choosing it.
 """
 
