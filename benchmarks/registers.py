@@ -4,18 +4,26 @@ A tile that spills registers is slow whatever else it does well, and finding out
 candidate. This script runs the ops' dry runs (their launchers on meta tensors, as `src/kernels/ahead.py` does
 before a first call) at the shapes of Spatial-Mamba-T's four stages with every candidate tile, collects every
 kernel variant they would launch, compiles each for the target architecture with Triton's compiler and asks
-ptxas (`-v`, the copy inside the Triton wheel) what it uses. Prints one row per variant:
+ptxas (`-v`, the copy inside the Triton wheel) what it uses, and reads the PTX's loops. Prints one row per
+variant:
 
     python benchmarks/registers.py                          # the fused op's kernels, sm_90, bf16
     python benchmarks/registers.py --ops fused,dwconv,norms --arch 90 --dtype bf16
     python benchmarks/registers.py --ops norms --stages 1   # one stage only (quick)
 
+A row with spill stores, or at 255 registers with few warps, is one to time before choosing it. The last two
+columns count what runs at every step of the kernel's loops (between a loop's header and its back-branch in the
+PTX): global loads (and `cp.async` copies), and `bar.sync` barriers. Barriers there are usually a layout conversion through shared
+memory, e.g. a (BLOCK_D,) weight vector broadcast onto a tile that holds more channels a thread than the
+vector's own layout (the fusion dh kernel's 8 × 128 tile on 4 warps: two barriers per tap and row). Loads there
+that do not change from one step to the next (Triton does not hoist them) are worth loading before the loop, as
+the fusion forward's `HOISTED` tiles do.
+
 The variants are compiled without the per-argument alignment hints of a real launch, so the counts can differ a
 little from those of the GPU's compile; the installed Triton may also differ from the one on the GPU. Older
 Tritons refuse some code that newer ones compile (Triton 3.6 a jit function's tuple default argument, which 3.8
 and the interpreter accept), so a kernel change is worth compiling with the GPU machine's Triton too: run the
-script from an environment that has that version (a `failed:` row names the error). A row with
-spill stores, or at 255 registers with few warps, is one to time before choosing it.
+script from an environment that has that version (a `failed:` row names the error).
 """
 
 from __future__ import annotations
@@ -171,7 +179,26 @@ def usage(kernel, sig: dict, consts: dict, attrs: dict, options: dict, arch: int
 
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"), stack=number(r"(\d+) bytes stack frame"),
-                shared=int(getattr(compiled.metadata, "shared", 0)))
+                shared=int(getattr(compiled.metadata, "shared", 0)), **loop_counts(ptx))
+
+
+def loop_counts(ptx: str) -> dict:
+    """Global loads (`ld.global`, and `cp.async` copies to shared memory of pipelined loops) and `bar.sync`
+    barriers inside the PTX's loops: the lines between a label and a branch back to it (each line counted once,
+    however many loops hold it)."""
+    lines = ptx.splitlines()
+    labels: dict[str, int] = {}
+    inside: set[int] = set()
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\$L__\w+):", line)
+        if m:
+            labels[m.group(1)] = i
+            continue
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            inside.update(range(labels[m.group(1)] + 1, i))
+    return dict(loop_loads=sum(1 for i in inside if re.search(r"\bld\.global\b|\bcp\.async\.c[ag]\.", lines[i])),
+                loop_barriers=sum(1 for i in inside if "bar.sync" in lines[i]))
 
 
 def variants(launches: list[tuple]) -> list[tuple]:
@@ -214,17 +241,19 @@ def main(argv=None) -> None:
         raise UserError("TRITON_INTERPRET=1 is set: the interpreter's kernels cannot be compiled; unset it")
     found = variants(capture(dry_runs(ops, DTYPES[args.dtype], stages)))
     print(f"{len(found)} kernel variants, sm_{args.arch}, {args.dtype}, T's stages {stages}\n", flush=True)
-    print("| kernel | constexprs | warps | registers | spill stores / loads (bytes) | stack | shared |")
-    print("|---|---|---:|---:|---|---:|---:|")
+    print("| kernel | constexprs | warps | registers | spill stores / loads (bytes) | stack | shared | loads in loops "
+          "| barriers in loops |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
     for kernel, sig, consts, attrs, options in found:
         try:
             u = usage(kernel, sig, consts, attrs, options, args.arch)
         except Exception as e:  # noqa: BLE001 - report the variant and go on
             print(f"| {kernel.__name__} | {_label(consts)} | {options.get('num_warps', 4)} | failed: "
-                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |", flush=True)
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | | |", flush=True)
             continue
         print(f"| {kernel.__name__} | {_label(consts)} | {options.get('num_warps', 4)} | {u['registers']} | "
-              f"{u['spill_stores']} / {u['spill_loads']} | {u['stack']} | {u['shared']} |", flush=True)
+              f"{u['spill_stores']} / {u['spill_loads']} | {u['stack']} | {u['shared']} | {u['loop_loads']} | "
+              f"{u['loop_barriers']} |", flush=True)
 
 
 if __name__ == "__main__":

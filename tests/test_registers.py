@@ -67,6 +67,26 @@ def test_layer_norm_variants_report_registers():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert 0 < int(cells[3]) <= 255, row
+        assert int(cells[7]) >= 0 and int(cells[8]) >= 0, row  # loads and barriers in loops
+
+
+def test_loop_counts_read_only_the_lines_inside_loops():
+    ptx = "\n".join([
+        "ld.global.b32 a;",           # before any loop
+        "$L__BB0_1:",                 # loop header
+        "ld.global.v4.b32 b;",
+        "bar.sync 0;",
+        "$L__BB0_2:",                 # a label inside the loop, branched to forward only
+        "cp.async.cg.shared.global c;",
+        "@%p1 bra $L__BB0_3;",        # forward branch: no loop
+        "bar.sync 0;",
+        "@%p2 bra $L__BB0_1;",        # back-branch: lines 2..7 are the loop
+        "$L__BB0_3:",
+        "ld.global.b32 d;",
+        "bar.sync 0;",
+    ])
+    assert registers.loop_counts(ptx) == {"loop_loads": 2, "loop_barriers": 2}
+    assert registers.loop_counts("ld.global.b32 a;\nbar.sync 0;") == {"loop_loads": 0, "loop_barriers": 0}
 
 
 @pytest.mark.slow
