@@ -108,8 +108,9 @@ def test_fused_equals_reference_fp32(scan, dilations, HW):
 @pytest.mark.parametrize("dilations,HW,k", [([1, 3, 5], (7, 5), 3), ([1, 3, 5, 7], (6, 4), 3), ([1, 2], (5, 6), 5),
                                              ([2], (5, 6), 3), ([], (5, 7), 3)],
                          ids=["1-3-5", "1-3-5-7", "1-2-k5", "2", "none"])
-def test_fused_forward_with_hoisted_weights(dilations, HW, k, monkeypatch):
-    """The forward's tiles that load every tap's weights once, before the row loop (`HOISTED`)."""
+def test_fused_with_the_weight_loading_variants(dilations, HW, k, monkeypatch):
+    """Tiles with a fourth entry 1: the forward loads every tap's weights once, before the row loop (`HOISTED`),
+    the dh kernel loads them as tiles in g's layout (`W2D`), the border rows' code included."""
     monkeypatch.setattr(fused_mod, "INTERPRETER_CONFIG", (4, 2, 1, 1))
     monkeypatch.setattr(fused_mod, "FWD_CONFIGS", tuple(c for c in fused_mod.FWD_CONFIGS if len(c) > 3 and c[3]))
     H, W = HW

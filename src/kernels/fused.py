@@ -217,16 +217,30 @@ def _edge_vector(el_ptr, er_ptr, bH, row, D, offs_d, mask_d, left, right, KP: tl
     return v
 
 
+@triton.jit
+def _weight_tile(wa_ptr, tap, D, offs_d, mask_d, w_offs, W2D: tl.constexpr):
+    """Tap `tap`'s mixed weights for the channels offs_d, ready to multiply a (BLOCK_C, BLOCK_D) tile: loaded
+    as that tile (W2D; w_offs: offs_d in every row) or as a (BLOCK_D,) vector broadcast over the columns."""
+    if W2D:
+        w = tl.load(wa_ptr + tap * D + w_offs, mask=w_offs < D, other=0.0)
+    else:
+        w = tl.load(wa_ptr + tap * D + offs_d, mask=mask_d, other=0.0)[None, :]
+    return w
+
+
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _fusion_bwd_state_kernel(
     g_ptr, wa_ptr, el_ptr, er_ptr, dh_ptr,
     D, H, W, dil_packed, n_ctiles, rows,
-    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, W2D: tl.constexpr,
 ):
     """dh = the fusion's adjoint applied to g = dy·C (written by the parameter kernel, contiguous (B, L, D)),
     for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b (NDIL ≥ 1); el, er: the column folds of
-    `_fusion_edge_kernel` (unused for KS = 1)."""
+    `_fusion_edge_kernel` (unused for KS = 1). W2D: each tap's weights are loaded as a (BLOCK_C, BLOCK_D) tile
+    whose rows are all the same vector, in g's layout; a (BLOCK_D,) vector broadcast against g instead costs a
+    conversion through shared memory (a barrier) at every tap and row on some tiles."""
     pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
+    w_offs = offs_d[None, :] + 0 * cols[:, None]  # W2D: the weight tile's offsets, each row the channels
     P: tl.constexpr = KS // 2
     NS: tl.constexpr = NDIL * P
     dh_base = dh_ptr + b * H * W * D + offs_d[None, :]
@@ -249,8 +263,8 @@ def _fusion_bwd_state_kernel(
                     if k == 0 or a != P or c != P:
                         src_c = cols - (c - P) * d
                         ok = mask_c & (src_c >= 0) & (src_c < W) & row_ok
-                        w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
-                        dh += w[None, :] * _g_tile(g_base, D, sr * W + src_c, ok, mask_d)
+                        dh += _weight_tile(wa_ptr, (k * KS + a) * KS + c, D, offs_d, mask_d, w_offs, W2D) * \
+                            _g_tile(g_base, D, sr * W + src_c, ok, mask_d)
         # the halo folded back: the columns clamped onto column 0 / W-1 (edge tiles only; one vector each,
         # placed at that column once per row) ...
         fold_l = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -282,6 +296,7 @@ def _fusion_bwd_state_kernel(
                         lo, hi = _box_range(r, dr, H)
                         for c in tl.static_range(KS):
                             w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                            w_tile = _weight_tile(wa_ptr, (k * KS + a) * KS + c, D, offs_d, mask_d, w_offs, W2D)
                             src_c = cols - (c - P) * d
                             ok_c = mask_c & (src_c >= 0) & (src_c < W)
                             box = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
@@ -292,7 +307,7 @@ def _fusion_bwd_state_kernel(
                                     if c != P:
                                         edge += _edge_vector(el_ptr, er_ptr, bH, sr, D, offs_d, mask_d, left,
                                                              right, k * P, c - P, NS)
-                            dh += w[None, :] * box
+                            dh += w_tile * box
                             if c < P:
                                 fold_l += w * edge
                             if c > P:
@@ -384,17 +399,24 @@ def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R
 # ----------------------------------------------------------------------------------------------------
 # launchers (no checks: ops.py checks shapes, dtypes and devices first)
 
-# candidate tiles (BLOCK_C columns, BLOCK_D channels, warps). The backward kernels hold more per element (one
+# candidate tiles (BLOCK_C columns, BLOCK_D channels, warps[, 1]). The backward kernels hold more per element (one
 # accumulator tile per tap; all taps' loads in flight), so their tiles keep about 4 elements per thread: at
-# 8 they spill registers (ptxas, sm_90). A forward tile with a fourth entry 1 loads the taps' weights once,
-# before the row loop (`HOISTED`: 26 weight vectors held in registers; 8 × 64 on 4 warps: 166 registers in bf16,
-# 180 in fp32, no spills); it won at every size of T on Hopper (`tuning.MEASURED_PICKS`). Measured and left out:
-# hoisted 8 × 128 on 8 warps (slower than without), 16 × 64 and 32 × 32 on 4 (they spill); the backward kernels
-# with their weights so held (the dh kernel 40 % slower, the parameter kernel 4 %), so those load them each row.
-FWD_CONFIGS = ((16, 64, 4), (32, 32, 4), (8, 128, 4), (8, 128, 8), (16, 64, 2), (8, 64, 2), (8, 64, 4, 1))
+# 8 they spill registers (ptxas, sm_90). A fourth entry 1 asks for a kernel's weight-loading variant:
+# - forward (`HOISTED`): every tap's weights loaded once, before the row loop (26 weight vectors held in
+#   registers: 166 registers in bf16 and no spills at 4 elements a thread). Hoisted tiles won at every size of T on
+#   Hopper, against every unhoisted one, by 7-14 %; which of them depends on the map (`tuning.MEASURED_PICKS`).
+#   Measured and left out: hoisted 8 × 128 on 8 warps, 16 × 64 and 32 × 32 on 4 or 8 (slower than unhoisted).
+# - dh kernel (`W2D`): each tap's weights loaded as a tile in g's layout. A (BLOCK_D,) vector broadcast against
+#   g is converted through shared memory at every tap and row on the 128-channel tiles (two `bar.sync` a tap;
+#   `benchmarks/registers.py`); the W2D 8 × 128 tile on 4 warps is 15 % faster at 56², 4 × 256 on 4 warps 23 % at
+#   28² than the best vector-weight tile (on the 64-channel tiles the two compile alike).
+# The parameter kernel keeps its weights as vectors (no conversions there); its 2-elements-a-thread tiles, which
+# do not spill, were 10-40 % slower than 8 × 32 on 2 warps (which does, a little) at every size.
+FWD_CONFIGS = ((8, 64, 4, 1), (4, 128, 4, 1), (2, 128, 2, 1), (4, 64, 2, 1), (2, 64, 1, 1), (8, 128, 8), (16, 64, 2))
 BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8), (8, 32, 2))
 # the dh kernel holds one load per tap in flight but no per-tap accumulators
-STATE_CONFIGS = ((16, 64, 4), (8, 64, 4), (32, 32, 4), (8, 128, 4), (32, 64, 8), (8, 128, 2))
+STATE_CONFIGS = ((8, 128, 4, 1), (4, 256, 4, 1), (8, 128, 2), (4, 128, 2, 1), (8, 128, 4), (16, 64, 4), (8, 64, 4),
+                 (32, 32, 4))
 EDGE_BLOCK_D = 128  # channels per program of the column-fold sums (`_fusion_edge_kernel`)
 INTERPRETER_CONFIG = (8, 16, 1)  # tile in the CPU interpreter (the kernel tests lower it)
 ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8 programs (tests set it)
@@ -517,7 +539,7 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, 
             grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
             launch(_fusion_bwd_state_kernel, grid,
                 g, wa, el, er, dh, Dm, H, W, packed, n_ctiles, rows,
-                NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
+                NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2], W2D=len(cfg) > 3 and bool(cfg[3]),
             )
 
         run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state, L, half,
