@@ -16,8 +16,9 @@ columns count what runs at every step of the kernel's loops (between a loop's he
 PTX): global loads (and `cp.async` copies), and `bar.sync` barriers. Barriers there are usually a layout
 conversion through shared memory, e.g. a (BLOCK_D,) weight vector broadcast onto a tile that holds more channels
 a thread than the vector's own layout (the fusion dh kernel's 8 × 128 tile on 4 warps had two barriers per tap and
-row; its `W2D` variant loads the weights in the tile's layout instead, without them). Loads there that do not change from one step to the next (Triton does not hoist them) are worth loading
-before the loop, as the fusion forward's `HOISTED` tiles do.
+row; its `W2D` variant loads the weights in the tile's layout instead, without them). Loads there that do not
+change from one step to the next (Triton does not hoist them) are worth loading before the loop, as the fusion
+forward's `HOISTED` tiles do.
 
 The variants are compiled without the per-argument alignment hints of a real launch, so the counts can differ a
 little from those of the GPU's compile; the installed Triton may also differ from the one on the GPU. Older
