@@ -28,12 +28,15 @@ Backward, given dy, in kernel order:
        and last row). Columns: the shifted gather, plus for column 0 (tap dc < 0) the sum of g over columns
        [0, −dc) and for column W−1 (dc > 0) over [W−dc, W): one load of the edge kernel's sums per tap, added
        at that column once per row (only in the tiles holding those columns). One load per tap (g precomputed),
-       no per-element clamps, no separate border launches.
+       no per-element clamps, no separate border launches. Its 128- and 256-channel tiles load each tap's
+       weights as a (BLOCK_C, BLOCK_D) tile in g's layout (`W2D`), not as a channel vector that the compiler
+       would move through shared memory onto g's layout at every tap and row.
   Then the scan backward (triton_scan) with dh, which also adds D·dy into dx and returns dD = Σ dy·x.
 Nothing uses atomics: the op gives the same bits on every run.
 
 Block sizes: a few candidate tiles per kernel; the first call for a shape times them and keeps the fastest,
-on disk too (`tuning.pick_config`), so later processes do not time or compile the others again. Launch
+on disk too (`tuning.pick_config`), so later processes do not time or compile the others again (on Hopper, with
+16-bit inputs, the tiles measured there are used untimed: `tuning.MEASURED_PICKS`). Launch
 geometry is cached per shape: a forward+backward costs the host well under a millisecond.
 """
 
