@@ -125,6 +125,14 @@ def test_a_known_shape_on_a_given_device_asks_cuda_nothing(fake_gpu, monkeypatch
                            device=torch.device("cuda", 1))
 
 
+def test_timing_waits_for_the_background_compiles_first(fake_gpu, monkeypatch):
+    """Nothing is timed while `ahead` compiles share the host (their delays would count as kernel time)."""
+    timed, _ = fake_gpu
+    monkeypatch.setattr(tuning.ahead, "wait_all", lambda: timed.append("waited"))
+    assert tuning.pick_config(KERNEL, ("w",), CANDIDATES, timed.append, tokens=3136) == (32, 32, 4)  # fp32: timed
+    assert timed[0] == "waited" and set(timed[1:]) == set(CANDIDATES)
+
+
 def test_every_measured_pick_is_a_candidate_tile():
     """A pick outside its kernel's candidate list would never be used (pick_config takes only candidates)."""
     from src.kernels import dwconv, fused, triton_scan
