@@ -135,7 +135,7 @@ def test_timing_waits_for_the_background_compiles_first(fake_gpu, monkeypatch):
 
 def test_every_measured_pick_is_a_candidate_tile():
     """A pick outside its kernel's candidate list would never be used (pick_config takes only candidates)."""
-    from src.kernels import dwconv, fused, triton_scan
+    from src.kernels import dwconv, triton_scan
 
     candidates = {
         "scan_fwd": triton_scan.SCAN_FWD_CONFIGS, "scan_bwd": triton_scan.SCAN_BWD_CONFIGS,

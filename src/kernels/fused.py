@@ -407,14 +407,15 @@ def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R
 # 8 they spill registers (ptxas, sm_90). A fourth entry 1 asks for a kernel's weight-loading variant:
 # - forward (`HOISTED`): every tap's weights loaded once, before the row loop (26 weight vectors held in
 #   registers: 166 registers in bf16 and no spills at 4 elements a thread). Hoisted tiles won at every size of T on
-#   Hopper, against every unhoisted one, by 7-14 %; which of them depends on the map (`tuning.MEASURED_PICKS`).
+#   Hopper, by 9-21 % over the best unhoisted one; which of them depends on the map (`tuning.MEASURED_PICKS`).
 #   Measured and left out: hoisted 8 × 128 on 8 warps, 16 × 64 and 32 × 32 on 4 or 8 (slower than unhoisted).
 # - dh kernel (`W2D`): each tap's weights loaded as a tile in g's layout. A (BLOCK_D,) vector broadcast against
 #   g is converted through shared memory at every tap and row on the 128-channel tiles (two `bar.sync` a tap;
 #   `benchmarks/registers.py`); the W2D 8 × 128 tile on 4 warps is 15 % faster at 56², 4 × 256 on 4 warps 23 % at
-#   28² than the best vector-weight tile (on the 64-channel tiles the two compile alike).
+#   28² than the vector-weight 8 × 128 on 4 warps picked before (7 % and 9 % than the best vector-weight tile);
+#   on the 64-channel tiles the two variants compile alike.
 # The parameter kernel keeps its weights as vectors (no conversions there); its 2-elements-a-thread tiles, which
-# do not spill, were 10-40 % slower than 8 × 32 on 2 warps (which does, a little) at every size.
+# do not spill, were up to 24 % slower than 8 × 32 on 2 warps (which does, a little), and faster at no size.
 FWD_CONFIGS = ((8, 64, 4, 1), (4, 128, 4, 1), (2, 128, 2, 1), (4, 64, 2, 1), (2, 64, 1, 1), (8, 128, 8), (16, 64, 2))
 BWD_CONFIGS = ((32, 32, 8), (16, 32, 4), (32, 16, 4), (8, 64, 4), (16, 64, 8), (8, 32, 2))
 # the dh kernel holds one load per tap in flight but no per-tap accumulators
