@@ -229,13 +229,39 @@ def _op_args(op, t, dilations, H, W, scan):
     return (*(t[n] for n in NAMES), list(dilations), H, W, scan)
 
 
-@pytest.mark.parametrize("op", ["scan", "fused"])
+@pytest.mark.parametrize("op", ["scan", "fused", "fused_traced"])
 def test_opcheck(op):
+    """Schema, autograd registration, fake tensors, AOT dispatch with static and dynamic shapes. The traced op
+    (a `triton_op`) takes the custom op wherever a trace cannot launch its kernels: here, in the interpreter, every
+    trace; on a GPU, dynamic shapes (`test_traced_op_opcheck_gpu` checks its own launches)."""
     H, W = 3, 5
     t = make_inputs(Bsz=1, D=2, H=H, W=W, K=2)
     t = {n: v.requires_grad_() for n, v in t.items()}
-    target = torch.ops.spatial_mamba.selective_scan if op == "scan" else torch.ops.spatial_mamba.structure_aware_ssm_fused
+    ops = torch.ops.spatial_mamba
+    target = {"scan": ops.selective_scan, "fused": ops.structure_aware_ssm_fused,
+              "fused_traced": ops.structure_aware_ssm_fused_traced}[op]
     torch.library.opcheck(target.default, _op_args(op, t, [1, 2], H, W, "bidirectional"))
+
+
+def _op_outputs_and_grads(op, t, dilations, H, W, scan):
+    tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+    y, h = op(*(tk[n] for n in NAMES), list(dilations), H, W, scan)
+    y.backward(torch.linspace(-1, 1, y.numel(), device=y.device, dtype=y.dtype).view_as(y))
+    return [y.detach(), h] + [tk[n].grad for n in NAMES]
+
+
+def test_traced_op_runs_the_same_kernels():
+    """The fused op as a `triton_op` (what compiled graphs launch themselves, `SPATIAL_MAMBA_TRACED_OP=1`): called
+    outside a trace, its forward and every gradient are bitwise those of the custom op, the same kernels being
+    launched in the same order (the launches go through `torch.library.wrap_triton`)."""
+    from src.kernels.ops import structure_aware_ssm_fused_op, structure_aware_ssm_fused_traced
+
+    H, W = 4, 5
+    t = make_inputs(Bsz=2, D=4, H=H, W=W, K=2)
+    want = _op_outputs_and_grads(structure_aware_ssm_fused_op, t, [1, 2], H, W, "row")
+    got = _op_outputs_and_grads(structure_aware_ssm_fused_traced, t, [1, 2], H, W, "row")
+    for name, a, b in zip(("y", "h") + NAMES, want, got):
+        assert torch.equal(a, b), f"{name} differs between the traced op and the custom op"
 
 
 def test_flop_formulas_are_counted():
@@ -410,6 +436,54 @@ def test_fused_is_deterministic(dtype, chunked, monkeypatch):
         runs.append([y.detach()] + [tk[n].grad for n in NAMES])
     for name, first, *others in zip(("y",) + NAMES, *runs):
         assert all(torch.equal(first, other) for other in others), f"{name} differs between runs"
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_traced_op_opcheck_gpu():
+    """The traced op's own launches (`torch.library.wrap_triton`) under fake tensors and AOT dispatch; its dynamic
+    shapes take the custom op."""
+    H, W = 6, 7
+    t = {n: v.requires_grad_() for n, v in make_inputs(Bsz=2, D=16, H=H, W=W, K=3, dtype=torch.bfloat16).items()}
+    torch.library.opcheck(torch.ops.spatial_mamba.structure_aware_ssm_fused_traced.default,
+                          _op_args("fused", t, [1, 3, 5], H, W, "row"))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_traced_op_in_a_compiled_graph(monkeypatch):
+    """With SPATIAL_MAMBA_TRACED_OP=1 a compiled graph launches the fused op's kernels itself: after the first
+    call the op's Python (`fused_forward`, `fused_backward`) is never entered again, and output and gradients
+    are bitwise the eager op's (the same tiles: the suite runs with SPATIAL_MAMBA_TUNE=0)."""
+    from src.kernels import ops
+
+    monkeypatch.setattr(ops, "TRACED_OP", True)
+    torch._dynamo.reset()
+    Bsz, D, H, W = 2, 64, 28, 28
+    t = make_inputs(Bsz=Bsz, D=D, H=H, W=W, K=3, dtype=torch.bfloat16)
+    dy = torch.randn(Bsz, H * W, D, device=DEVICE, dtype=torch.bfloat16)
+
+    def step(fn):
+        tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+        y = fn(*(tk[n] for n in NAMES))
+        y.backward(dy)
+        return [y.detach()] + [tk[n].grad for n in NAMES]
+
+    def op(*args):
+        return structure_aware_ssm_fused(*args, [1, 3, 5], H, W, "row")
+
+    compiled = torch.compile(op, fullgraph=True)
+    want = step(op)
+    step(compiled)  # traced and compiled here
+
+    def entered(*args, **kwargs):
+        raise AssertionError("the compiled graph called back into the op's Python")
+
+    monkeypatch.setattr(ops, "fused_forward", entered)
+    monkeypatch.setattr(ops, "fused_backward", entered)
+    got = step(compiled)
+    for name, a, b in zip(("y",) + NAMES, want, got):
+        assert torch.equal(a, b), f"{name} differs between the compiled traced op and the eager op"
 
 
 @requires_cuda

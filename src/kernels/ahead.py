@@ -23,7 +23,9 @@ submits every candidate it would time, which then compile in parallel too. A var
 again through its compiled launcher directly, without Triton's per-call bookkeeping (see "Launches" below).
 
 Off in the Triton interpreter and without CUDA; `SPATIAL_MAMBA_COMPILE_AHEAD=0` turns it off
-(`SPATIAL_MAMBA_FAST_LAUNCH=0` the direct launches).
+(`SPATIAL_MAMBA_FAST_LAUNCH=0` the direct launches). Inside `tracing_launches()` (the body of a `triton_op`) a
+launch is `torch.library.wrap_triton(kernel)[grid](...)` instead and no plan runs: a compiled graph then
+launches (and compiles) those kernels itself.
 """
 
 from __future__ import annotations
@@ -55,6 +57,27 @@ def planning() -> bool:
     return getattr(_local, "device", None) is not None
 
 
+def traced() -> bool:
+    """True inside `tracing_launches()` (on this thread): the body of an op whose kernels a compiled graph
+    launches itself (`torch.library.triton_op`)."""
+    return getattr(_local, "traced", False)
+
+
+class tracing_launches:
+    """Context: every `launch` in it is recorded as `torch.library.wrap_triton(kernel)[grid](...)`, which a
+    compiled graph turns into a launch of its own (with real tensors outside a trace it simply launches), no plan
+    runs (the graph compiles its kernels), and `tuning.pick_config` times nothing (a trace has no data to time).
+    The body of a `triton_op` runs in it."""
+
+    def __enter__(self):
+        self._outer = traced()
+        _local.traced = True
+        return self
+
+    def __exit__(self, *exc):
+        _local.traced = self._outer
+
+
 def real_device(device: torch.device) -> torch.device:
     """The device a dry run's meta tensors stand for (`device` itself outside a plan)."""
     return _local.device if device.type == "meta" and planning() else device
@@ -79,7 +102,7 @@ def plan(key: Hashable, device: torch.device, dry_run: Callable[[], object]) -> 
     background instead (see the module docstring). `device` is the real device the dry run stands for. Does
     nothing when disabled, inside another plan, or for a key already planned. An exception in the dry run only
     ends the plan early (the real launches compile what is missing)."""
-    if key in _planned or planning() or not enabled():
+    if key in _planned or planning() or traced() or not enabled():
         return
     _planned.add(key)
     _local.device = device
@@ -286,6 +309,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if getattr(_local, "device", None) is not None:
         _submit(kernel, args, kwargs)
         return
+    if getattr(_local, "traced", False):
+        from torch.library import wrap_triton
+
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
     if kernel in _pending:
         wait(kernel)
     _launch_now(kernel, grid, args, kwargs)
@@ -311,5 +339,5 @@ def reset() -> None:
     _planned.clear()
 
 
-__all__ = ["arg_key", "cdiv", "enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "wait",
-           "wait_all"]
+__all__ = ["arg_key", "cdiv", "enabled", "launch", "meta_like", "plan", "planning", "real_device", "reset", "traced",
+           "tracing_launches", "wait", "wait_all"]

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ahead
 from .ahead import cdiv, launch, real_device
 from .tuning import pick_config
 
@@ -348,8 +349,10 @@ def column_sums(parts: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
     (host time: the backward's launcher runs once per block and step)."""
     jobs, R, N = parts.shape
     block_r = min(8, triton.next_power_of_2(R))
-    launch(_column_sums_kernel, (cdiv(N, 256), len(outs)), parts, *outs, *[outs[0]] * (3 - len(outs)), R, N,
-           BLOCK_R=block_r, BLOCK_N=256)
+    # the unused output slots (never written): outs[0] again, except in a traced op, whose graph would take
+    # one tensor in three written slots for three outputs and keep the last
+    spare = [outs[0].new_empty(1) for _ in range(3 - len(outs))] if ahead.traced() else [outs[0]] * (3 - len(outs))
+    launch(_column_sums_kernel, (cdiv(N, 256), len(outs)), parts, *outs, *spare, R, N, BLOCK_R=block_r, BLOCK_N=256)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -121,6 +121,8 @@ def pick_config(name: str, key: tuple, candidates, run, tokens: int | None = Non
             print(f"[tuning] {name} {key}: measured pick {pick}", file=sys.stderr, flush=True)
         _TUNED[fast] = pick
         return pick
+    if ahead.traced():  # a traced op's tiles are baked into the graph, and a trace has no data to time
+        return candidates[0]
     if ahead.planning():  # a plan's dry run: every candidate the real call will time compiles now, in parallel
         for cfg in candidates:
             run(cfg)
