@@ -10,15 +10,18 @@ variant:
     python benchmarks/registers.py                          # the fused op's kernels, sm_90, bf16
     python benchmarks/registers.py --ops fused,dwconv,norms --arch 90 --dtype bf16
     python benchmarks/registers.py --ops norms --stages 1   # one stage only (quick)
+    python benchmarks/registers.py --stages 4 --writes      # and what a compiled graph takes each to write
 
-A row with spill stores, or at 255 registers with few warps, is one to time before choosing it. The last two
-columns count what runs at every step of the kernel's loops (between a loop's header and its back-branch in the
-PTX): global loads (and `cp.async` copies), and `bar.sync` barriers. Barriers there are usually a layout
-conversion through shared memory, e.g. a (BLOCK_D,) weight vector broadcast onto a tile that holds more channels
-a thread than the vector's own layout (the fusion dh kernel's 8 × 128 tile on 4 warps had two barriers per tap and
-row; its `W2D` variant loads the weights in the tile's layout instead, without them). Loads there that do not
-change from one step to the next (Triton does not hoist them) are worth loading before the loop, as the fusion
-forward's `HOISTED` tiles do.
+A row with spill stores, or at 255 registers with few warps, is one to time before choosing it. `--writes` adds a
+column: the arguments that torch's inductor takes the variant to write (its analysis of the kernel's Triton IR, as
+for the kernels of a `torch.library.triton_op` in a compiled graph); an input listed there is copied at every
+call. The columns "loads in loops" and "barriers in loops" count what runs at every step of the kernel's loops
+(between a loop's header and its back-branch in the PTX): global loads (and `cp.async` copies), and `bar.sync`
+barriers. Barriers there are usually a layout conversion through shared memory, e.g. a (BLOCK_D,) weight vector
+broadcast onto a tile that holds more channels a thread than the vector's own layout (the fusion dh kernel's
+8 × 128 tile on 4 warps had two barriers per tap and row; its `W2D` variant loads the weights in the tile's layout
+instead, without them). Loads there that do not change from one step to the next (Triton does not hoist them) are
+worth loading before the loop, as the fusion forward's `HOISTED` tiles do.
 
 The variants are compiled without the per-argument alignment hints of a real launch, so the counts can differ a
 little from those of the GPU's compile; the installed Triton may also differ from the one on the GPU. Older
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import os
 import re
 import subprocess
@@ -203,7 +207,8 @@ def loop_counts(ptx: str) -> dict:
 
 
 def variants(launches: list[tuple]) -> list[tuple]:
-    """Distinct (kernel, signature, constexprs, hints, options) in first-launch order."""
+    """Distinct (kernel, signature, constexprs, hints, options, (args, kwargs) of its first launch) in first-launch
+    order."""
     seen, out = set(), []
     for kernel, args, kwargs in launches:
         sig, consts, attrs, options = signature(kernel, args, kwargs)
@@ -211,8 +216,53 @@ def variants(launches: list[tuple]) -> list[tuple]:
                tuple(sorted(options.items())))
         if key not in seen:
             seen.add(key)
-            out.append((kernel, sig, consts, attrs, options))
+            out.append((kernel, sig, consts, attrs, options, (args, kwargs)))
     return out
+
+
+class _TargetOnly:
+    """The one thing of a GPU driver that generating a kernel's Triton IR asks for: the target."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+
+def writes(kernel, args: tuple, kwargs: dict, arch: int) -> list[str]:
+    """The pointer arguments that torch's inductor takes this launch to write, from its analysis of the kernel's
+    Triton IR — what a compiled graph assumes of a kernel launched inside a `torch.library.triton_op`. An input
+    among them costs the graph a copy of that tensor at every call (it is cloned before the launch, and copied
+    back where it is a graph input); the analysis takes every pointer argument of a helper call whose results a
+    store's address depends on for written. Raises where the analysis fails (the graph then copies every tensor)."""
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    named = {}
+    for param, a in zip(kernel.params, args):
+        named[param.name] = torch.empty(2, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
+    for param in kernel.params[len(args):]:
+        if param.name in kwargs:
+            named[param.name] = kwargs[param.name]
+        elif param.default is not inspect.Parameter.empty:
+            named[param.name] = param.default
+    drivers = triton.runtime.driver
+    before = getattr(drivers, "_active", None)  # (resetting would look for a GPU driver; there may be none)
+    drivers.set_active(_TargetOnly(arch))
+    try:
+        if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12
+            written = {dep.name for dep in wrap.identify_accessed_tensors(kernel, named, {}).read_writes.writes}
+        else:
+            written = set(wrap.identify_mutated_tensors(kernel, named, {}))
+    finally:
+        drivers._active = before
+    tensors = [name for name, v in named.items() if isinstance(v, torch.Tensor)]
+    if set(tensors) <= written and len(tensors) > 1:  # also what the analysis answers when it fails
+        raise RuntimeError(f"every tensor argument taken for written: {sorted(written)}")
+    return sorted(written)
 
 
 def _label(consts: dict) -> str:
@@ -227,6 +277,9 @@ def main(argv=None) -> None:
     p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100 / H200)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--stages", default="1,2,3,4", help="which of T's stages (1 = 56×56 ... 4 = 7×7)")
+    p.add_argument("--writes", action="store_true",
+                   help="also list the arguments a compiled graph takes each variant to write (inductor's analysis of "
+                        "its Triton IR, as for a torch.library.triton_op): an input among them is copied at every call")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - {"fused", "dwconv", "norms"})
@@ -243,18 +296,24 @@ def main(argv=None) -> None:
     found = variants(capture(dry_runs(ops, DTYPES[args.dtype], stages)))
     print(f"{len(found)} kernel variants, sm_{args.arch}, {args.dtype}, T's stages {stages}\n", flush=True)
     print("| kernel | constexprs | warps | registers | spill stores / loads (bytes) | stack | shared | loads in loops "
-          "| barriers in loops |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
-    for kernel, sig, consts, attrs, options in found:
+          "| barriers in loops |" + (" written (compiled graph) |" if args.writes else ""))
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|" + ("---|" if args.writes else ""))
+    for kernel, sig, consts, attrs, options, (launch_args, launch_kwargs) in found:
+        extra = ""
+        if args.writes:
+            try:
+                extra = " " + ", ".join(writes(kernel, launch_args, launch_kwargs, args.arch)) + " |"
+            except Exception as e:  # noqa: BLE001 - report it in the row
+                extra = f" failed: {type(e).__name__}: {str(e).splitlines()[0][:80]} |"
         try:
             u = usage(kernel, sig, consts, attrs, options, args.arch)
         except Exception as e:  # noqa: BLE001 - report the variant and go on
             print(f"| {kernel.__name__} | {_label(consts)} | {options.get('num_warps', 4)} | failed: "
-                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | | |", flush=True)
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | | |{extra}", flush=True)
             continue
         print(f"| {kernel.__name__} | {_label(consts)} | {options.get('num_warps', 4)} | {u['registers']} | "
               f"{u['spill_stores']} / {u['spill_loads']} | {u['stack']} | {u['shared']} | {u['loop_loads']} | "
-              f"{u['loop_barriers']} |", flush=True)
+              f"{u['loop_barriers']} |{extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -217,10 +217,12 @@ structure_aware_ssm_fused_op.register_autograd(_fused_backward, setup_context=_f
 # kernel launches (`ahead.tracing_launches`: `torch.library.wrap_triton`), so the compiled graph launches the
 # kernels itself, with inductor's launcher, instead of calling back into this package's Python through the
 # custom-op dispatch at every step. Measured on an H100 (bf16, forward+backward of the op alone in a compiled
-# graph): the host's time per call 2.05-2.30 ms as the custom op, 1.19-1.37 ms traced; but the traced graph adds
-# four copies of a (B, L, D) tensor that the custom op does not make (+0.27 ms of GPU time at 56², B = 128), hence
-# opt-in until they are gone. Called outside a trace it runs the same launchers as the custom op (bitwise the
-# same results). Its tiles are fixed when the graph is traced (measured picks or cached timings, else the first
+# graph): the host's time per call 2.05-2.30 ms as the custom op, 1.19-1.37 ms traced; but that graph also copied
+# x and dt in the forward and the backward (+0.27 ms of GPU time at 56², B = 128): inductor took the scan kernels
+# to write them, through a helper that handed the kernels their pointers. Since changed (its analysis, run on the
+# CPU by `benchmarks/registers.py --writes`, now finds every kernel writing only its outputs), not yet measured
+# again on a GPU: opt-in until it is. Called outside a trace it runs the same launchers as the custom op (bitwise
+# the same results). Its tiles are fixed when the graph is traced (measured picks or cached timings, else the first
 # candidate: a trace has no data to time). Shapes that are symbolic in the trace (dynamic shapes) take the custom
 # op, which reads them at run time, as do fake tensors under the Triton interpreter, which launches kernels for real.
 

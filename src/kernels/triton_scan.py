@@ -81,18 +81,23 @@ def _row(v, i, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _program_channels(x_ptr, dt_ptr, A_ptr, bias_ptr, sx_b, sx_d, sdt_b, sdt_d, D, BLOCK_D: tl.constexpr):
+def _program_channels(D, BLOCK_D: tl.constexpr):
     """This program's channel block, chunk and image (grid: channel blocks, chunks, batch), its channels and
-    their mask, A and dt_bias of those channels (fp32), and the bases of x and dt for image b."""
+    their mask. No pointers pass through here: a compiled graph that launches these kernels itself
+    (`torch.library.triton_op`) decides which tensors a kernel writes by following each store's address back
+    through the kernel, and takes every pointer argument of a helper call met on the way for written."""
     pid_d = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    return pid_d, tl.program_id(1), b, offs_d, mask_d
+
+
+@triton.jit
+def _channel_values(A_ptr, bias_ptr, offs_d, mask_d):
+    """A and dt_bias of the channels offs_d, fp32."""
     A = tl.load(A_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
-    dt_base = dt_ptr + b * sdt_b + offs_d[None, :] * sdt_d
-    return pid_d, tl.program_id(1), b, offs_d, mask_d, A, bias, x_base, dt_base
+    return A, tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -105,8 +110,10 @@ def _scan_fwd_kernel(
 ):
     """One chunk of one direction's scan for (BLOCK_D channels, batch b). SUMMARY: write the chunk's total
     log-decay and end state (from zero) only; else: write (or add, ACCUMULATE) its states into h."""
-    pid_d, pid_c, b, offs_d, mask_d, A, bias, x_base, dt_base = _program_channels(
-        x_ptr, dt_ptr, A_ptr, bias_ptr, sx_b, sx_d, sdt_b, sdt_d, D, BLOCK_D)
+    pid_d, pid_c, b, offs_d, mask_d = _program_channels(D, BLOCK_D)
+    A, bias = _channel_values(A_ptr, bias_ptr, offs_d, mask_d)
+    x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
+    dt_base = dt_ptr + b * sdt_b + offs_d[None, :] * sdt_d
     h_base = h_ptr + b * L * D + offs_d[None, :]
     summaries = b * n_chunks * D + offs_d
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -158,8 +165,10 @@ def _scan_bwd_kernel(
     (B, L, D) at raster positions). Tiles are walked from the chunk's last, each loaded ascending and
     suffix-scanned (`reverse=True`). SUMMARY: write the chunk's total log-decay of the following steps and
     its g at the first step (from a zero start after the chunk) only."""
-    pid_d, pid_c, b, offs_d, mask_d, A, bias, x_base, dt_base = _program_channels(
-        x_ptr, dt_ptr, A_ptr, bias_ptr, sx_b, sx_d, sdt_b, sdt_d, D, BLOCK_D)
+    pid_d, pid_c, b, offs_d, mask_d = _program_channels(D, BLOCK_D)
+    A, bias = _channel_values(A_ptr, bias_ptr, offs_d, mask_d)
+    x_base = x_ptr + b * sx_b + offs_d[None, :] * sx_d
+    dt_base = dt_ptr + b * sdt_b + offs_d[None, :] * sdt_d
     state_base = b * L * D + offs_d[None, :]  # contiguous (B, L, D) buffers
     summaries = b * n_chunks * D + offs_d
     carry = tl.zeros([BLOCK_D], dtype=tl.float32)  # g at the first step after this chunk
