@@ -198,17 +198,21 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.dilations, ctx.H, ctx.W, ctx.scan = list(dilations), H, W, scan
 
 
-def _fused_backward(ctx, dy, _dh):
-    if dy is None:  # y did not reach the loss
-        return (None,) * 13
-    x, dt, A, B, C, D, dt_bias, weight, alpha, h = ctx.saved_tensors
-    grads = structure_aware_ssm_fused_backward(
-        dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, ctx.dilations, ctx.H, ctx.W, ctx.scan
-    )
-    return (*grads, None, None, None, None)
+def _fused_autograd(backward_op):
+    """The autograd formula of a fused op whose backward is the op `backward_op` (the custom op's or the traced
+    op's)."""
+    def backward(ctx, dy, _dh):
+        if dy is None:  # y did not reach the loss
+            return (None,) * 13
+        x, dt, A, B, C, D, dt_bias, weight, alpha, h = ctx.saved_tensors
+        grads = backward_op(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, ctx.dilations, ctx.H, ctx.W, ctx.scan)
+        return (*grads, None, None, None, None)
+
+    return backward
 
 
-structure_aware_ssm_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_ssm_fused_backward),
+                                               setup_context=_fused_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,17 +267,8 @@ def structure_aware_ssm_fused_traced_backward(
     return tuple(g.contiguous() for g in grads)
 
 
-def _fused_traced_backward(ctx, dy, _dh):
-    if dy is None:  # y did not reach the loss
-        return (None,) * 13
-    x, dt, A, B, C, D, dt_bias, weight, alpha, h = ctx.saved_tensors
-    grads = structure_aware_ssm_fused_traced_backward(
-        dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, ctx.dilations, ctx.H, ctx.W, ctx.scan
-    )
-    return (*grads, None, None, None, None)
-
-
-structure_aware_ssm_fused_traced.register_autograd(_fused_traced_backward, setup_context=_fused_setup_context)
+structure_aware_ssm_fused_traced.register_autograd(_fused_autograd(structure_aware_ssm_fused_traced_backward),
+                                                   setup_context=_fused_setup_context)
 TRACED_OP = os.environ.get("SPATIAL_MAMBA_TRACED_OP", "0") == "1"
 
 
