@@ -251,7 +251,7 @@ def _op_outputs_and_grads(op, t, dilations, H, W, scan):
 
 
 def test_traced_op_runs_the_same_kernels():
-    """The fused op as a `triton_op` (what compiled graphs launch themselves, `SPATIAL_MAMBA_TRACED_OP=1`): called
+    """The fused op as a `triton_op` (what compiled graphs on a GPU launch themselves by default): called
     outside a trace, its forward and every gradient are bitwise those of the custom op, the same kernels being
     launched in the same order (the launches go through `torch.library.wrap_triton`)."""
     from src.kernels.ops import structure_aware_ssm_fused_op, structure_aware_ssm_fused_traced
@@ -451,13 +451,15 @@ def test_traced_op_opcheck_gpu():
 
 @requires_cuda
 @pytest.mark.gpu
-def test_traced_op_in_a_compiled_graph(monkeypatch):
-    """With SPATIAL_MAMBA_TRACED_OP=1 a compiled graph launches the fused op's kernels itself: after the first
-    call the op's Python (`fused_forward`, `fused_backward`) is never entered again, and output and gradients
-    are bitwise the eager op's (the same tiles: the suite runs with SPATIAL_MAMBA_TUNE=0)."""
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "custom"])
+def test_traced_op_in_a_compiled_graph(monkeypatch, traced):
+    """A compiled graph launches the fused op's kernels itself (the default; SPATIAL_MAMBA_TRACED_OP=0 keeps the
+    custom op): after the first call the op's Python (`fused_forward`, `fused_backward`) is never entered again,
+    and output and gradients are bitwise the eager op's (the same tiles: the suite runs with SPATIAL_MAMBA_TUNE=0),
+    as they are through the custom op."""
     from src.kernels import ops
 
-    monkeypatch.setattr(ops, "TRACED_OP", True)
+    monkeypatch.setattr(ops, "TRACED_OP", traced)
     torch._dynamo.reset()
     Bsz, D, H, W = 2, 64, 28, 28
     t = make_inputs(Bsz=Bsz, D=D, H=H, W=W, K=3, dtype=torch.bfloat16)
@@ -479,11 +481,12 @@ def test_traced_op_in_a_compiled_graph(monkeypatch):
     def entered(*args, **kwargs):
         raise AssertionError("the compiled graph called back into the op's Python")
 
-    monkeypatch.setattr(ops, "fused_forward", entered)
-    monkeypatch.setattr(ops, "fused_backward", entered)
+    if traced:
+        monkeypatch.setattr(ops, "fused_forward", entered)
+        monkeypatch.setattr(ops, "fused_backward", entered)
     got = step(compiled)
     for name, a, b in zip(("y",) + NAMES, want, got):
-        assert torch.equal(a, b), f"{name} differs between the compiled traced op and the eager op"
+        assert torch.equal(a, b), f"{name} differs between the compiled op and the eager op"
 
 
 @requires_cuda

@@ -1,8 +1,8 @@
 """Public Triton-backed functions and their torch.library registration: ops `spatial_mamba::selective_scan`
 and `spatial_mamba::structure_aware_ssm_fused`, each with a fake (meta) implementation, autograd through a
 backward op of its own (so compiled backward graphs trace it too) and a FLOP formula; and, for compiled graphs
-(opt-in, SPATIAL_MAMBA_TRACED_OP=1), `spatial_mamba::structure_aware_ssm_fused_traced`, the fused op as a
-`triton_op` whose kernel launches the graph takes over.
+(CUDA tensors; SPATIAL_MAMBA_TRACED_OP=0 turns it off), `spatial_mamba::structure_aware_ssm_fused_traced`, the
+fused op as a `triton_op` whose kernel launches the graph takes over.
 
 Imports go one way: `triton_scan` (scan kernels) -> `fused` (fusion kernels) -> this module (checks, ops,
 public functions) -> the package's dispatch (`structure_aware_ssm`).
@@ -217,18 +217,20 @@ structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_s
 
 # ----------------------------------------------------------------------------------------------------
 # spatial_mamba::structure_aware_ssm_fused_traced — the fused op as a `torch.library.triton_op`, for compiled
-# graphs (opt-in: SPATIAL_MAMBA_TRACED_OP=1, `TRACED_OP`; CUDA tensors). Traced, its body becomes the graph's own
-# kernel launches (`ahead.tracing_launches`: `torch.library.wrap_triton`), so the compiled graph launches the
+# graphs (CUDA tensors; `TRACED_OP`, SPATIAL_MAMBA_TRACED_OP=0 turns it off). Traced, its body becomes the graph's
+# own kernel launches (`ahead.tracing_launches`: `torch.library.wrap_triton`), so the compiled graph launches the
 # kernels itself, with inductor's launcher, instead of calling back into this package's Python through the
-# custom-op dispatch at every step. Measured on an H100 (bf16, forward+backward of the op alone in a compiled
-# graph): the host's time per call 2.05-2.30 ms as the custom op, 1.19-1.37 ms traced; but that graph also copied
-# x and dt in the forward and the backward (+0.27 ms of GPU time at 56², B = 128): inductor took the scan kernels
-# to write them, through a helper that handed the kernels their pointers. Since changed (its analysis, run on the
-# CPU by `benchmarks/registers.py --writes`, now finds every kernel writing only its outputs), not yet measured
-# again on a GPU: opt-in until it is. Called outside a trace it runs the same launchers as the custom op (bitwise
-# the same results). Its tiles are fixed when the graph is traced (measured picks or cached timings, else the first
-# candidate: a trace has no data to time). Shapes that are symbolic in the trace (dynamic shapes) take the custom
-# op, which reads them at run time, as do fake tensors under the Triton interpreter, which launches kernels for real.
+# custom-op dispatch at every step. Measured on an H100 (bf16, B = 128): the op's forward+backward alone in a
+# compiled graph cost the host 1.49 ms a call instead of 2.94 at 7² and 1.65 instead of 2.59 at 56², with the same
+# GPU time; the whole compiled T trained at 1363 img/s instead of 1070 on the same machine (host issue
+# 64 instead of 100 ms a step), but took 244 s to compile instead of 154 (inductor analyses and compiles each
+# kernel launch it takes over). Inductor decides which tensors a launched kernel writes from the kernel's Triton
+# IR and copies any input it takes for written at every call: `benchmarks/registers.py --writes` shows its
+# verdict per kernel variant, and a test keeps it to the outputs. Called outside a trace it runs the same
+# launchers as the custom op (bitwise the same results). Its tiles are fixed when the graph is traced (measured
+# picks or cached timings, else the first candidate: a trace has no data to time). Shapes that are symbolic in the
+# trace (dynamic shapes) take the custom op, which reads them at run time, as do fake tensors under the Triton
+# interpreter, which launches kernels for real.
 
 
 def _untraceable(*values) -> bool:
@@ -269,7 +271,7 @@ def structure_aware_ssm_fused_traced_backward(
 
 structure_aware_ssm_fused_traced.register_autograd(_fused_autograd(structure_aware_ssm_fused_traced_backward),
                                                    setup_context=_fused_setup_context)
-TRACED_OP = os.environ.get("SPATIAL_MAMBA_TRACED_OP", "0") == "1"
+TRACED_OP = os.environ.get("SPATIAL_MAMBA_TRACED_OP", "1") != "0"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,8 +358,8 @@ def structure_aware_ssm_fused(
     dtype. Shapes as in `reference.structure_aware_ssm_ref`, checks as in `check_inputs`."""
     check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, fused=True)
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        # traced (torch.compile, export) or under a dispatch mode (fake tensors, FlopCounterMode): the op (with
-        # SPATIAL_MAMBA_TRACED_OP=1 on a GPU its triton_op, whose kernels a compiled graph launches itself)
+        # traced (torch.compile, export) or under a dispatch mode (fake tensors, FlopCounterMode): the op (on a GPU
+        # its triton_op, whose kernels a compiled graph launches itself, unless SPATIAL_MAMBA_TRACED_OP=0)
         op = structure_aware_ssm_fused_traced if TRACED_OP and x.is_cuda else structure_aware_ssm_fused_op
         return op(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan)[0]
     return _FusedEager.apply(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan)
