@@ -413,3 +413,115 @@ def test_cdiv_is_the_ceiling_of_the_quotient():
     for a in (0, 1, 15, 16, 17, 3136, 2**40 + 3):
         for b in (1, 2, 16, 128, 1000):
             assert ahead.cdiv(a, b) == (a + b - 1) // b
+
+
+# ----------------------------------------------------------------------------------------------------
+# inductor's analysis of which tensors a launched kernel writes, kept once per variant of the package's kernels
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """torch's analysis functions replaced by counters (each call answers a fresh object), then memoised."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    calls = []
+
+    def fake(kernel, kwargs, tma_descriptor_metadata):
+        calls.append(kernel)
+        return {"written": sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))}
+
+    names = [n for n in ahead._ANALYSES if hasattr(wrap, n)]
+    assert names, "this torch has neither of the analysis functions the memo wraps"
+    for name in names:
+        monkeypatch.setattr(wrap, name, fake)
+    ahead.memoize_write_analysis()
+    ahead.memoize_write_analysis()  # idempotent: wrapped once
+    return getattr(wrap, names[0]), calls
+
+
+def test_write_analysis_runs_once_per_variant_of_the_packages_kernels(analyses):
+    import triton
+    from types import SimpleNamespace
+
+    from src.kernels import fused
+
+    analyse, calls = analyses
+    kernel = fused._mix_weights_kernel
+    x16, x32 = torch.empty(2, dtype=torch.bfloat16), torch.empty(2)
+    first = analyse(kernel, {"w_ptr": x16, "D": 128, "BLOCK_D": 256}, {})
+    again = analyse(kernel, {"w_ptr": torch.empty(8, dtype=torch.bfloat16), "D": 128, "BLOCK_D": 256}, {})
+    assert len(calls) == 1 and again == first and again is not first  # callers get their own copy
+    analyse(kernel, {"w_ptr": x32, "D": 128, "BLOCK_D": 256}, {})  # another dtype
+    analyse(kernel, {"w_ptr": x16, "D": 64, "BLOCK_D": 256}, {})  # another integer argument
+    assert len(calls) == 3
+    # a launch with options reaches the analysis as a new one-config Autotuner each time: one key
+    for _ in range(2):
+        tuner = SimpleNamespace(fn=kernel, configs=[SimpleNamespace(kwargs={"BLOCK_D": 128})])
+        analyse(tuner, {"w_ptr": x16, "D": 128, "num_warps": 4}, {})
+    assert len(calls) == 4
+
+    @triton.jit
+    def foreign_kernel(p):
+        pass
+
+    analyse(foreign_kernel, {"p": x16}, {})
+    analyse(foreign_kernel, {"p": x16}, {})
+    sym = object()  # an argument the key does not cover (say a symbolic size): torch's analysis every time
+    analyse(kernel, {"w_ptr": x16, "D": sym, "BLOCK_D": 256}, {})
+    analyse(kernel, {"w_ptr": x16, "D": sym, "BLOCK_D": 256}, {})
+    assert len(calls) == 8
+
+
+def test_a_traced_op_is_analysed_once_per_variant_in_a_trace():
+    """The real analysis (Triton IR of the kernels for sm_90, on the CPU, no interpreter) in AOT traces of the
+    traced op's forward and backward, twice as a graph of two blocks would: the second trace analyses nothing,
+    and each launch is still taken to write only its outputs (the graph clones nothing else)."""
+    script = r'''
+import collections, sys
+import torch, triton
+sys.path.insert(0, "benchmarks")
+import registers
+triton.runtime.driver.set_active(registers._TargetOnly(90))
+from src.kernels import fused, ops, triton_scan
+triton_scan._num_sms = fused._num_sms = lambda device: 132
+from torch._functorch.aot_autograd import aot_export_joint_simple
+from torch._higher_order_ops import triton_kernel_wrap as wrap
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+name = next(n for n in ("identify_accessed_tensors", "identify_mutated_tensors") if hasattr(wrap, n))
+real, count = getattr(wrap, name), collections.Counter()
+def counted(kernel, *args, **kwargs):
+    count[0] += 1
+    return real(kernel, *args, **kwargs)
+setattr(wrap, name, counted)
+B, D, H, W = 2, 32, 6, 7
+bf = torch.bfloat16
+x, dt, dy, h = (torch.randn(B, H * W, D, dtype=bf) for _ in range(4))
+A, Dv, bias = -torch.rand(D, 1), torch.randn(D), torch.randn(D)
+Bm, C = (torch.randn(B, H * W, 1, dtype=bf) for _ in range(2))
+w, al = torch.randn(3, D, 3, 3), torch.randn(3)
+fwd = lambda *a: ops.structure_aware_ssm_fused_traced(*a, [1, 3, 5], H, W, "row")
+bwd = lambda *a: ops.structure_aware_ssm_fused_traced_backward(*a, [1, 3, 5], H, W, "row")
+for block in range(2):
+    for fn, args in ((fwd, (x, dt, A, Bm, C, Dv, bias, w, al)), (bwd, (dy, x, dt, A, Bm, C, Dv, bias, w, al, h))):
+        g = aot_export_joint_simple(fn, args, trace_joint=False)
+        for node in g.graph.nodes:
+            if "triton_kernel_wrapper" in str(node.target):
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                kernel = getattr(kernel, "fn", kernel)
+                print("clones", getattr(kernel, "__name__", None) or kernel.fn.__name__,
+                      " ".join(node.kwargs.get("tensors_to_clone") or []))
+    print("analyses", count[0])
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("analyses")]
+    assert len(counts) == 2 and counts[0] > 0 and counts[1] == counts[0], out.stdout
+    from tests.test_registers import _OUTPUTS
+
+    clones = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("clones")]
+    assert {kernel for kernel, *_ in clones} >= {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel",
+                                                   "_fusion_bwd_state_kernel"}, out.stdout
+    for kernel, *cloned in clones:
+        assert set(cloned) <= _OUTPUTS[kernel], f"{kernel}: the graph clones {cloned}"

@@ -25,7 +25,8 @@ again through its compiled launcher directly, without Triton's per-call bookkeep
 Off in the Triton interpreter and without CUDA; `SPATIAL_MAMBA_COMPILE_AHEAD=0` turns it off
 (`SPATIAL_MAMBA_FAST_LAUNCH=0` the direct launches). Inside `tracing_launches()` (the body of a `triton_op`) a
 launch is `torch.library.wrap_triton(kernel)[grid](...)` instead and no plan runs: a compiled graph then
-launches (and compiles) those kernels itself.
+launches (and compiles) those kernels itself; torch's analysis of which tensors such a launch writes is then kept
+once per kernel variant (`memoize_write_analysis`, below).
 """
 
 from __future__ import annotations
@@ -70,12 +71,91 @@ class tracing_launches:
     The body of a `triton_op` runs in it."""
 
     def __enter__(self):
+        memoize_write_analysis()
         self._outer = traced()
         _local.traced = True
         return self
 
     def __exit__(self, *exc):
         _local.traced = self._outer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which tensors a launched kernel writes: inductor's analysis, once per kernel variant
+#
+# A compiled graph that launches a kernel itself (`torch.library.wrap_triton`) must know which of its tensors the
+# kernel writes: torch builds the kernel's Triton IR (the Triton front end, 0.01-0.6 s for this package's kernels
+# on a 2-core CPU) and follows every store's address back to the arguments. It does so at every launch of the
+# graph, and more than once per launch (functionalization, inductor's IR node, its graph lowering): the fused op's
+# forward+backward launches analysed twice each in an AOT trace alone, 2.4 s on that CPU, for each of T's 18
+# blocks, though the blocks of a stage launch the same variants. The answer depends only on the kernel, its
+# constexprs and integer arguments, which arguments are tensors and their dtypes, so for this package's kernels
+# it is kept per such key (names of arguments, no tensors, are what it holds). Other kernels, and any launch
+# whose arguments are not plain tensors, IR tensors or scalars (symbolic sizes), go to torch's analysis as before.
+
+_PACKAGE = __name__.rpartition(".")[0]
+_ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")  # torch >= 2.12, torch 2.11
+
+
+def _ours(kernel) -> bool:
+    module = getattr(getattr(kernel, "fn", None), "__module__", None) or ""
+    return module == _PACKAGE or module.startswith(_PACKAGE + ".")
+
+
+def _analysis_key(kernel, kwargs: dict, tma) -> tuple | None:
+    """The memo's key for one analysis, or None where an argument is of a kind the key does not cover. torch hands
+    a launch with options (num_warps, num_stages) over as a new one-config `Autotuner` each time, which it analyses
+    as its jit function with the config's arguments: so is it keyed."""
+    configs = getattr(kernel, "configs", None)
+    if configs is not None and hasattr(kernel, "fn"):
+        kwargs = {**kwargs, **(configs[0].kwargs if configs else {})}
+        kernel = kernel.fn
+    if not _ours(kernel):
+        return None
+    parts = []
+    for name, v in sorted(kwargs.items()):
+        if isinstance(v, torch.Tensor):
+            parts.append((name, "tensor", v.dtype))
+        elif type(v).__name__ == "TensorBox":  # inductor's IR tensors
+            parts.append((name, "TensorBox", v.get_dtype()))
+        elif v is None or isinstance(v, (bool, int, float, str, torch.dtype)):
+            parts.append((name, type(v).__name__, v))
+        else:
+            return None
+    return (kernel, tuple(parts), repr(sorted(dict(tma or {}).items(), key=repr)))
+
+
+def memoize_write_analysis() -> None:
+    """Keep torch's analysis of which tensors a launched kernel writes once per variant of this package's kernels
+    (see above). Idempotent; where this torch has neither analysis function, it does nothing."""
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as wrap
+    except ImportError:
+        return
+    for name in _ANALYSES:
+        analyse = getattr(wrap, name, None)
+        if analyse is None or getattr(analyse, "_spatial_mamba_memo", False):
+            continue
+        setattr(wrap, name, _memoized(analyse))
+
+
+def _memoized(analyse):
+    import copy
+    import functools
+
+    known: dict = {}
+
+    @functools.wraps(analyse)
+    def memo(kernel, kwargs, tma_descriptor_metadata, *args, **kw):
+        key = None if args or kw else _analysis_key(kernel, kwargs, tma_descriptor_metadata)
+        if key is None:
+            return analyse(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+        if key not in known:
+            known[key] = analyse(kernel, kwargs, tma_descriptor_metadata)
+        return copy.deepcopy(known[key])  # callers get their own sets, as from the analysis itself
+
+    memo._spatial_mamba_memo = True
+    return memo
 
 
 def real_device(device: torch.device) -> torch.device:
