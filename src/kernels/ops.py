@@ -222,10 +222,10 @@ structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_s
 # with inductor's launcher, instead of calling back into this package's Python through the custom-op dispatch at every
 # step. Measured on an H100 (bf16, B = 128): the op's forward+backward alone in a compiled graph cost the host 1.49 ms
 # a call instead of 2.94 at 7² and 1.65 instead of 2.59 at 56², with the same GPU time; the whole compiled T trained
-# at 1363 img/s instead of 1070 on the same machine (host issue 64 instead of 100 ms a step), but took 244 s to
-# compile instead of 154 (inductor analyses and compiles each kernel launch it takes over; the analysis is since kept
-# once per kernel variant, `ahead.memoize_write_analysis`: an AOT trace of the op's forward+backward on a 2-core CPU
-# 2.3 s a block before, 1.3 s for a stage's first block and 0.09 s for the next ones after; not yet measured on a
+# at 1363 img/s instead of 1070 on the same machine (the host issuing a step in 64 instead of 100 ms), but took 244 s
+# to compile instead of 154 (inductor analyses and compiles each kernel launch it takes over; the analysis is since
+# kept once per kernel variant, `ahead.memoize_write_analysis`: an AOT trace of the op's forward+backward on a 2-core
+# CPU 2.3 s a block before, 1.3 s for a stage's first block and 0.09 s for the next ones after; not yet measured on a
 # GPU). Inductor decides which tensors a launched kernel writes from the kernel's Triton IR and copies any input it
 # takes for written at every call: `benchmarks/registers.py --writes` shows its verdict per kernel variant, and a test
 # keeps it to the outputs. Called outside a trace it runs the same launchers as the custom op (bitwise the same
