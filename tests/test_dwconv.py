@@ -132,9 +132,12 @@ def test_images_beyond_32_bit_offsets_take_the_plain_path(monkeypatch):
     assert torch.equal(depthwise_conv(x, conv, residual=True), x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-def test_traced_code_uses_the_plain_ops():
-    """Under torch.compile (dynamo, eager backend here) the kernels are not traced: the graph holds the module's
-    convolution, which inductor handles itself."""
+@pytest.mark.parametrize("traced_convs", [False, True], ids=["default", "traced-on"])
+def test_traced_code_uses_the_plain_ops(monkeypatch, traced_convs):
+    """Under torch.compile (dynamo, eager backend here) the kernels are not traced by default: the graph holds the
+    module's convolution, which inductor handles itself. Opted in (`TRACED_CONVS`), only CUDA tensors take the
+    traced op: on the CPU the graph is the same."""
+    monkeypatch.setattr(dwconv, "TRACED_CONVS", traced_convs)
     conv = make_conv(8)
     x = torch.randn(2, 5, 5, 8, device=DEVICE)
     graphs = []
@@ -147,6 +150,68 @@ def test_traced_code_uses_the_plain_ops():
     got = fn(x)
     assert graphs and not any("DepthwiseConv" in str(n.target) for n in graphs[0].graph.nodes)
     torch.testing.assert_close(got, x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+def _traced_and_eager(x, conv, silu, residual, dy):
+    """(output, dx, dweight, dbias) through the traced op (`depthwise_conv_traced`) and through `_DepthwiseConv`."""
+    runs = []
+    for traced in (True, False):
+        xi = x.detach().clone().requires_grad_()
+        params = [p for p in (conv.weight, conv.bias) if p is not None]
+        if traced:
+            y = dwconv.depthwise_conv_traced(xi, conv.weight, conv.bias, silu, residual)[0]
+        else:
+            y = dwconv._DepthwiseConv.apply(xi, conv.weight, conv.bias, silu, residual)
+        runs.append([y, *torch.autograd.grad(y, [xi, *params], dy)])
+    return runs
+
+
+@pytest.mark.parametrize("silu,residual,bias", [(False, True, True), (True, False, True), (True, False, False),
+                                                (False, False, False)])
+def test_traced_op_outside_a_trace_is_the_eager_kernels(silu, residual, bias):
+    """The convolution as a `triton_op` (what a compiled graph launches itself, opt-in): called outside a trace,
+    output and every gradient bitwise those of the eager autograd Function (the same launchers)."""
+    conv = make_conv(16, bias=bias)
+    x = torch.randn(2, 5, 7, 16, device=DEVICE)
+    dy = torch.randn(2, 5, 7, 16, device=DEVICE)
+    traced, eager = _traced_and_eager(x, conv, silu, residual, dy)
+    assert len(traced) == len(eager) == 3 + bias
+    for a, b in zip(traced, eager):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("silu,residual,bias", [(False, True, True), (True, False, True), (True, False, False),
+                                                (False, False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traced_ops_plain_path_matches_the_kernels(silu, residual, bias, dtype):
+    """What the traced op computes where its kernels cannot be traced (symbolic sizes, the interpreter's fake
+    tensors): PyTorch's convolution and its backward, against the kernels' launchers, every output."""
+    conv = make_conv(16, bias=bias)
+    x = torch.randn(2, 5, 7, 16, device=DEVICE, dtype=dtype)
+    dy = torch.randn(2, 5, 7, 16, device=DEVICE, dtype=dtype)
+    y, pre = dwconv._forward(x, conv.weight, conv.bias, silu, residual)
+    want = [y, *dwconv._backward(dy, x, pre, conv.weight, conv.bias, residual)]
+    py, ppre = dwconv._plain_forward(x, conv.weight, conv.bias, silu, residual)
+    got = [py, *dwconv._plain_backward(dy, x, ppre, conv.weight, conv.bias, silu, residual)]
+    if silu:
+        torch.testing.assert_close(ppre, pre, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+    for name, g, w in zip(("y", "dx", "dweight", "dbias"), got, want):
+        if w is None:
+            assert g.numel() == 0, name
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous(), name
+        assert rel_err(g, w.double()) < (1e-6 if dtype == torch.float32 else TOL[dtype]), name
+
+
+@pytest.mark.parametrize("silu,bias", [(True, True), (False, False)])
+def test_traced_op_opcheck(silu, bias):
+    """Schema, autograd registration, fake tensors and AOT dispatch (static and dynamic shapes) of the traced op;
+    under the interpreter its fake tensors get empty outputs of the right shapes."""
+    conv = make_conv(8, bias=bias)
+    x = torch.randn(2, 4, 5, 8, device=DEVICE, requires_grad=True)
+    args = (x, conv.weight.detach().clone().requires_grad_(),
+            None if conv.bias is None else conv.bias.detach().clone().requires_grad_(), silu, not silu)
+    torch.library.opcheck(torch.ops.spatial_mamba.depthwise_conv_traced.default, args)
 
 
 def test_model_with_kernel_convs_matches_nn_conv2d(monkeypatch):
@@ -209,3 +274,39 @@ def test_gpu_autocast_output_dtype_and_determinism():
         assert torch.equal(a, b)
     ref = dwconv_ref(x.detach().bfloat16().double(), conv.weight.double(), conv.bias.double(), silu=True)
     assert rel_err(runs[0][0], ref) < TOL[torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_traced_op_in_a_compiled_graph(monkeypatch):
+    """Opted in (`TRACED_CONVS`), a compiled graph launches the convolution's kernels itself: after the first call
+    the launchers' Python is never entered again, and output and gradients are bitwise the eager kernels' (the
+    same tiles: the suite runs with SPATIAL_MAMBA_TUNE=0), for the SiLU and the residual, under autocast."""
+    monkeypatch.setattr(dwconv, "TRACED_CONVS", True)
+    torch._dynamo.reset()
+    convs = [make_conv(64, device="cuda") for _ in range(2)]
+    x = torch.randn(4, 14, 14, 64, device="cuda")
+    dy = torch.randn(4, 14, 14, 64, device="cuda", dtype=torch.bfloat16)
+
+    def block(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return depthwise_conv(depthwise_conv(x, convs[0], silu=True), convs[1], residual=True)
+
+    def step(fn):
+        xi = x.detach().clone().requires_grad_()
+        params = [p for c in convs for p in (c.weight, c.bias)]
+        y = fn(xi)
+        return [y, *torch.autograd.grad(y, [xi, *params], dy)]
+
+    compiled = torch.compile(block, fullgraph=True)
+    want = step(block)
+    step(compiled)  # traced and compiled here
+
+    def entered(*args, **kwargs):
+        raise AssertionError("the compiled graph called back into the launchers' Python")
+
+    monkeypatch.setattr(dwconv, "_forward", entered)
+    monkeypatch.setattr(dwconv, "_backward", entered)
+    got = step(compiled)
+    for i, (a, b) in enumerate(zip(want, got)):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"output {i} differs between the compiled and eager kernels"

@@ -34,12 +34,15 @@ compares both directions with it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import ahead, plain_depthwise_conv
@@ -286,8 +289,12 @@ def _backward(dy: Tensor, x: Tensor, pre: Tensor | None, weight: Tensor, bias: T
     part = out["part"]
     dweight = torch.empty_like(weight)
     dbias = None if bias is None else torch.empty_like(bias)
+    # without a bias its slot is never written (the grid has no bias column), but a compiled graph that launches
+    # the kernel itself takes it for written, and one tensor passed twice as written would be cloned twice: traced,
+    # a spare tensor fills it
+    spare = dweight if dbias is not None or not ahead.traced() else dweight.new_empty(C)
     launch(_dwconv_param_kernel, (cdiv(C, 32), ntap + (bias is not None)),
-           part, dweight, dweight if dbias is None else dbias, part.shape[0], C,
+           part, dweight, spare if dbias is None else dbias, part.shape[0], C,
            NTAP=ntap, BLOCK_R=32, BLOCK_C=32)
     return dx, dweight, dbias
 
@@ -316,10 +323,97 @@ class _DepthwiseConv(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
-def kernel_fits(x: Tensor, conv: nn.Conv2d) -> bool:
-    """Whether the kernels compute `conv` on x (B, H, W, C): a depthwise, square, odd, stride-1, dilation-1
-    convolution zero-padded to the same size, on CUDA (or the Triton interpreter), eager and not under a dispatch
-    mode, with parameters of a kernel dtype, and one image's elements addressable with 32-bit offsets."""
+# ----------------------------------------------------------------------------------------------------
+# spatial_mamba::depthwise_conv_traced — the convolution as a `torch.library.triton_op`, for compiled graphs on a GPU
+# (experimental, opt-in: SPATIAL_MAMBA_TRACED_CONVS=1, `TRACED_CONVS`, with the backbone's `fused_convs`). Traced,
+# its body becomes the graph's own launches of the kernels above (`ahead.tracing_launches`), as the fused SSM op's
+# does (`ops.structure_aware_ssm_fused_traced`), instead of cuDNN's depthwise kernels with inductor's add or SiLU
+# around them. Not yet measured on a GPU: opt-in until it is. Called outside a trace it runs the eager launchers.
+# Tiles are fixed when the graph is traced (measured picks or cached timings, else the first candidate); shapes
+# symbolic in the trace take the plain module (`traced_fits`). Where the op itself meets symbolic sizes, or fake
+# tensors under the Triton interpreter (which would launch the kernels on them for real), its body computes the
+# same thing with PyTorch's convolution and its backward instead (`_plain_forward`, `_plain_backward`; fp32, rounded
+# once at the end as the kernels round).
+
+TRACED_CONVS = os.environ.get("SPATIAL_MAMBA_TRACED_CONVS", "0") == "1"
+
+
+def _untraceable(*tensors) -> bool:
+    """Whether the traced op's body must take the plain ops: symbolic sizes or strides, or (CPU interpreter) fake
+    tensors."""
+    tensors = [t for t in tensors if t is not None]
+    if triton_interpreted() and any(is_fake(t) for t in tensors):
+        return True
+    return any(isinstance(s, torch.SymInt) for t in tensors for s in (*t.shape, *t.stride()))
+
+
+def _plain_forward(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, residual: bool):
+    """(y, pre or an empty tensor) as `_forward` computes them, with PyTorch's convolution in fp32."""
+    ks = weight.shape[-1]
+    acc = F.conv2d(x.float().permute(0, 3, 1, 2), weight.float(), None if bias is None else bias.float(),
+                   padding=ks // 2, groups=x.shape[-1]).permute(0, 2, 3, 1)
+    out = F.silu(acc) if silu else acc
+    out = out + x.float() if residual else out
+    pre = acc.to(x.dtype).contiguous() if silu else x.new_empty(0)
+    return out.to(x.dtype).contiguous(), pre
+
+
+def _plain_backward(dy: Tensor, x: Tensor, pre: Tensor, weight: Tensor, bias: Tensor | None, silu: bool,
+                    residual: bool):
+    """(dx, dweight, dbias or an empty tensor) as `_backward` computes them, with PyTorch's convolution backward
+    in fp32."""
+    ks, C = weight.shape[-1], x.shape[-1]
+    gp = dy.float()
+    if silu:
+        s = torch.sigmoid(pre.float())
+        gp = (gp * (s * (1 + pre.float() * (1 - s)))).to(dy.dtype).float()  # written in dy's dtype, as the kernel
+    dx, dweight, dbias = torch.ops.aten.convolution_backward(
+        gp.permute(0, 3, 1, 2), x.float().permute(0, 3, 1, 2), weight.float(), None if bias is None else [C],
+        [1, 1], [ks // 2, ks // 2], [1, 1], False, [0, 0], C, [True, True, bias is not None])
+    dx = dx.permute(0, 2, 3, 1) + dy.float() if residual else dx.permute(0, 2, 3, 1)
+    dbias = weight.new_empty(0) if bias is None else dbias.to(bias.dtype)
+    return dx.to(x.dtype).contiguous(), dweight.to(weight.dtype).contiguous(), dbias
+
+
+@torch.library.triton_op("spatial_mamba::depthwise_conv_traced", mutates_args=())
+def depthwise_conv_traced(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool,
+                          residual: bool) -> tuple[Tensor, Tensor]:
+    """(y, pre): `_DepthwiseConv`'s forward; pre is the SiLU's input with `silu`, else an empty tensor."""
+    if _untraceable(x, weight, bias):
+        return _plain_forward(x, weight, bias, silu, residual)
+    with ahead.tracing_launches():
+        y, pre = _forward(x, weight, bias, silu, residual)
+    return y, x.new_empty(0) if pre is None else pre
+
+
+@torch.library.triton_op("spatial_mamba::depthwise_conv_traced_backward", mutates_args=())
+def depthwise_conv_traced_backward(dy: Tensor, x: Tensor, pre: Tensor, weight: Tensor, bias: Tensor | None,
+                                   silu: bool, residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias): `_DepthwiseConv`'s backward; dbias is an empty tensor without a bias."""
+    if _untraceable(dy, x, pre, weight, bias):
+        return _plain_backward(dy, x, pre, weight, bias, silu, residual)
+    with ahead.tracing_launches():
+        dx, dweight, dbias = _backward(dy, x, pre if silu else None, weight, bias, residual)
+    return dx, dweight, weight.new_empty(0) if dbias is None else dbias
+
+
+def _traced_setup_context(ctx, inputs, output):
+    x, weight, bias, silu, residual = inputs
+    ctx.save_for_backward(x, output[1], weight, bias)
+    ctx.silu, ctx.residual = silu, residual
+
+
+def _traced_autograd(ctx, dy, dpre):
+    x, pre, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = depthwise_conv_traced_backward(dy, x, pre, weight, bias, ctx.silu, ctx.residual)
+    return dx, dweight, None if bias is None else dbias, None, None
+
+
+depthwise_conv_traced.register_autograd(_traced_autograd, setup_context=_traced_setup_context)
+
+
+def _fits(x: Tensor, conv: nn.Conv2d) -> bool:
+    """The convolution and x are of a kind the kernels compute (see `kernel_fits`), wherever it is called."""
     w = conv.weight
     C = x.shape[-1] if x.ndim == 4 else -1
     ks = w.shape[-1]
@@ -328,20 +422,37 @@ def kernel_fits(x: Tensor, conv: nn.Conv2d) -> bool:
             and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
             and tuple(conv.padding) == (ks // 2, ks // 2) and conv.padding_mode == "zeros"
             and w.dtype in KERNEL_DTYPES and (conv.bias is None or conv.bias.dtype == w.dtype)
-            and w.device == x.device and max(x.stride(0), x.shape[1] * x.shape[2] * C) <= MAX_IMAGE_EXTENT
-            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
+            and w.device == x.device and max(x.stride(0), x.shape[1] * x.shape[2] * C) <= MAX_IMAGE_EXTENT)
+
+
+def kernel_fits(x: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the kernels compute `conv` on x (B, H, W, C) eagerly: a depthwise, square, odd, stride-1,
+    dilation-1 convolution zero-padded to the same size, on CUDA (or the Triton interpreter), eager and not under a
+    dispatch mode, with parameters of a kernel dtype, and one image's elements addressable with 32-bit offsets."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None and _fits(x, conv)
+
+
+def traced_fits(x: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether a compiled graph launches the kernels itself for `conv` on x (`depthwise_conv_traced`): opt-in
+    (`TRACED_CONVS`), while torch.compile traces, CUDA, static sizes and strides, and a convolution as for
+    `kernel_fits`."""
+    return (TRACED_CONVS and torch.compiler.is_compiling() and x.is_cuda
+            and not any(isinstance(s, torch.SymInt) for s in (*x.shape, *x.stride(), *conv.weight.shape))
+            and _fits(x, conv))
 
 
 def depthwise_conv(x: Tensor, conv: nn.Conv2d, residual: bool = False, silu: bool = False,
                    kernel: bool = True) -> Tensor:
     """`conv` on channels-last activations x (B, H, W, C), then SiLU (`silu`) and/or plus x (`residual`).
 
-    With `kernel` the Triton kernels run where they fit (`kernel_fits`): x of a kernel dtype, read in place if its
+    With `kernel` the Triton kernels run where they fit (`kernel_fits`; in a compiled graph, opt-in, `traced_fits`:
+    the graph then launches them itself): x of a kernel dtype, read in place if its
     channels have unit stride (else copied). Under autocast x is cast to autocast's dtype, the output is in it
     (as autocast's convolution would give), the weights are read in their own dtype and accumulated in fp32; with
     the residual and an x wider than autocast's dtype (whose plain sum stays in x's dtype) the plain path runs.
     Anywhere else (or with `kernel=False`) it is the plain module on a permuted view: the reference behaviour."""
-    if not (kernel and kernel_fits(x, conv)):
+    traced = kernel and traced_fits(x, conv)
+    if not (traced or (kernel and kernel_fits(x, conv))):
         return plain_depthwise_conv(x, conv, residual, silu)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -353,7 +464,10 @@ def depthwise_conv(x: Tensor, conv: nn.Conv2d, residual: bool = False, silu: boo
     if x.stride(-1) != 1:
         x = x.contiguous()
     weight = conv.weight if conv.weight.is_contiguous() else conv.weight.contiguous()
+    if traced:
+        return depthwise_conv_traced(x, weight, conv.bias, silu, residual)[0]
     return _DepthwiseConv.apply(x, weight, conv.bias, silu, residual)
 
 
-__all__ = ["KERNEL_DTYPES", "MAX_IMAGE_EXTENT", "depthwise_conv", "dwconv_ref", "kernel_fits"]
+__all__ = ["KERNEL_DTYPES", "MAX_IMAGE_EXTENT", "depthwise_conv", "depthwise_conv_traced", "dwconv_ref", "kernel_fits",
+           "traced_fits"]
