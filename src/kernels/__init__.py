@@ -104,8 +104,8 @@ def depthwise_conv(x: torch.Tensor, conv: torch.nn.Conv2d, residual: bool = Fals
                    backend: str = "torch") -> torch.Tensor:
     """`conv` on channels-last activations x (B, H, W, C), then `silu` and/or plus x (`residual`). With backend
     `fused` (or `auto` on CUDA), on CUDA or under the Triton interpreter, the Triton kernels of `dwconv.py`
-    compute it where they fit (eager, and opt-in in compiled graphs: see there); otherwise the plain module on a permuted view. Never
-    raises where `conv` would not."""
+    compute it where they fit (eager, and opt-in in compiled graphs: see there); otherwise the plain module on a
+    permuted view. Never raises where `conv` would not."""
     if _kernels_run(backend, x):
         from .dwconv import depthwise_conv as kernel_depthwise_conv  # imports Triton: only when it runs
 
