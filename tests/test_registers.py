@@ -111,12 +111,12 @@ _OUTPUTS = {
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_ptxas(), reason="Triton's CUDA backend (ptxas) is not installed")
 def test_every_fused_op_variant_compiles_for_hopper():
-    """Every kernel variant of the fused op and the depthwise convolutions at T's last stage (every tile
-    candidate) compiles for sm_90 on the CPU: a kernel the interpreter runs can still fail Triton's compiler, which
-    the other CPU tests would first meet on a GPU. (With the installed Triton: the GPU machine's older one can
-    refuse more — a jit function's tuple default argument, which Triton 3.8 compiles and 3.6 does not.) And a
-    compiled graph that launches them itself (the traced ops) takes each to write only its outputs: an input taken for written is copied at every
-    call (x and dt once were, through a helper that handed the scan kernels their pointers)."""
+    """Every kernel variant of the fused op and the depthwise convolutions at T's last stage (every tile candidate)
+    compiles for sm_90 on the CPU: a kernel the interpreter runs can still fail Triton's compiler, which the other
+    CPU tests would first meet on a GPU. (With the installed Triton: the GPU machine's older one can refuse more — a
+    jit function's tuple default argument, which Triton 3.8 compiles and 3.6 does not.) And a compiled graph that
+    launches them itself (the traced ops) takes each to write only its outputs: an input taken for written is copied
+    at every call (x and dt once were, through a helper that handed the scan kernels their pointers)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "registers.py"), "--ops", "fused,dwconv",
                           "--stages", "4", "--writes"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
