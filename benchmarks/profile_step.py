@@ -2,7 +2,8 @@
 the device time per kind of kernel (this project's SSM kernels, inductor's generated kernels, convolutions,
 matrix products, normalisations, other PyTorch kernels) and the top kernels, then the wall time of a step
 measured without the profiler: a wall time well above the kernels' sum means the GPU waits for the host
-(launch-bound or synchronising).
+(launch-bound or synchronising). Compiled, it first prints the first step's time and torch's own timers of the
+compile's phases (tracing, AOT autograd, inductor's lowering and code generation, kernel compiles).
 
     python benchmarks/profile_step.py --model t --backend fused --compile --batch 128
     python benchmarks/profile_step.py --compile --regional --cudagraphs    # as compile_regional + compile_cudagraphs
@@ -36,7 +37,8 @@ FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
 KINDS = (
     ("SSM op (this project's kernels)", ("_scan_fwd_kernel", "_scan_bwd_kernel", "_fusion_fwd_kernel",
                                          "_fusion_bwd_state_kernel", "_fusion_bwd_param_kernel",
-                                         "_weight_grad_kernel", "_mix_weights_kernel")),
+                                         "_weight_grad_kernel", "_mix_weights_kernel", "_fusion_edge_kernel",
+                                         "_column_sums_kernel")),
     ("LayerNorm (this project's kernels)", ("_ln_fwd_kernel", "_ln_bwd_kernel")),
     ("depthwise conv (this project's kernels)", ("_dwconv_",)),
     ("drop path (this project's kernels)", ("_drop_path_",)),
@@ -113,9 +115,20 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(5):
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(4):
         step()
     torch.cuda.synchronize()
+    if args.compile:
+        # the first step's tracing and compiling by phase (torch's own timers; nested phases overlap)
+        names, times = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+        phases = sorted(((float(t), n) for n, t in zip(names, times)), reverse=True)[:args.top]
+        print(f"first step {first:.1f} s; its longest compile phases (s, summed over graphs):")
+        for t, name in phases:
+            print(f"{t:9.2f}  {name}")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
