@@ -451,6 +451,43 @@ def test_traced_op_opcheck_gpu():
 
 @requires_cuda
 @pytest.mark.gpu
+def test_traced_op_times_its_tiles_before_the_trace(monkeypatch, tmp_path, recwarn):
+    """fp32, where no tile is a measured pick: compiling the traced op first times every tile on scratch tensors
+    (`tuning.tune_for_trace`, inside the trace), so the graph launches the tiles an eager call then finds — and the
+    compiled op gives the eager op's bits."""
+    from src.kernels import ops, tuning
+
+    monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "auto")
+    monkeypatch.setenv("SPATIAL_MAMBA_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    monkeypatch.setattr(tuning, "_TRACE_TUNED", set())
+    monkeypatch.setattr(ops, "TRACED_OP", True)
+    torch._dynamo.reset()
+    Bsz, D, H, W = 2, 64, 20, 24
+    t = make_inputs(Bsz=Bsz, D=D, H=H, W=W, K=3, dtype=torch.float32)
+    dy = torch.randn(Bsz, H * W, D, device=DEVICE)
+
+    def step(fn):
+        tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+        y = fn(*(tk[n] for n in NAMES))
+        y.backward(dy)
+        return [y.detach()] + [tk[n].grad for n in NAMES]
+
+    def op(*args):
+        return structure_aware_ssm_fused(*args, [1, 3, 5], H, W, "row")
+
+    got = step(torch.compile(op, fullgraph=True))  # traced first: the tiles are timed there
+    timed = {name for name, key, device in tuning._TUNED}
+    assert len(tuning._TRACE_TUNED) == 2, "the forward's and the backward's launchers ran once each"
+    assert timed, "no tile was timed"
+    assert not [w for w in recwarn if "not timed for a compiled graph" in str(w.message)]
+    want = step(op)
+    for name, a, b in zip(("y",) + NAMES, want, got):
+        assert torch.equal(a, b), f"{name} differs between the compiled traced op and the eager op"
+
+
+@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("traced", [True, False], ids=["traced", "custom"])
 def test_traced_op_in_a_compiled_graph(monkeypatch, traced):
     """A compiled graph launches the fused op's kernels itself (the default; SPATIAL_MAMBA_TRACED_OP=0 keeps the

@@ -149,3 +149,65 @@ def test_every_measured_pick_is_a_candidate_tile():
             for _, picks in rows:
                 for cfg in picks if isinstance(picks[0], tuple) else (picks,):
                     assert cfg in candidates[name], f"{name}: measured pick {cfg} is not a candidate"
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiles for a traced op: its launchers run once on real scratch tensors before the trace
+
+
+def test_a_trace_runs_the_launchers_once_on_real_scratch_tensors(monkeypatch):
+    """Fake tensors in (a trace): the launcher gets real zero-filled tensors of the same sizes, strides (an
+    overlapping expand and a transpose included) and dtypes, outside the fake mode, once per signature; real
+    tensors (no trace) and devices without timing never run it; a failing launcher only warns."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    monkeypatch.setattr(tuning, "_TRACE_TUNED", set())
+    wants = []
+    monkeypatch.setattr(tuning, "_wants_timing", lambda device, half: wants.append((device.type, half)) or True)
+    seen = []
+
+    def launcher(x, w, n, dims):
+        seen.append((x, w, n, dims))
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 4, dtype=torch.bfloat16).transpose(1, 2)
+        w = torch.empty(5, 1).expand(5, 7)
+        for _ in range(2):
+            tuning.tune_for_trace(launcher, (x, w, 3, [1, 3]), True)
+        assert len(seen) == 1
+        tuning.tune_for_trace(launcher, (x, w, 4, [1, 3]), True)  # another integer: another signature
+        assert len(seen) == 2
+    real_x, real_w, n, dims = seen[0]
+    for got, fake in ((real_x, x), (real_w, w)):
+        assert not is_fake(got)
+        assert (got.shape, got.stride(), got.dtype) == (fake.shape, fake.stride(), fake.dtype)
+        assert torch.count_nonzero(got) == 0
+    assert (n, dims) == (3, [1, 3]) and wants[0] == ("cpu", True)
+    tuning.tune_for_trace(launcher, (torch.zeros(2), 9, []), False)  # real tensors: not a trace
+    assert len(seen) == 2
+
+    def failing(x):
+        raise RuntimeError("out of memory")
+
+    with FakeTensorMode():
+        with pytest.warns(UserWarning, match="tiles of failing not timed for a compiled graph .RuntimeError: out of"):
+            tuning.tune_for_trace(failing, (torch.empty(3),), False)
+
+
+def test_only_where_a_tile_would_be_timed(fake_gpu, monkeypatch):
+    """`tune_for_trace` runs where `pick_config` would time: CUDA, not SPATIAL_MAMBA_TUNE=0, and no measured
+    picks for the data (Hopper, 16-bit) unless SPATIAL_MAMBA_TUNE=1."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the suite's interpreter never times)
+    cuda = torch.device("cuda", 0)
+    assert not tuning._wants_timing(torch.device("cpu"), False)
+    assert tuning._wants_timing(cuda, False)  # fp32: timed
+    assert not tuning._wants_timing(cuda, True)  # 16-bit on Hopper: measured picks
+    monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "1")
+    assert tuning._wants_timing(cuda, True)
+    monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "0")
+    assert not tuning._wants_timing(cuda, False)
+    monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "auto")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100: no measured picks
+    assert tuning._wants_timing(cuda, True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not tuning._wants_timing(cuda, True)

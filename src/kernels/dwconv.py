@@ -49,7 +49,7 @@ from . import ahead, plain_depthwise_conv
 from .ahead import cdiv, launch
 from .fused import _candidates, _grid, _program_tile
 from .triton_scan import triton_interpreted
-from .tuning import pick_config
+from .tuning import pick_config, tune_for_trace
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_IMAGE_EXTENT = 2**31 - 1  # offsets within one image are 32-bit in the kernels (the image's own is 64-bit)
@@ -329,7 +329,7 @@ class _DepthwiseConv(torch.autograd.Function):
 # its body becomes the graph's own launches of the kernels above (`ahead.tracing_launches`), as the fused SSM op's
 # does (`ops.structure_aware_ssm_fused_traced`), instead of cuDNN's depthwise kernels with inductor's add or SiLU
 # around them. Not yet measured on a GPU: opt-in until it is. Called outside a trace it runs the eager launchers.
-# Tiles are fixed when the graph is traced (measured picks or cached timings, else the first candidate); shapes
+# Tiles are fixed when the graph is traced (measured picks, cached timings, or `tuning.tune_for_trace`); shapes
 # symbolic in the trace take the plain module (`traced_fits`). Where the op itself meets symbolic sizes, or fake
 # tensors under the Triton interpreter (which would launch the kernels on them for real), its body computes the
 # same thing with PyTorch's convolution and its backward instead (`_plain_forward`, `_plain_backward`; fp32, rounded
@@ -381,6 +381,7 @@ def depthwise_conv_traced(x: Tensor, weight: Tensor, bias: Tensor | None, silu: 
     """(y, pre): `_DepthwiseConv`'s forward; pre is the SiLU's input with `silu`, else an empty tensor."""
     if _untraceable(x, weight, bias):
         return _plain_forward(x, weight, bias, silu, residual)
+    tune_for_trace(_forward, (x, weight, bias, silu, residual), x.element_size() == 2)
     with ahead.tracing_launches():
         y, pre = _forward(x, weight, bias, silu, residual)
     return y, x.new_empty(0) if pre is None else pre
@@ -392,8 +393,10 @@ def depthwise_conv_traced_backward(dy: Tensor, x: Tensor, pre: Tensor, weight: T
     """(dx, dweight, dbias): `_DepthwiseConv`'s backward; dbias is an empty tensor without a bias."""
     if _untraceable(dy, x, pre, weight, bias):
         return _plain_backward(dy, x, pre, weight, bias, silu, residual)
+    args = (dy, x, pre if silu else None, weight, bias, residual)
+    tune_for_trace(_backward, args, x.element_size() == 2)
     with ahead.tracing_launches():
-        dx, dweight, dbias = _backward(dy, x, pre if silu else None, weight, bias, residual)
+        dx, dweight, dbias = _backward(*args)
     return dx, dweight, weight.new_empty(0) if dbias is None else dbias
 
 

@@ -35,6 +35,7 @@ from . import ahead
 from .fused import MAX_DILATION, MAX_DILATIONS, fused_backward, fused_forward
 from .reference import SCANS, observe, state_fusion_ref
 from .triton_scan import scan_backward, scan_forward, state_dtype, triton_interpreted
+from .tuning import tune_for_trace
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ELEMENTS_PER_IMAGE = 2**31 - 1  # L·D: the kernels index one image with 32-bit offsets
@@ -229,9 +230,10 @@ structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_s
 # GPU). Inductor decides which tensors a launched kernel writes from the kernel's Triton IR and copies any input it
 # takes for written at every call: `benchmarks/registers.py --writes` shows its verdict per kernel variant, and a test
 # keeps it to the outputs. Called outside a trace it runs the same launchers as the custom op (bitwise the same
-# results). Its tiles are fixed when the graph is traced (measured picks or cached timings, else the first candidate:
-# a trace has no data to time). Shapes that are symbolic in the trace (dynamic shapes) take the custom op, which reads
-# them at run time, as do fake tensors under the Triton interpreter, which launches kernels for real.
+# results). Its tiles are fixed when the graph is traced: measured picks, cached timings, or timed then on real
+# scratch tensors (`tuning.tune_for_trace`: fake tensors cannot be timed). Shapes that are symbolic in the trace
+# (dynamic shapes) take the custom op, which reads them at run time, as do fake tensors under the Triton interpreter,
+# which launches kernels for real.
 
 
 def _untraceable(*values) -> bool:
@@ -252,8 +254,10 @@ def structure_aware_ssm_fused_traced(
     if _untraceable(x, dt, B, C, H, W):
         return structure_aware_ssm_fused_op(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
     A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
+    args = (x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan])
+    tune_for_trace(fused_forward, args, x.element_size() == 2)
     with ahead.tracing_launches():
-        return fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan])
+        return fused_forward(*args)
 
 
 @torch.library.triton_op("spatial_mamba::structure_aware_ssm_fused_traced_backward", mutates_args=())
@@ -265,8 +269,10 @@ def structure_aware_ssm_fused_traced_backward(
         return structure_aware_ssm_fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W,
                                                   scan)
     A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
+    args = (dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, SCANS[scan])
+    tune_for_trace(fused_backward, args, x.element_size() == 2)
     with ahead.tracing_launches():
-        grads = fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, SCANS[scan])
+        grads = fused_backward(*args)
     return tuple(g.contiguous() for g in grads)
 
 

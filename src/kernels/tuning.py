@@ -12,6 +12,11 @@ compile in parallel, in background threads, as soon as the op first sees the sha
 SPATIAL_MAMBA_TUNE: `auto` (default) as above; `1` times every shape (kernel work; ignores the measured picks);
 `0` never times (measured pick or the first candidate — the test suite does this).
 SPATIAL_MAMBA_TUNE_LOG=1 prints every candidate's time when a shape is timed, and the measured picks used.
+
+A compiled graph that launches the kernels itself (the ops' `triton_op` forms) fixes their tiles when it is traced,
+on fake tensors that cannot be timed: `tune_for_trace` first runs the op's launchers once on real scratch tensors
+of the same sizes, strides and dtypes wherever a tile would be timed, so the graph gets the tiles an eager call
+would.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import json
 import os
 import sys
 import tempfile
+import warnings
+from collections.abc import Hashable
 from pathlib import Path
 
 import torch
@@ -121,7 +128,7 @@ def pick_config(name: str, key: tuple, candidates, run, tokens: int | None = Non
             print(f"[tuning] {name} {key}: measured pick {pick}", file=sys.stderr, flush=True)
         _TUNED[fast] = pick
         return pick
-    if ahead.traced():  # a traced op's tiles are baked into the graph, and a trace has no data to time
+    if ahead.traced():  # baked into the graph, and fake tensors cannot be timed (`tune_for_trace` timed it first)
         return candidates[0]
     if ahead.planning():  # a plan's dry run: every candidate the real call will time compiles now, in parallel
         for cfg in candidates:
@@ -148,3 +155,63 @@ def pick_config(name: str, key: tuple, candidates, run, tokens: int | None = Non
     except OSError:
         pass  # an unwritable cache only costs the timing again in the next process
     return best
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiles for a traced op (a compiled graph's own launches)
+
+_TRACE_TUNED: set = set()  # (launcher, argument signature) already run for a trace in this process
+
+
+def _wants_timing(device: torch.device, half: bool) -> bool:
+    """Whether `pick_config` would time tiles for data on `device` (`half`: 16-bit): a CUDA device, not the
+    interpreter, SPATIAL_MAMBA_TUNE not 0, and no measured picks for it (unless SPATIAL_MAMBA_TUNE=1)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+        return False
+    mode = os.environ.get("SPATIAL_MAMBA_TUNE", "auto")
+    if mode == "0":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return mode == "1" or not (half and torch.cuda.get_device_capability(index) in MEASURED_PICKS)
+
+
+def _signature(a) -> Hashable:
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype, str(a.device))
+    if isinstance(a, (list, tuple)):
+        return tuple(_signature(v) for v in a)
+    try:
+        hash(a)
+    except TypeError:
+        return repr(a)
+    return a
+
+
+def _scratch(t: torch.Tensor) -> torch.Tensor:
+    """A real zero-filled tensor of t's sizes, strides, dtype and device (overlapping strides included)."""
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    return torch.zeros(extent, dtype=t.dtype, device=t.device).as_strided(t.shape, t.stride())
+
+
+def tune_for_trace(launcher, args: tuple, half: bool) -> None:
+    """Called in a traced op's body before its launches are traced: where the arguments are fake tensors (a trace)
+    on a device whose tiles would be timed (`_wants_timing`), run `launcher(*args)` once on real scratch tensors
+    (`_scratch`) outside the trace's modes, so that every `pick_config` in it times its tile now, under the key the
+    traced launches then find. Once per launcher and argument signature per process. Never fails the trace: an
+    error only leaves the untimed tiles (a warning says so)."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or not any(is_fake(t) for t in tensors) or not _wants_timing(tensors[0].device, half):
+        return
+    key = (launcher, _signature(args))
+    if key in _TRACE_TUNED:
+        return
+    _TRACE_TUNED.add(key)
+    try:
+        with _disable_current_modes(), torch.no_grad():
+            launcher(*(_scratch(a) if isinstance(a, torch.Tensor) else a for a in args))
+    except Exception as e:  # noqa: BLE001 - the trace goes on with untimed tiles
+        warnings.warn(f"tiles of {getattr(launcher, '__name__', launcher)} not timed for a compiled graph "
+                      f"({type(e).__name__}: {e}); it uses the measured picks or the first candidates", stacklevel=2)
