@@ -449,10 +449,10 @@ def depthwise_conv(x: Tensor, conv: nn.Conv2d, residual: bool = False, silu: boo
     """`conv` on channels-last activations x (B, H, W, C), then SiLU (`silu`) and/or plus x (`residual`).
 
     With `kernel` the Triton kernels run where they fit (`kernel_fits`; in a compiled graph, opt-in, `traced_fits`:
-    the graph then launches them itself): x of a kernel dtype, read in place if its
-    channels have unit stride (else copied). Under autocast x is cast to autocast's dtype, the output is in it
-    (as autocast's convolution would give), the weights are read in their own dtype and accumulated in fp32; with
-    the residual and an x wider than autocast's dtype (whose plain sum stays in x's dtype) the plain path runs.
+    the graph then launches them itself): x of a kernel dtype, read in place if its channels have unit stride (else
+    copied). Under autocast x is cast to autocast's dtype, the output is in it (as autocast's convolution would
+    give), the weights are read in their own dtype and accumulated in fp32; with the residual and an x wider than
+    autocast's dtype (whose plain sum stays in x's dtype) the plain path runs.
     Anywhere else (or with `kernel=False`) it is the plain module on a permuted view: the reference behaviour."""
     traced = kernel and traced_fits(x, conv)
     if not (traced or (kernel and kernel_fits(x, conv))):
