@@ -449,6 +449,22 @@ def test_traced_op_opcheck_gpu():
                           _op_args("fused", t, [1, 3, 5], H, W, "row"))
 
 
+def _step_and_op(t: dict, dy: torch.Tensor, H: int, W: int):
+    """(step, op) for the compiled-graph tests: `op` is the fused op (dilations 1, 3, 5, row scan) on the inputs
+    NAMES; `step(fn)` runs fn on fresh leaf copies of t's inputs, backward with dy, and returns [output, each
+    input's gradient]."""
+    def step(fn):
+        tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
+        y = fn(*(tk[n] for n in NAMES))
+        y.backward(dy)
+        return [y.detach()] + [tk[n].grad for n in NAMES]
+
+    def op(*args):
+        return structure_aware_ssm_fused(*args, [1, 3, 5], H, W, "row")
+
+    return step, op
+
+
 @requires_cuda
 @pytest.mark.gpu
 def test_traced_op_times_its_tiles_before_the_trace(monkeypatch, tmp_path, recwarn):
@@ -466,15 +482,7 @@ def test_traced_op_times_its_tiles_before_the_trace(monkeypatch, tmp_path, recwa
     Bsz, D, H, W = 2, 64, 20, 24
     t = make_inputs(Bsz=Bsz, D=D, H=H, W=W, K=3, dtype=torch.float32)
     dy = torch.randn(Bsz, H * W, D, device=DEVICE)
-
-    def step(fn):
-        tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
-        y = fn(*(tk[n] for n in NAMES))
-        y.backward(dy)
-        return [y.detach()] + [tk[n].grad for n in NAMES]
-
-    def op(*args):
-        return structure_aware_ssm_fused(*args, [1, 3, 5], H, W, "row")
+    step, op = _step_and_op(t, dy, H, W)
 
     got = step(torch.compile(op, fullgraph=True))  # traced first: the tiles are timed there
     timed = {name for name, key, device in tuning._TUNED}
@@ -501,15 +509,7 @@ def test_traced_op_in_a_compiled_graph(monkeypatch, traced):
     Bsz, D, H, W = 2, 64, 28, 28
     t = make_inputs(Bsz=Bsz, D=D, H=H, W=W, K=3, dtype=torch.bfloat16)
     dy = torch.randn(Bsz, H * W, D, device=DEVICE, dtype=torch.bfloat16)
-
-    def step(fn):
-        tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
-        y = fn(*(tk[n] for n in NAMES))
-        y.backward(dy)
-        return [y.detach()] + [tk[n].grad for n in NAMES]
-
-    def op(*args):
-        return structure_aware_ssm_fused(*args, [1, 3, 5], H, W, "row")
+    step, op = _step_and_op(t, dy, H, W)
 
     compiled = torch.compile(op, fullgraph=True)
     want = step(op)
