@@ -80,6 +80,20 @@ class tracing_launches:
         _local.traced = self._outer
 
 
+def untraceable(*values) -> bool:
+    """Whether a `triton_op` body met with these arguments cannot trace its launches and must compute otherwise:
+    symbolic sizes or strides (dynamic shapes: launch grids are Python arithmetic on the sizes), or fake tensors
+    under the Triton interpreter (which would launch the kernels on them for real)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and any(is_fake(t) for t in tensors):
+        return True
+    sizes = [s for t in tensors for s in (*t.shape, *t.stride())]
+    sizes += [v for v in values if not isinstance(v, torch.Tensor)]
+    return any(isinstance(s, torch.SymInt) for s in sizes)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Which tensors a launched kernel writes: inductor's analysis, once per kernel variant
 #

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import ahead, plain_depthwise_conv
@@ -338,15 +337,6 @@ class _DepthwiseConv(torch.autograd.Function):
 TRACED_CONVS = os.environ.get("SPATIAL_MAMBA_TRACED_CONVS", "0") == "1"
 
 
-def _untraceable(*tensors) -> bool:
-    """Whether the traced op's body must take the plain ops: symbolic sizes or strides, or (CPU interpreter) fake
-    tensors."""
-    tensors = [t for t in tensors if t is not None]
-    if triton_interpreted() and any(is_fake(t) for t in tensors):
-        return True
-    return any(isinstance(s, torch.SymInt) for t in tensors for s in (*t.shape, *t.stride()))
-
-
 def _plain_forward(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, residual: bool):
     """(y, pre or an empty tensor) as `_forward` computes them, with PyTorch's convolution in fp32."""
     ks = weight.shape[-1]
@@ -379,7 +369,7 @@ def _plain_backward(dy: Tensor, x: Tensor, pre: Tensor, weight: Tensor, bias: Te
 def depthwise_conv_traced(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool,
                           residual: bool) -> tuple[Tensor, Tensor]:
     """(y, pre): `_DepthwiseConv`'s forward; pre is the SiLU's input with `silu`, else an empty tensor."""
-    if _untraceable(x, weight, bias):
+    if ahead.untraceable(x, weight, bias):
         return _plain_forward(x, weight, bias, silu, residual)
     tune_for_trace(_forward, (x, weight, bias, silu, residual), x.element_size() == 2)
     with ahead.tracing_launches():
@@ -391,7 +381,7 @@ def depthwise_conv_traced(x: Tensor, weight: Tensor, bias: Tensor | None, silu: 
 def depthwise_conv_traced_backward(dy: Tensor, x: Tensor, pre: Tensor, weight: Tensor, bias: Tensor | None,
                                    silu: bool, residual: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias): `_DepthwiseConv`'s backward; dbias is an empty tensor without a bias."""
-    if _untraceable(dy, x, pre, weight, bias):
+    if ahead.untraceable(dy, x, pre, weight, bias):
         return _plain_backward(dy, x, pre, weight, bias, silu, residual)
     args = (dy, x, pre if silu else None, weight, bias, residual)
     tune_for_trace(_backward, args, x.element_size() == 2)

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
@@ -236,22 +235,12 @@ structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_s
 # which launches kernels for real.
 
 
-def _untraceable(*values) -> bool:
-    """Whether this trace must call the custom op instead: symbolic sizes or strides, or (CPU interpreter) fake
-    tensors."""
-    tensors = [v for v in values if isinstance(v, Tensor)]
-    if triton_interpreted() and any(is_fake(t) for t in tensors):
-        return True
-    sizes = [s for t in tensors for s in (*t.shape, *t.stride())] + [v for v in values if not isinstance(v, Tensor)]
-    return any(isinstance(s, torch.SymInt) for s in sizes)
-
-
 @torch.library.triton_op("spatial_mamba::structure_aware_ssm_fused_traced", mutates_args=())
 def structure_aware_ssm_fused_traced(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
     alpha: Tensor, dilations: list[int], H: int, W: int, scan: str,
 ) -> tuple[Tensor, Tensor]:
-    if _untraceable(x, dt, B, C, H, W):
+    if ahead.untraceable(x, dt, B, C, H, W):  # the custom op reads the sizes at run time
         return structure_aware_ssm_fused_op(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
     A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
     args = (x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan])
@@ -265,7 +254,7 @@ def structure_aware_ssm_fused_traced_backward(
     dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
     weight: Tensor, alpha: Tensor, h: Tensor, dilations: list[int], H: int, W: int, scan: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if _untraceable(dy, x, dt, B, C, h, H, W):
+    if ahead.untraceable(dy, x, dt, B, C, h, H, W):
         return structure_aware_ssm_fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W,
                                                   scan)
     A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
