@@ -357,11 +357,12 @@ def column_sums(parts: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
     (jobs, R, N) buffer of partials, j < len(outs) <= 3: one launch instead of a reduction and a cast per output
     (host time: the backward's launcher runs once per block and step)."""
     jobs, R, N = parts.shape
-    block_r = min(8, triton.next_power_of_2(R))
     # the unused output slots (never written): outs[0] again, except in a traced op, whose graph would take
     # one tensor in three written slots for three outputs and keep the last
     spare = [outs[0].new_empty(1) for _ in range(3 - len(outs))] if ahead.traced() else [outs[0]] * (3 - len(outs))
-    launch(_column_sums_kernel, (cdiv(N, 256), len(outs)), parts, *outs, *spare, R, N, BLOCK_R=block_r, BLOCK_N=256)
+    # one variant for every R (the number of partials follows the picked tiles, which a plan's dry run cannot
+    # know): rows past R are masked, and adding their zeros changes no sum
+    launch(_column_sums_kernel, (cdiv(N, 256), len(outs)), parts, *outs, *spare, R, N, BLOCK_R=8, BLOCK_N=256)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
