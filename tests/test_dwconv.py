@@ -132,11 +132,11 @@ def test_images_beyond_32_bit_offsets_take_the_plain_path(monkeypatch):
     assert torch.equal(depthwise_conv(x, conv, residual=True), x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-@pytest.mark.parametrize("traced_convs", [False, True], ids=["default", "traced-on"])
+@pytest.mark.parametrize("traced_convs", [False, True], ids=["traced-off", "default"])
 def test_traced_code_uses_the_plain_ops(monkeypatch, traced_convs):
-    """Under torch.compile (dynamo, eager backend here) the kernels are not traced by default: the graph holds the
-    module's convolution, which inductor handles itself. Opted in (`TRACED_CONVS`), only CUDA tensors take the
-    traced op: on the CPU the graph is the same."""
+    """Under torch.compile (dynamo, eager backend here) only CUDA tensors take the traced op (the default,
+    `TRACED_CONVS`): on the CPU, and with it turned off, the graph holds the module's convolution, which inductor
+    handles itself."""
     monkeypatch.setattr(dwconv, "TRACED_CONVS", traced_convs)
     conv = make_conv(8)
     x = torch.randn(2, 5, 5, 8, device=DEVICE)
@@ -169,7 +169,7 @@ def _traced_and_eager(x, conv, silu, residual, dy):
 @pytest.mark.parametrize("silu,residual,bias", [(False, True, True), (True, False, True), (True, False, False),
                                                 (False, False, False)])
 def test_traced_op_outside_a_trace_is_the_eager_kernels(silu, residual, bias):
-    """The convolution as a `triton_op` (what a compiled graph launches itself, opt-in): called outside a trace,
+    """The convolution as a `triton_op` (what a compiled graph on a GPU launches itself): called outside a trace,
     output and every gradient bitwise those of the eager autograd Function (the same launchers)."""
     conv = make_conv(16, bias=bias)
     x = torch.randn(2, 5, 7, 16, device=DEVICE)
@@ -279,7 +279,7 @@ def test_gpu_autocast_output_dtype_and_determinism():
 @requires_cuda
 @pytest.mark.gpu
 def test_gpu_traced_op_in_a_compiled_graph(monkeypatch):
-    """Opted in (`TRACED_CONVS`), a compiled graph launches the convolution's kernels itself: after the first call
+    """By default (`TRACED_CONVS`), a compiled graph launches the convolution's kernels itself: after the first call
     the launchers' Python is never entered again, and output and gradients are bitwise the eager kernels' (the
     same tiles: the suite runs with SPATIAL_MAMBA_TUNE=0), for the SiLU and the residual, under autocast."""
     monkeypatch.setattr(dwconv, "TRACED_CONVS", True)

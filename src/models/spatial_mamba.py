@@ -253,8 +253,9 @@ class SpatialMamba(nn.Module):
         fused_convs: with the fused backend, the blocks' depthwise convolutions (the two positional encodings
             with their residual, the SSM's convolution with its SiLU) run as Triton kernels in eager mode
             (src/kernels/dwconv.py): one kernel forward, three backward, instead of cuDNN's and about a dozen
-            small kernels and autograd nodes each (compiled graphs always trace nn.Conv2d). Off by default (the
-            ImageNet recipe, whose eager step is recorded as CUDA graphs, turns it on).
+            small kernels and autograd nodes each (compiled graphs on a GPU launch the same kernels themselves:
+            `depthwise_conv_traced`). Off by default (the ImageNet recipe, whose eager step is recorded as CUDA
+            graphs, turns it on).
         fused_drop_path: with the fused backend, the residual adds of the SSM and MLP branches with stochastic
             depth run as one Triton kernel each way in eager training (src/kernels/droppath.py), instead of three
             forward and two backward; the same random draws and, on a GPU, the same bits. Off by default (on in
