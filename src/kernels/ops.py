@@ -225,11 +225,11 @@ structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_s
 # at 1363 img/s instead of 1070 on the same machine (the host issuing a step in 64 instead of 100 ms), but took 244 s
 # to compile instead of 154 (inductor analyses and compiles each kernel launch it takes over; the analysis is since
 # kept once per kernel variant, `ahead.memoize_write_analysis`: an AOT trace of the op's forward+backward on a 2-core
-# CPU 2.3 s a block before, 1.3 s for a stage's first block and 0.09 s for the next ones after; not yet measured on a
-# GPU). Inductor decides which tensors a launched kernel writes from the kernel's Triton IR and copies any input it
-# takes for written at every call: `benchmarks/registers.py --writes` shows its verdict per kernel variant, and a test
-# keeps it to the outputs. Called outside a trace it runs the same launchers as the custom op (bitwise the same
-# results). Its tiles are fixed when the graph is traced: measured picks, cached timings, or timed then on real
+# CPU 2.3 s a block before, 1.3 s for a stage's first block and 0.09 s for the next ones after; whole T on a fresh
+# H100: 174 s). Inductor decides which tensors a launched kernel writes from the kernel's Triton IR and copies any
+# input it takes for written at every call: `benchmarks/registers.py --writes` shows its verdict per kernel variant,
+# and a test keeps it to the outputs. Called outside a trace it runs the same launchers as the custom op (bitwise the
+# same results). Its tiles are fixed when the graph is traced: measured picks, cached timings, or timed then on real
 # scratch tensors (`tuning.tune_for_trace`: fake tensors cannot be timed). Shapes that are symbolic in the trace
 # (dynamic shapes) take the custom op, which reads them at run time, as do fake tensors under the Triton interpreter,
 # which launches kernels for real.
