@@ -232,6 +232,25 @@ def test_a_failing_dry_run_only_ends_the_plan(plans_on):
     ahead.plan("k", torch.device("cpu"), dry_run)  # no exception
     assert not ahead.planning()
     assert ahead.real_device(torch.device("meta")) == torch.device("meta")
+    assert ahead._modes == 0  # launches skip the thread's state again
+
+
+def test_a_plan_on_another_thread_leaves_this_threads_launches_real(plans_on):
+    """While one thread runs a plan's dry run, another thread's launches still launch (launch reads the
+    thread's own state whenever any thread is in a plan)."""
+    kernel, inside, release = _FakeKernel(), threading.Event(), threading.Event()
+
+    def dry_run():
+        inside.set()
+        release.wait(10)
+
+    planner = threading.Thread(target=ahead.plan, args=("k", torch.device("cpu"), dry_run))
+    planner.start()
+    assert inside.wait(10) and ahead._modes == 1
+    ahead.launch(kernel, (1,), 3)
+    release.set()
+    planner.join(10)
+    assert kernel.events == [("launched", (3,))] and ahead._modes == 0
 
 
 def test_at_exit_running_compiles_finish_and_queued_ones_are_cancelled(tmp_path):
@@ -352,6 +371,7 @@ def direct(monkeypatch):
     runtime = type("Runtime", (), {"launch_enter_hook": None, "launch_exit_hook": None})()
     monkeypatch.setattr(ahead, "_fast", [lambda: 0, lambda device: 1234, runtime])
     monkeypatch.setattr(ahead, "_compiled", {})
+    monkeypatch.setattr(ahead, "_direct", {})
     return runtime
 
 
@@ -376,6 +396,33 @@ def test_whatever_can_select_another_variant_goes_through_triton(direct, change)
     }[change]
     ahead._launch_now(kernel, (1,), *changed)
     assert len(kernel.full) == 2 and kernel.variants[0].runs == []
+
+
+@pytest.mark.parametrize("other", ["bool", "float", "tensor", "none", "more", "fewer"])
+def test_arguments_of_other_kinds_than_the_first_launch_never_reuse_its_variant(direct, other):
+    """The kernel's own key function is made from the kinds of its first direct launch's arguments (a tensor,
+    an int): a launch whose arguments are of other kinds (where Triton may pick another variant) must go through
+    Triton, and is then launched directly under the general key."""
+    kernel, x = _FakeJit(), torch.zeros(8)
+    kwargs = dict(BLOCK=16, FLAG=True)
+    ahead._launch_now(kernel, (1,), (x, 7), kwargs)
+    args = {"bool": (x, True), "float": (x, 7.0), "tensor": (x, x), "none": (None, 7), "more": (x, 7, 16),
+            "fewer": (x,)}[other]
+    if other == "more":
+        kwargs = dict(FLAG=True)
+    ahead._launch_now(kernel, (1,), args, kwargs)
+    assert len(kernel.full) == 2 and kernel.variants[0].runs == []
+    ahead._launch_now(kernel, (1,), args, kwargs)  # the general key's direct launch, not the first variant's
+    assert kernel.variants[0].runs == [] and len(kernel.full) + len(kernel.variants[1].runs) == 3
+
+
+def test_direct_launches_key_each_kernel_on_its_own(direct):
+    """Two kernels launched with arguments alike each keep their own variant."""
+    first, second, x = _FakeJit(), _FakeJit(), torch.zeros(8)
+    for kernel in (first, second, first, second):
+        ahead._launch_now(kernel, (1,), (x, 7), dict(BLOCK=16, FLAG=True))
+    assert len(first.full) == len(second.full) == 1
+    assert len(first.variants[0].runs) == len(second.variants[0].runs) == 1
 
 
 def test_a_constexpr_given_by_position_sends_every_launch_through_triton(direct):

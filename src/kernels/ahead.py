@@ -43,6 +43,10 @@ import torch
 _local = threading.local()  # .device: the real device of the plan this thread is running (None: not planning)
 _planned: set[Hashable] = set()
 _pending: dict[object, list[Future]] = {}  # kernel -> its background compiles not yet waited for
+# how many threads are now inside a plan's dry run or `tracing_launches` (each thread's `_local` says which):
+# while none is, `launch` skips reading the thread-local state
+_modes = 0
+_modes_lock = threading.Lock()
 _pool: _DaemonPool | None = None
 _pool_lock = threading.Lock()
 
@@ -51,6 +55,12 @@ def enabled() -> bool:
     """Whether plans run: CUDA present, not the Triton interpreter, SPATIAL_MAMBA_COMPILE_AHEAD not 0."""
     return (os.environ.get("SPATIAL_MAMBA_COMPILE_AHEAD", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and torch.cuda.is_available())
+
+
+def _enter_mode(step: int) -> None:
+    global _modes
+    with _modes_lock:
+        _modes += step
 
 
 def planning() -> bool:
@@ -74,10 +84,12 @@ class tracing_launches:
         memoize_write_analysis()
         self._outer = traced()
         _local.traced = True
+        _enter_mode(1)
         return self
 
     def __exit__(self, *exc):
         _local.traced = self._outer
+        _enter_mode(-1)
 
 
 def untraceable(*values) -> bool:
@@ -200,12 +212,14 @@ def plan(key: Hashable, device: torch.device, dry_run: Callable[[], object]) -> 
         return
     _planned.add(key)
     _local.device = device
+    _enter_mode(1)
     try:
         dry_run()
     except Exception:  # noqa: BLE001 - a head start, never a new failure: the real call reports real errors
         pass
     finally:
         _local.device = None
+        _enter_mode(-1)
 
 
 class _DaemonPool:
@@ -299,8 +313,18 @@ def _submit(kernel, args: tuple, kwargs: dict) -> None:
 # its integer class); later launches with that key call the compiled launcher directly. Whenever a launch hook
 # is installed (Triton's profilers) or a key cannot be built, the launch goes through Triton.
 # SPATIAL_MAMBA_FAST_LAUNCH=0 turns this off.
+#
+# Building that key was still a third of a direct launch's host time (an eager T step makes 594 launches; on an
+# H200 machine's host all of them took 17.8 ms: 5.8 ms the keys, 7.9 ms the compiled launchers). So each kernel
+# also gets a key function of its own (`_key_function`), generated from the kind of each positional argument at
+# its first direct launch: one flat tuple of the same facts, built by straight-line code instead of a call per
+# argument. Every non-tensor argument's type is part of that key, and a tensor's dtype is read from the argument
+# itself, so arguments of other kinds than the first launch's never match a variant kept under it (their key
+# fails to build or differs) and take the general path.
 
 _compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, values of the later parameters, the kernel)
+# kernel -> (its key function, {that function's key -> (launcher, function, metadata, later parameters' values)})
+_direct: dict[object, tuple[Callable, dict]] = {}
 _fast: list = []  # [device getter, stream getter, launch-hook chains] once resolved, [None] where unavailable
 
 
@@ -364,6 +388,40 @@ def _tail(kernel, n_args: int, kwargs: dict) -> tuple | None:
     return tuple(tail)
 
 
+def _key_function(args: tuple) -> Callable:
+    """A function (device, args, kwargs) -> key for launches whose positional arguments are of the kinds of
+    `args`: per argument what `arg_key` keys, flattened, plus the type of every argument that is not a tensor.
+    Arguments of other kinds make it raise or give a key no variant was kept under."""
+    parts = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            parts.append(f"a{i}.dtype, a{i}.data_ptr() % 16 == 0")
+        elif type(a) is int:
+            parts.append(f"type(a{i}), a{i} == 1, a{i} % 16 == 0, -2147483648 <= a{i} <= 2147483647, "
+                         f"a{i} >= 9223372036854775808")
+        elif type(a) is float:
+            parts.append(f"type(a{i})")
+        else:
+            parts.append(f"type(a{i}), a{i}")
+    names = "".join(f"a{i}, " for i in range(len(args)))
+    src = (f"def key(device, args, kwargs):\n    ({names}) = args\n"
+           f"    return (device, *kwargs.items(), {', '.join(parts)})\n")
+    scope: dict = {}
+    exec(src, scope)  # noqa: S102 - generated from argument kinds only, never from argument values
+    return scope["key"]
+
+
+def _keep_direct(kernel, device, args: tuple, kwargs: dict, compiled, tail: tuple) -> None:
+    """File a variant launched directly under the kernel's own key function too (made at its first variant)."""
+    if kernel not in _direct:
+        _direct[kernel] = (_key_function(args), {})
+    key_of, variants = _direct[kernel]
+    try:
+        variants[key_of(device, args, kwargs)] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+    except Exception:  # noqa: BLE001 - arguments of other kinds than the key function's: the general path
+        pass
+
+
 def _launch_now(kernel, grid, args: tuple, kwargs: dict) -> None:
     fast = _fast or _resolve_fast()
     if fast[0] is None:
@@ -371,13 +429,27 @@ def _launch_now(kernel, grid, args: tuple, kwargs: dict) -> None:
         return
     get_device, get_stream, runtime = fast
     device = get_device()
+    hooked = _hooked(runtime)
+    direct = _direct.get(kernel)
+    if direct is not None and not hooked and type(grid) is tuple:
+        try:
+            entry = direct[1].get(direct[0](device, args, kwargs))
+        except Exception:  # noqa: BLE001 - arguments of other kinds than the key function's: the general path
+            entry = None
+        if entry is not None:
+            run, function, metadata, tail = entry
+            n = len(grid)
+            run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(device), function, metadata,
+                None, None, None, *args, *tail)
+            return
     try:  # id(kernel): the entry keeps the kernel alive, so its id is never reused
         key = (id(kernel), device, *kwargs.items(), *map(arg_key, args))
         entry = _compiled.get(key)
     except TypeError:  # an unhashable argument: Triton decides
         key = entry = None
-    if entry is not None and type(grid) is tuple and not _hooked(runtime):
+    if entry is not None and type(grid) is tuple and not hooked:
         compiled, tail, _ = entry
+        _keep_direct(kernel, device, args, kwargs, compiled, tail)
         n = len(grid)
         compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(device),
                      compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
@@ -387,6 +459,7 @@ def _launch_now(kernel, grid, args: tuple, kwargs: dict) -> None:
         tail = _tail(kernel, len(args), kwargs)
         if tail is not None:
             _compiled[key] = (compiled, tail, kernel)
+            _keep_direct(kernel, device, args, kwargs, compiled, tail)
 
 
 def wait(kernel) -> None:
@@ -400,15 +473,16 @@ def wait(kernel) -> None:
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)`; inside a plan, that variant's compile submitted instead (nothing runs)."""
-    if getattr(_local, "device", None) is not None:
-        _submit(kernel, args, kwargs)
-        return
-    if getattr(_local, "traced", False):
-        from torch.library import wrap_triton
+    if _modes:
+        if getattr(_local, "device", None) is not None:
+            _submit(kernel, args, kwargs)
+            return
+        if getattr(_local, "traced", False):
+            from torch.library import wrap_triton
 
-        wrap_triton(kernel)[grid](*args, **kwargs)
-        return
-    if kernel in _pending:
+            wrap_triton(kernel)[grid](*args, **kwargs)
+            return
+    if _pending and kernel in _pending:
         wait(kernel)
     _launch_now(kernel, grid, args, kwargs)
 
