@@ -416,6 +416,17 @@ def test_arguments_of_other_kinds_than_the_first_launch_never_reuse_its_variant(
     assert kernel.variants[0].runs == [] and len(kernel.full) + len(kernel.variants[1].runs) == 3
 
 
+def test_a_tensor_where_the_first_launch_had_none_is_never_kept_in_a_key(direct):
+    """A key function made for None at a position puts that argument itself in its key: launches with a tensor
+    there go by the general key and leave nothing behind under the kernel's own (no tensor kept alive)."""
+    kernel = _FakeJit()
+    ahead._launch_now(kernel, (1,), (None, 7), dict(BLOCK=16, FLAG=True))
+    for _ in range(3):
+        ahead._launch_now(kernel, (1,), (torch.zeros(8), 7), dict(BLOCK=16, FLAG=True))
+    assert len(kernel.full) == 2 and len(kernel.variants[1].runs) == 2  # the general key's direct launches
+    assert len(ahead._direct[kernel][1]) == 1  # only the first launch's variant
+
+
 def test_direct_launches_key_each_kernel_on_its_own(direct):
     """Two kernels launched with arguments alike each keep their own variant."""
     first, second, x = _FakeJit(), _FakeJit(), torch.zeros(8)

@@ -323,8 +323,9 @@ def _submit(kernel, args: tuple, kwargs: dict) -> None:
 # fails to build or differs) and take the general path.
 
 _compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, values of the later parameters, the kernel)
-# kernel -> (its key function, {that function's key -> (launcher, function, metadata, later parameters' values)})
-_direct: dict[object, tuple[Callable, dict]] = {}
+# kernel -> (its key function, {that function's key -> (launcher, function, metadata, later parameters' values)},
+# the argument kinds it was made for)
+_direct: dict[object, tuple[Callable, dict, tuple]] = {}
 _fast: list = []  # [device getter, stream getter, launch-hook chains] once resolved, [None] where unavailable
 
 
@@ -411,14 +412,22 @@ def _key_function(args: tuple) -> Callable:
     return scope["key"]
 
 
+def _kinds(args: tuple) -> tuple:
+    """Each argument's kind as `_key_function` tells them apart: a tensor, or its type."""
+    return tuple(torch.Tensor if isinstance(a, torch.Tensor) else type(a) for a in args)
+
+
 def _keep_direct(kernel, device, args: tuple, kwargs: dict, compiled, tail: tuple) -> None:
-    """File a variant launched directly under the kernel's own key function too (made at its first variant)."""
+    """File a variant launched directly under the kernel's own key function too (made at its first variant),
+    if its arguments are of that function's kinds (else the key could hold, and keep alive, a tensor)."""
     if kernel not in _direct:
-        _direct[kernel] = (_key_function(args), {})
-    key_of, variants = _direct[kernel]
+        _direct[kernel] = (_key_function(args), {}, _kinds(args))
+    key_of, variants, kinds = _direct[kernel]
+    if _kinds(args) != kinds:
+        return
     try:
         variants[key_of(device, args, kwargs)] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
-    except Exception:  # noqa: BLE001 - arguments of other kinds than the key function's: the general path
+    except Exception:  # noqa: BLE001 - a key that cannot be built: the general path
         pass
 
 
