@@ -74,13 +74,13 @@ def capture(dry_runs) -> list[tuple]:
     for m in _TUNED_MODULES:
         m.pick_config = every_candidate
     ahead._local.device = torch.device("cuda", 0)
-    ahead._enter_mode(1)  # launches then read the thread's state (as inside `ahead.plan`)
+    ahead._add_mode(1)  # launches then read the thread's state (as inside `ahead.plan`)
     try:
         for run in dry_runs:
             run()
     finally:
         ahead._local.device = None
-        ahead._enter_mode(-1)
+        ahead._add_mode(-1)
         ahead._submit = saved_submit
         triton_scan._SMS.clear()
         triton_scan._SMS.update(saved_sms)

@@ -57,7 +57,8 @@ def enabled() -> bool:
             and torch.cuda.is_available())
 
 
-def _enter_mode(step: int) -> None:
+def _add_mode(step: int) -> None:
+    """A thread entering (+1) or leaving (-1) a plan's dry run or `tracing_launches`."""
     global _modes
     with _modes_lock:
         _modes += step
@@ -84,12 +85,12 @@ class tracing_launches:
         memoize_write_analysis()
         self._outer = traced()
         _local.traced = True
-        _enter_mode(1)
+        _add_mode(1)
         return self
 
     def __exit__(self, *exc):
         _local.traced = self._outer
-        _enter_mode(-1)
+        _add_mode(-1)
 
 
 def untraceable(*values) -> bool:
@@ -212,14 +213,14 @@ def plan(key: Hashable, device: torch.device, dry_run: Callable[[], object]) -> 
         return
     _planned.add(key)
     _local.device = device
-    _enter_mode(1)
+    _add_mode(1)
     try:
         dry_run()
     except Exception:  # noqa: BLE001 - a head start, never a new failure: the real call reports real errors
         pass
     finally:
         _local.device = None
-        _enter_mode(-1)
+        _add_mode(-1)
 
 
 class _DaemonPool:
