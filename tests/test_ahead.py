@@ -427,6 +427,25 @@ def test_a_tensor_where_the_first_launch_had_none_is_never_kept_in_a_key(direct)
     assert len(ahead._direct[kernel][1]) == 1  # only the first launch's variant
 
 
+def test_a_kernels_key_function_tells_apart_what_the_general_key_does():
+    """For arguments of the kinds it was made for, two launches share a key under the kernel's key function
+    exactly when they share one under `arg_key` (the facts Triton specialises on)."""
+    x = torch.zeros(32)
+    tensors = [x, x[1:], x[4:], x.half(), x.double()[2:]]
+    ints = [1, 2, 3, 16, 32, 2**31, -(2**31) - 1, 2**63]
+    others = [True, False, None]
+    floats = [0.5, 2.0]
+    combos = [(t, i, f, o) for t in tensors for i in ints for f in floats for o in others]
+    key_of = ahead._key_function(combos[0])
+    kwargs = dict(BLOCK=16)
+    keys = [key_of(0, c, kwargs) for c in combos]
+    general = [(0, *kwargs.items(), *map(ahead.arg_key, c)) for c in combos]
+    for a in range(len(combos)):
+        for b in range(a, len(combos)):
+            assert (keys[a] == keys[b]) == (general[a] == general[b]), (combos[a], combos[b])
+    assert key_of(0, combos[0], dict(BLOCK=32)) != keys[0] and key_of(1, combos[0], kwargs) != keys[0]
+
+
 def test_direct_launches_key_each_kernel_on_its_own(direct):
     """Two kernels launched with arguments alike each keep their own variant."""
     first, second, x = _FakeJit(), _FakeJit(), torch.zeros(8)
