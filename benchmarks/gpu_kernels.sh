@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_kernels.sh            # tests + op benchmark (stage 1 only: --quick)
 #   bash benchmarks/gpu_kernels.sh full       # + every op shape, throughput (T eager/compiled/CUDA graphs, ConvNeXt-T,
-#                                             #   Swin-T) and the training-equivalence check
+#                                             #   Swin-T), the launch path's host cost and the training-equivalence check
 #   bash benchmarks/gpu_kernels.sh bench|speed|equivalence   # only the op benchmark / + throughput / only the check
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
@@ -35,6 +35,7 @@ elif [ "$what" = "full" ] || [ "$what" = "speed" ]; then
   python benchmarks/dwconv.py 2>&1 | tee "$OUT/dwconv.log"
   python benchmarks/throughput.py --models t,convnext_tiny,swin_tiny_patch4_window7_224 --backends fused \
     --precisions bf16 --modes eager,compiled,cudagraphs 2>&1 | tee "$OUT/throughput.log"
+  python benchmarks/launches.py 2>&1 | tee "$OUT/launches.log"  # the host's cost of an eager step's launches
 fi
 if [ "$what" = "full" ] || [ "$what" = "equivalence" ]; then
   python benchmarks/loss_curve.py --model t --size 64 --batch 32 --steps 200 --json "$OUT/equivalence.json" \
