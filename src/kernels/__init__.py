@@ -9,7 +9,7 @@ Backends compute the same function (tests prove it against `reference.py`):
 `layer_norm` is the blocks' LayerNorm (optionally gated): Triton kernels (`norms.py`) with the fused backend
 in eager mode, `nn.LayerNorm` otherwise. `depthwise_conv` likewise for the blocks' depthwise convolutions (with
 their residual or SiLU): Triton kernels (`dwconv.py`) or `nn.Conv2d`; `residual_drop_path` for the residual
-adds with stochastic depth (`droppath.py`).
+adds with stochastic depth (`droppath.py`). `autocast_weights` casts a block's matmul weights for autocast at once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .reference import FUSION_PADDINGS, SCANS, structure_aware_ssm_ref
 
 BACKENDS = ("torch", "triton", "fused", "auto")
 
-__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "depthwise_conv", "drop_path", "drop_path_mask", "layer_norm",
+__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "autocast_weights", "depthwise_conv", "drop_path", "drop_path_mask", "layer_norm",
            "plain_depthwise_conv", "residual_drop_path", "resolve_backend", "structure_aware_ssm",
            "structure_aware_ssm_ref"]
 
@@ -124,6 +124,50 @@ def residual_drop_path(x: torch.Tensor, branch: torch.Tensor, keep_prob: torch.T
 
         return kernel_residual_drop_path(x, branch, keep_prob, training)
     return x + drop_path(branch, keep_prob, training)
+
+
+class _CastWeights(torch.autograd.Function):
+    """Tensors cast to one dtype by one multi-tensor copy, as one autograd node; backward casts their gradients
+    back the same way (a gradient left undefined stays undefined)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = [w.dtype for w in weights]
+        out = [torch.empty_like(w, dtype=dtype) for w in weights]
+        torch._foreach_copy_(out, list(weights))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        given = [i for i, g in enumerate(grads) if g is not None]
+        out = [None] * len(grads)
+        if given:
+            cast = [torch.empty_like(grads[i], dtype=ctx.dtypes[i]) for i in given]
+            torch._foreach_copy_(cast, [grads[i] for i in given])
+            for i, g in zip(given, cast):
+                out[i] = g
+        return None, *out
+
+
+def autocast_weights(x: torch.Tensor, weights: Sequence[torch.Tensor], backend: str = "torch") -> tuple:
+    """`weights` (fp32 matmul weights and biases of a block) as autocast's matmuls would read them, cast at once.
+
+    Under autocast each linear casts its weight and bias on its own: per tensor an op, a kernel and an autograd
+    node, forward and backward, which an eager step bound by its host pays for (T casts 144 of them in its
+    blocks). Where the Triton kernels run for `backend` (see `layer_norm`), eagerly under autocast to a 16-bit
+    dtype, with every weight fp32 on x's device, this casts them by one multi-tensor copy (one autograd node,
+    one copy back in the backward) and the linears, finding them in autocast's dtype already, cast nothing: the
+    same values (a cast rounds alike either way), the same gradients. Anywhere else it returns them unchanged."""
+    weights = tuple(weights)
+    device = x.device.type
+    if not (_kernels_run(backend, x) and torch.is_autocast_enabled(device) and not torch.compiler.is_compiling()):
+        return weights
+    dtype = torch.get_autocast_dtype(device)
+    if dtype not in (torch.bfloat16, torch.float16) or any(
+            w.dtype != torch.float32 or w.device != x.device for w in weights):
+        return weights
+    return _CastWeights.apply(dtype, *weights)
 
 
 def drop_path(x: torch.Tensor, keep_prob: torch.Tensor, training: bool) -> torch.Tensor:

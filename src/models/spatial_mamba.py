@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from src.checks import BACKBONE_STRIDE, positive, require
 from src.errors import InputNotFoundError, UserError
-from src.kernels import (BACKENDS, FUSION_PADDINGS, SCANS, depthwise_conv, layer_norm, residual_drop_path,
-                         structure_aware_ssm)
+from src.kernels import (BACKENDS, FUSION_PADDINGS, SCANS, autocast_weights, depthwise_conv, layer_norm,
+                         residual_drop_path, structure_aware_ssm)
 
 TOTAL_STRIDE = BACKBONE_STRIDE
 
@@ -42,6 +42,12 @@ class StateFusion(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dilations={list(self.dilations)}, kernel_size={self.kernel_size}"
+
+
+def _linear(module: nn.Linear, x: torch.Tensor, weight: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """module(x); with `weight` (and `bias`) given, the same product with them in place of the module's."""
+    return module(x) if weight is None else F.linear(x, weight, bias)
 
 
 class StructureAwareSSM(nn.Module):
@@ -120,13 +126,21 @@ class StructureAwareSSM(nn.Module):
         """The backend of the block's residual adds with stochastic depth (`src.kernels.residual_drop_path`)."""
         return self.backend if self.fused_drop_path else "torch"
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    @property
+    def matmul_weights(self) -> tuple[torch.Tensor, ...]:
+        """The weights of the projections, in the order `forward` takes them."""
+        return self.in_proj.weight, self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight
+
+    def forward(self, u: torch.Tensor, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """`weights`: the projections' weights to use (`matmul_weights`, e.g. cast for autocast); None: the
+        modules."""
         Bsz, H, W, _ = u.shape
-        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, H, W, D) each
+        w_in, w_x, w_dt, w_out = (None,) * 4 if weights is None else weights
+        x, z = _linear(self.in_proj, u, w_in).chunk(2, dim=-1)  # (B, H, W, D) each
         x = depthwise_conv(x, self.conv, silu=True, backend=self.conv_backend)  # (B, H, W, D), conv on a view
         x = x.reshape(Bsz, H * W, self.d_inner)  # (B, L, D): a view, the conv output being channels-last
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt)  # (B, L, R) -> (B, L, D)
+        dt, B, C = _linear(self.x_proj, x, w_x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = _linear(self.dt_proj, dt, w_dt)  # (B, L, R) -> (B, L, D)
         A_log = self.A_log if self.A_log.dtype in (torch.float32, torch.float64) else self.A_log.float()
         A = -torch.exp(A_log)  # fp32 at least, fp64 kept
         y = structure_aware_ssm(
@@ -135,7 +149,7 @@ class StructureAwareSSM(nn.Module):
             scan=self.scan, backend=self.backend, padding="replicate" if self.training else self.fusion_eval_padding,
         )  # (B, L, D), channels last throughout: no transposes around the op
         y = layer_norm(y.reshape(Bsz, H, W, self.d_inner), self.out_norm, z, self.norm_backend)  # LN(y)·silu(z)
-        return self.out_proj(y)
+        return _linear(self.out_proj, y, w_out)
 
 
 class Mlp(nn.Module):
@@ -146,8 +160,15 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    @property
+    def matmul_weights(self) -> tuple[torch.Tensor, ...]:
+        """fc1's weight and bias, fc2's: the order `forward` takes them in."""
+        return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+
+    def forward(self, x: torch.Tensor, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """`weights`: as `matmul_weights` (e.g. cast for autocast); None: the modules'."""
+        w1, b1, w2, b2 = (None,) * 4 if weights is None else weights
+        return _linear(self.fc2, self.act(_linear(self.fc1, x, w1, b1)), w2, b2)
 
 
 class Block(nn.Module):
@@ -175,12 +196,19 @@ class Block(nn.Module):
         return 1.0 - self.keep_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the projections' weights, under autocast with the Triton kernels cast at once rather than one by one by
+        # each linear (fewer ops for the host to issue; the same values: `autocast_weights`)
+        ssm_w, mlp_w = self.ssm.matmul_weights, self.mlp.matmul_weights
+        weights = autocast_weights(x, ssm_w + mlp_w, self.ssm.backend)
+        cast = weights[0] is not ssm_w[0]
         x = depthwise_conv(x, self.cpe1, residual=True, backend=self.ssm.conv_backend)  # x + cpe1(x)
-        x = residual_drop_path(x, self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend)), self.keep_prob,
-                               self.training, backend=self.ssm.drop_path_backend)
+        x = residual_drop_path(x, self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend),
+                                           weights[:4] if cast else None),
+                               self.keep_prob, self.training, backend=self.ssm.drop_path_backend)
         x = depthwise_conv(x, self.cpe2, residual=True, backend=self.ssm.conv_backend)
-        x = residual_drop_path(x, self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend)), self.keep_prob,
-                               self.training, backend=self.ssm.drop_path_backend)
+        x = residual_drop_path(x, self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend),
+                                           weights[4:] if cast else None),
+                               self.keep_prob, self.training, backend=self.ssm.drop_path_backend)
         return x
 
 
