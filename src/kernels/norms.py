@@ -204,19 +204,27 @@ def _bwd_grid(M: int, N: int, device: torch.device) -> tuple[int, int, int, int,
 
 
 class _LayerNorm(torch.autograd.Function):
-    """Over rows: x (M, N) contiguous, z None or (M, N) with unit column stride (see `_rows`)."""
+    """Over the last dim of x (..., N) contiguous; z None or of x's shape. The rows' views are taken here, out of
+    autograd's sight: as ops of their own each would be one more op and autograd node a call (host time)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, z):
-        y, stats = _forward(x, z, weight, bias, eps)
-        ctx.save_for_backward(x, z, weight, bias, stats)
-        return y
+        N = x.shape[-1]
+        x2 = x.view(-1, N)
+        z2 = None if z is None else _rows(z, N)
+        if z is not None and z2 is None:
+            z2 = z.contiguous().view(-1, N)
+        y, stats = _forward(x2, z2, weight, bias, eps)
+        ctx.save_for_backward(x2, z2, weight, bias, stats)
+        ctx.shapes = x.shape, None if z is None else z.shape
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x, z, weight, bias, stats = ctx.saved_tensors
-        dx, dz, dw, db = _backward(dy, x, z, weight, bias, stats)
-        return dx, dw, db, None, dz
+        x2, z2, weight, bias, stats = ctx.saved_tensors
+        x_shape, z_shape = ctx.shapes
+        dx, dz, dw, db = _backward(dy.reshape(x2.shape), x2, z2, weight, bias, stats)
+        return dx.view(x_shape), dw, db, None, None if dz is None else dz.view(z_shape)
 
 
 def layer_norm(x: Tensor, norm: torch.nn.LayerNorm, gate: Tensor | None = None, kernel: bool = True) -> Tensor:
@@ -243,13 +251,8 @@ def layer_norm(x: Tensor, norm: torch.nn.LayerNorm, gate: Tensor | None = None, 
     if not usable:
         y = norm(x)
         return y if gate is None else y * F.silu(gate)
-    N = x.shape[-1]
-    z2 = None if gate is None else _rows(gate, N)
-    if gate is not None and z2 is None:
-        z2 = gate.contiguous().view(-1, N)
     # no autocast region needed: the Function's forward and backward run Triton kernels and fp32 reductions only
-    y = _LayerNorm.apply(x.contiguous().view(-1, N), weight, bias, norm.eps, z2)
-    return y.view(x.shape)
+    return _LayerNorm.apply(x.contiguous(), weight, bias, norm.eps, gate)
 
 
 __all__ = ["KERNEL_DTYPES", "layer_norm", "layer_norm_ref"]
