@@ -10,7 +10,8 @@ from an idle GPU by several paths and the host's time for all of them is printed
 | package | `ahead.launch`, as the ops call it (direct launches after a variant's first) |
 | keys only | the kernels' own key functions and their lookups, no launch |
 | general keys only | the general key (`arg_key` per argument) and its lookup, no launch |
-| compiled launcher | the kept variants' `compiled.run(...)` alone: the floor of a direct launch from Python |
+| compiled launcher | the kept variants' `compiled.run(...)` alone: Triton's launcher object |
+| direct launcher | what a direct launch calls, alone: with Triton 3.6 the launcher's C function (`ahead._launcher`) |
 | through Triton | `kernel[grid](...)`, Triton's own path with its per-call binding and key |
 
 The package's path less the compiled launcher is what the package's own launch code costs the host per step;
@@ -76,6 +77,14 @@ def replay_paths(launches: list[tuple]) -> dict:
                             "installed, SPATIAL_MAMBA_FAST_LAUNCH=0, or an argument without a key): nothing to time")
         kept.append(entry)
 
+    direct = []
+    for kernel, _, args, kwargs in launches:
+        key_of, variants, _ = ahead._direct.get(kernel, (None, {}, None))
+        try:
+            direct.append(variants.get(key_of(device, args, kwargs)))
+        except Exception:  # noqa: BLE001 - arguments of other kinds than the key function's: no direct entry
+            direct.append(None)
+
     def package():
         for kernel, grid, args, kwargs in launches:
             ahead.launch(kernel, grid, *args, **kwargs)
@@ -100,12 +109,20 @@ def replay_paths(launches: list[tuple]) -> dict:
             compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(get_device()),
                          compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
 
+    def direct_launcher():
+        for (_, grid, args, _), (run, head, function, tail) in zip(launches, direct):
+            n = len(grid)
+            run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(get_device()), function, *head,
+                *args, *tail)
+
     def through_triton():
         for kernel, grid, args, kwargs in launches:
             kernel[grid](*args, **kwargs)
 
     return {"package": package, "keys only": keys_only, "general keys only": general_keys_only,
-            "compiled launcher": compiled_launcher, "through Triton": through_triton}
+            "compiled launcher": compiled_launcher,
+            **({"direct launcher": direct_launcher} if all(e is not None for e in direct) else {}),
+            "through Triton": through_triton}
 
 
 def host_ms(fn, reps: int) -> float:

@@ -384,6 +384,44 @@ def test_a_variant_is_launched_through_triton_once_then_directly(direct):
     assert kernel.variants[0].runs == [(5, 2, 1, 1234, "function", "metadata", None, None, None, x, 9, 16, True, 5)]
 
 
+class CudaLauncher:
+    """Stands for Triton 3.6's CUDA launcher object: its C function (`launch`) and the call that wraps it."""
+
+    def __init__(self, scratch=0):
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+        self.calls, self.c_calls = [], []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+    def launch(self, *args):
+        self.c_calls.append(args)
+
+
+@pytest.mark.parametrize("known, scratch, c_function", [(True, 0, True), (True, 256, False), (False, 0, False)])
+def test_triton_36s_c_launcher_is_called_itself_where_its_wrapper_would_only_pass_on(direct, monkeypatch, known,
+                                                                                     scratch, c_function):
+    """With Triton 3.6 (`_C_LAUNCH`) and a kernel without scratch memory a direct launch calls the launcher's C
+    function with the arguments its wrapper would give it; a kernel with scratch memory, or another Triton, keeps
+    the wrapper (which allocates it)."""
+    monkeypatch.setattr(ahead, "_C_LAUNCH", known)
+    kernel, x = _FakeJit(), torch.zeros(8)
+    ahead._launch_now(kernel, (3,), (x, 7), dict(BLOCK=16, FLAG=True))  # through Triton; keeps the variant
+    launcher = kernel.variants[0].run = CudaLauncher(scratch)
+    ahead._direct.clear()  # filed again at the next launch, with the stand-in launcher
+    ahead._launch_now(kernel, (3,), (x, 7), dict(BLOCK=16, FLAG=True))  # the general key's launch: the wrapper
+    ahead._launch_now(kernel, (5, 2), (x, 9), dict(BLOCK=16, FLAG=True))
+    tail = (x, 9, 16, True, 5)
+    if c_function:
+        assert launcher.calls == [(3, 1, 1, 1234, "function", "metadata", None, None, None, x, 7, 16, True, 5)]
+        assert launcher.c_calls == [(5, 2, 1, 1234, "function", False, True, None, None, "metadata", None, None,
+                                     None, *tail)]
+    else:
+        assert launcher.c_calls == [] and launcher.calls[-1] == (5, 2, 1, 1234, "function", "metadata", None, None,
+                                                                  None, *tail)
+
+
 @pytest.mark.parametrize("change", ["unaligned", "dtype", "one", "multiple_of_16", "wide", "keyword", "option"])
 def test_whatever_can_select_another_variant_goes_through_triton(direct, change):
     kernel, x = _FakeJit(), torch.zeros(16)

@@ -59,11 +59,12 @@ def test_a_steps_launches_are_recorded_and_replayed_by_every_path(monkeypatch):
     assert [(grid, args) for _, grid, args, _ in recorded] == [((3,), (x, 3)), ((4,), (x, 4))]
     assert kernel.triton_launches == 1 and len(kernel.compiled.runs) == 3  # the recorded launches ran, directly
     paths = launches.replay_paths(recorded)
-    assert set(paths) == {"package", "keys only", "general keys only", "compiled launcher", "through Triton"}
+    assert set(paths) == {"package", "keys only", "general keys only", "compiled launcher", "direct launcher",
+                          "through Triton"}
     for name, fn in paths.items():
         assert launches.host_ms(fn, reps=2) >= 0
-    # package and compiled launcher: 2 launches × 2 reps each, directly; through Triton: 2 × 2 more
-    assert len(kernel.compiled.runs) == 3 + 4 + 4 and kernel.triton_launches == 1 + 4
+    # package, compiled and direct launcher: 2 launches × 2 reps each, directly; through Triton: 2 × 2 more
+    assert len(kernel.compiled.runs) == 3 + 4 + 4 + 4 and kernel.triton_launches == 1 + 4
     assert launches.kernel_name(kernel) == "_stand_in_kernel"
 
 

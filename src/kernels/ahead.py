@@ -324,7 +324,8 @@ def _submit(kernel, args: tuple, kwargs: dict) -> None:
 # fails to build or differs) and take the general path.
 
 _compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, values of the later parameters, the kernel)
-# kernel -> (its key function, {that function's key -> (launcher, function, metadata, later parameters' values)},
+# kernel -> (its key function, {that function's key -> (launcher, its leading arguments, function, later
+# parameters' values)},
 # the argument kinds it was made for)
 _direct: dict[object, tuple[Callable, dict, tuple]] = {}
 _fast: list = []  # [device getter, stream getter, launch-hook chains] once resolved, [None] where unavailable
@@ -427,9 +428,35 @@ def _keep_direct(kernel, device, args: tuple, kwargs: dict, compiled, tail: tupl
     if _kinds(args) != kinds:
         return
     try:
-        variants[key_of(device, args, kwargs)] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+        variants[key_of(device, args, kwargs)] = (*_launcher(compiled), compiled.function, tail)
     except Exception:  # noqa: BLE001 - a key that cannot be built: the general path
         pass
+
+
+def _launcher(compiled) -> tuple[Callable, tuple]:
+    """(launcher, its arguments between (grid, stream, function) and the kernel's) for a direct launch of
+    `compiled`. Its launcher object (`compiled.run`) takes (metadata, launch metadata, enter hook, exit hook);
+    Triton 3.6's CUDA launcher object only allocates scratch memory where a kernel asks for some and passes them on
+    to its C function with the kernel's cooperative-grid and PDL flags. Where that is all it would do (3.6, no
+    scratch memory) the C function is called itself: one Python frame less per launch (an eager T step launches
+    594 times). Any other Triton, launcher or kernel gets the launcher object."""
+    run, metadata = compiled.run, compiled.packed_metadata
+    if (_C_LAUNCH and type(run).__name__ == "CudaLauncher" and getattr(run, "global_scratch_size", 1) == 0
+            and getattr(run, "profile_scratch_size", 1) == 0 and callable(getattr(run, "launch", None))):
+        return run.launch, (run.launch_cooperative_grid, run.launch_pdl, None, None, metadata, None, None, None)
+    return run, (metadata, None, None, None)
+
+
+def _c_launch_known() -> bool:
+    """Whether the installed Triton's CUDA launcher object is 3.6's (whose call `_launcher` may skip)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return triton.__version__.startswith("3.6.")
+
+
+_C_LAUNCH = os.environ.get("SPATIAL_MAMBA_C_LAUNCH", "1") != "0" and _c_launch_known()
 
 
 def _launch_now(kernel, grid, args: tuple, kwargs: dict) -> None:
@@ -447,10 +474,10 @@ def _launch_now(kernel, grid, args: tuple, kwargs: dict) -> None:
         except Exception:  # noqa: BLE001 - arguments of other kinds than the key function's: the general path
             entry = None
         if entry is not None:
-            run, function, metadata, tail = entry
+            run, head, function, tail = entry
             n = len(grid)
-            run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(device), function, metadata,
-                None, None, None, *args, *tail)
+            run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, get_stream(device), function, *head, *args,
+                *tail)
             return
     try:  # id(kernel): the entry keeps the kernel alive, so its id is never reused
         key = (id(kernel), device, *kwargs.items(), *map(arg_key, args))
