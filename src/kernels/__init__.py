@@ -26,8 +26,8 @@ from .reference import FUSION_PADDINGS, SCANS, structure_aware_ssm_ref
 
 BACKENDS = ("torch", "triton", "fused", "auto")
 
-__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "autocast_weights", "depthwise_conv", "drop_path", "drop_path_mask", "layer_norm",
-           "plain_depthwise_conv", "residual_drop_path", "resolve_backend", "structure_aware_ssm",
+__all__ = ["BACKENDS", "FUSION_PADDINGS", "SCANS", "autocast_weights", "depthwise_conv", "drop_path", "drop_path_mask",
+           "layer_norm", "plain_depthwise_conv", "residual_drop_path", "resolve_backend", "structure_aware_ssm",
            "structure_aware_ssm_ref"]
 
 
