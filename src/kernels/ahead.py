@@ -325,8 +325,7 @@ def _submit(kernel, args: tuple, kwargs: dict) -> None:
 
 _compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, values of the later parameters, the kernel)
 # kernel -> (its key function, {that function's key -> (launcher, its leading arguments, function, later
-# parameters' values)},
-# the argument kinds it was made for)
+# parameters' values)}, the argument kinds it was made for)
 _direct: dict[object, tuple[Callable, dict, tuple]] = {}
 _fast: list = []  # [device getter, stream getter, launch-hook chains] once resolved, [None] where unavailable
 

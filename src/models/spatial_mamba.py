@@ -198,16 +198,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the projections' weights, under autocast with the Triton kernels cast at once rather than one by one by
         # each linear (fewer ops for the host to issue; the same values: `autocast_weights`)
-        ssm_w, mlp_w = self.ssm.matmul_weights, self.mlp.matmul_weights
-        weights = autocast_weights(x, ssm_w + mlp_w, self.ssm.backend)
-        cast = weights[0] is not ssm_w[0]
+        weights = autocast_weights(x, self.ssm.matmul_weights + self.mlp.matmul_weights, self.ssm.backend)
         x = depthwise_conv(x, self.cpe1, residual=True, backend=self.ssm.conv_backend)  # x + cpe1(x)
-        x = residual_drop_path(x, self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend),
-                                           weights[:4] if cast else None),
+        x = residual_drop_path(x, self.ssm(layer_norm(x, self.norm1, backend=self.ssm.norm_backend), weights[:4]),
                                self.keep_prob, self.training, backend=self.ssm.drop_path_backend)
         x = depthwise_conv(x, self.cpe2, residual=True, backend=self.ssm.conv_backend)
-        x = residual_drop_path(x, self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend),
-                                           weights[4:] if cast else None),
+        x = residual_drop_path(x, self.mlp(layer_norm(x, self.norm2, backend=self.ssm.norm_backend), weights[4:]),
                                self.keep_prob, self.training, backend=self.ssm.drop_path_backend)
         return x
 
