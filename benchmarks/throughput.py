@@ -70,7 +70,8 @@ def build(name: str, backend: str, fused_norms: bool = False, fused_convs: bool 
 
 
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool | str, warmup: int, steps: int,
-            train: bool, mesa: bool = False, ddp: str = "", extra: dict | None = None) -> tuple[float, float, float]:
+            train: bool, mesa: bool = False, ddp: str = "", extra: dict | None = None,
+            backward_device_thread: bool = False) -> tuple[float, float, float]:
     """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
@@ -132,7 +133,9 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
                 with torch.no_grad():
                     soft = teacher(x).float().softmax(-1)
                 loss = loss + torch.sum(-soft * logits.log_softmax(-1), dim=-1).mean()
-        scaler.scale(loss).backward()
+        # the training thread runs the backward unless `backward_device_thread` (as the LightningModules)
+        with torch.autograd.set_multithreading_enabled(backward_device_thread):
+            scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         if not graphed:  # graphed: the captured backward writes the gradients where it wrote them when recorded
@@ -180,7 +183,8 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False, 
     label = backend + (", Triton norms" if fused_norms else "") + (", Triton convs" if fused_convs else "") + (
         ", Triton drop path" if fused_drop_path else "")
     row = dict(model=name, backend=label if ours else "-",
-               precision=prec, mode=mode + (" + MESA" if args.mesa else "") + (f" + DDP {args.ddp}" if args.ddp else ""))
+               precision=prec, mode=mode + (" + MESA" if args.mesa else "") + (f" + DDP {args.ddp}" if args.ddp else "")
+               + (" + device-thread backward" if args.backward_thread == "device" else ""))
     for train in (True,) if args.no_infer else (True, False):
         key = "train" if train else "infer"
         try:
@@ -193,7 +197,8 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False, 
                         "regional-cudagraphs": "regional-cudagraphs" if ours else "cudagraphs"}[mode]
             extra = {}
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], compiled,
-                                       args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp, extra=extra)
+                                       args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp, extra=extra,
+                                       backward_device_thread=args.backward_thread == "device")
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
             if "host_ms" in extra:
@@ -279,6 +284,10 @@ def main() -> None:
                         "(off, the models' default), or a row of each")
     p.add_argument("--fused-drop-path", default="off", choices=["on", "off"],
                    help="the fused backend's residual adds with stochastic depth as Triton kernels in eager training")
+    p.add_argument("--backward-thread", choices=["training", "device"], default="training",
+                   help="which thread runs the backward: the training thread (the LightningModules' default) or "
+                        "PyTorch's autograd worker thread of the GPU (PyTorch's default; their "
+                        "backward_device_thread: true); see src/backward.py")
     p.add_argument("--no-infer", action="store_true", help="training rows only")
     p.add_argument("--ddp", choices=["split", "whole"], default="",
                    help="train inside a one-process DistributedDataParallel, as Lightning's ddp strategy does; "

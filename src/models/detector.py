@@ -52,6 +52,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from src.backward import TrainingThreadBackward
 from src.callbacks import FitSummary, ValidationImageGrid, adopt_data_classes
 from src.checkpoints import check_architecture, restore_rng_state, rng_states
 from src.checks import positive, probability, require
@@ -177,7 +178,7 @@ def coco_scores(metric: MeanAveragePrecision, indices: Sequence[int]) -> dict[st
     return scores[0]
 
 
-class Detector(L.LightningModule):
+class Detector(TrainingThreadBackward, L.LightningModule):
     """Mask R-CNN on a features backbone (module docstring): boxes, classes and instance masks.
 
     Args:
@@ -216,7 +217,8 @@ class Detector(L.LightningModule):
         gamma: the step factor.
         grid_images: validation images drawn (image | ground truth | prediction) in TensorBoard each
             validation (0: none).
-        grid_score_threshold: score above which a detection is drawn in that grid.
+        grid_score_threshold: score above which a detection is drawn in that grid.        backward_device_thread: the backward on PyTorch's autograd worker thread of the GPU instead of the
+            training thread (as the classifier's; src/backward.py). Off by default.
     """
 
     def __init__(
@@ -254,6 +256,7 @@ class Detector(L.LightningModule):
         gamma: float = 0.1,
         grid_images: int = 4,
         grid_score_threshold: float = 0.3,
+        backward_device_thread: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
+from src.backward import TrainingThreadBackward
 from src.callbacks import FitSummary, ValidationImageGrid, adopt_data_classes
 from src.checkpoints import check_architecture
 from src.compiling import DEFAULT_MEMORY_BUDGET, CompileCacheWriter, compile_for_training, open_compile_cache
@@ -64,7 +65,7 @@ def iou_from_confusion(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"iou": iou, "mIoU": iou.nanmean(), "aAcc": tp.sum() / confmat.sum().clamp(min=1), "mAcc": acc.nanmean()}
 
 
-class SemanticSegmenter(L.LightningModule):
+class SemanticSegmenter(TrainingThreadBackward, L.LightningModule):
     """UperNet segmentation model on a features backbone.
 
     Args:
@@ -104,7 +105,8 @@ class SemanticSegmenter(L.LightningModule):
             src/compiling.py). Off by default; every new validation size is recorded once; refused with
             trainer.accumulate_grad_batches > 1.
         compile_cache: a file for torch.compile's artifacts, loaded before the compile and written after the
-            first step and validations (as the classifier's; see src/compiling.py). None: no file.
+            first step and validations (as the classifier's; see src/compiling.py). None: no file.        backward_device_thread: the backward on PyTorch's autograd worker thread of the GPU instead of the
+            training thread (as the classifier's; src/backward.py). Off by default.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class SemanticSegmenter(L.LightningModule):
         compile_ddp_split: bool = False,
         compile_cudagraphs: bool = False,
         compile_cache: str | None = None,
+        backward_device_thread: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
