@@ -84,7 +84,7 @@ def main() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=not cpu):
             _, losses = model(images, sizes, targets)
             loss = sum(losses.values())
-        loss.backward()
+        model.backward(loss)  # as Lightning's step: on the training thread (src/backward.py)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

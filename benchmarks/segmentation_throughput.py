@@ -50,7 +50,7 @@ def main() -> None:
             features = model.backbone(x)
             loss = model._loss(model.decode_head(features), y)
             loss = loss + model.hparams.aux_weight * model._loss(model.aux_head(features[model.hparams.aux_index]), y)
-        loss.backward()
+        model.backward(loss)  # as Lightning's step: on the training thread (src/backward.py)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
