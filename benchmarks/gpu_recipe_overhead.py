@@ -286,7 +286,7 @@ def run_loop(args, compiled: bool | str, as_throughput_py: bool, classes: int = 
         for _ in range(args.warmup + args.steps):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = nn.functional.cross_entropy(fn(x).float(), y)
-            with torch.autograd.set_multithreading_enabled(False):  # as the recipe's (src/backward.py)
+            with torch.autograd.set_multithreading_enabled(bool(compiled)):  # as the recipe's (src/backward.py)
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -71,7 +71,7 @@ def build(name: str, backend: str, fused_norms: bool = False, fused_convs: bool 
 
 def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bool | str, warmup: int, steps: int,
             train: bool, mesa: bool = False, ddp: str = "", extra: dict | None = None,
-            backward_device_thread: bool = False) -> tuple[float, float, float]:
+            backward_device_thread: bool | None = None) -> tuple[float, float, float]:
     """(img/s, peak GB, compile s) of training steps or inference passes, as src.timing defines them: `warmup`
     untimed steps, then `steps` timed ones between synchronised step boundaries; compile s = the first step's
     wall time (tracing, compiling, kernel tile tuning) less a steady step's. compiled: True = one graph,
@@ -112,6 +112,9 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     graphed = compiled == "graphed"
+    # the backward's thread (src/backward.py), as the LightningModules pick it: PyTorch's worker thread for compiled
+    # graphs, the training thread for the eager step (recorded or not), unless `backward_device_thread` says
+    device_thread = compiled not in (False, "graphed") if backward_device_thread is None else backward_device_thread
     if graphed and (device.type != "cuda" or (train and dtype == torch.float16)):
         raise ValueError("graphed needs a CUDA GPU and no loss scaling (bf16 or fp32)")
     # graphed: AdamW's step count stays on the GPU (capturable), so the step can be replayed from a CUDA graph
@@ -133,8 +136,7 @@ def measure(model: nn.Module, device, batch: int, size: int, dtype, compiled: bo
                 with torch.no_grad():
                     soft = teacher(x).float().softmax(-1)
                 loss = loss + torch.sum(-soft * logits.log_softmax(-1), dim=-1).mean()
-        # the training thread runs the backward unless `backward_device_thread` (as the LightningModules)
-        with torch.autograd.set_multithreading_enabled(backward_device_thread):
+        with torch.autograd.set_multithreading_enabled(device_thread):
             scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -175,6 +177,7 @@ def _one_process_ddp(model: nn.Module, device) -> nn.Module:
 
 
 MODES = ("eager", "compiled", "regional", "cudagraphs", "regional-cudagraphs", "graphed")
+BACKWARD_THREADS = {"auto": None, "training": False, "device": True}  # --backward-thread: measure's argument
 
 
 def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False, fused_convs: bool = False) -> dict:
@@ -184,7 +187,7 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False, 
         ", Triton drop path" if fused_drop_path else "")
     row = dict(model=name, backend=label if ours else "-",
                precision=prec, mode=mode + (" + MESA" if args.mesa else "") + (f" + DDP {args.ddp}" if args.ddp else "")
-               + (" + device-thread backward" if args.backward_thread == "device" else ""))
+               + ("" if args.backward_thread == "auto" else f" + backward on {args.backward_thread} thread"))
     for train in (True,) if args.no_infer else (True, False):
         key = "train" if train else "infer"
         try:
@@ -198,7 +201,7 @@ def run_one(name, backend, prec, mode, args, device, fused_norms: bool = False, 
             extra = {}
             ips, peak, first = measure(model, device, args.batch, args.size, DTYPES[prec], compiled,
                                        args.warmup, args.steps, train, mesa=args.mesa, ddp=args.ddp, extra=extra,
-                                       backward_device_thread=args.backward_thread == "device")
+                                       backward_device_thread=BACKWARD_THREADS[args.backward_thread])
             row[f"{key}_ips"] = ips
             row[f"{key}_compile_s"] = first
             if "host_ms" in extra:
@@ -284,10 +287,10 @@ def main() -> None:
                         "(off, the models' default), or a row of each")
     p.add_argument("--fused-drop-path", default="off", choices=["on", "off"],
                    help="the fused backend's residual adds with stochastic depth as Triton kernels in eager training")
-    p.add_argument("--backward-thread", choices=["training", "device"], default="training",
-                   help="which thread runs the backward: the training thread (the LightningModules' default) or "
-                        "PyTorch's autograd worker thread of the GPU (PyTorch's default; their "
-                        "backward_device_thread: true); see src/backward.py")
+    p.add_argument("--backward-thread", choices=list(BACKWARD_THREADS), default="auto",
+                   help="which thread runs the backward: auto (the LightningModules' default: PyTorch's autograd "
+                        "worker thread of the GPU for compiled modes, the training thread for eager and graphed), "
+                        "training, or device (the worker); see src/backward.py")
     p.add_argument("--no-infer", action="store_true", help="training rows only")
     p.add_argument("--ddp", choices=["split", "whole"], default="",
                    help="train inside a one-process DistributedDataParallel, as Lightning's ddp strategy does; "

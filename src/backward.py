@@ -12,10 +12,14 @@ caches. Measured on one H200 (benchmarks/RESULTS.md, the eager T step at batch 1
 between the two ways in one process): 113 ms a step with the worker thread, 78 ms on the training thread.
 
 `torch.autograd.set_multithreading_enabled(False)` makes the engine run the backward on the calling thread.
-The LightningModules call their backward that way unless their `backward_device_thread` is true
-(`TrainingThreadBackward`); `benchmarks/throughput.py` does the same unless `--backward-thread device`.
-Gradients are the same either way (the same kernels in the same order on the same stream); on a CPU the
-backward ran on the calling thread already. The setting is thread-local and undone when the backward
+The LightningModules do that where their backbone runs eagerly (eager kernels, or the eager step recorded as CUDA
+graphs) and leave PyTorch's worker thread to compiled backbones, unless their `backward_device_thread` says which
+(`TrainingThreadBackward`); `benchmarks/throughput.py` follows the same rule unless `--backward-thread` says.
+Compiled, the one A/B so far went the other way (compiled T on one H200: 74 ms a step on the worker thread, 93 on
+the training thread, three rounds each in one process): a compiled backward is one autograd node whose generated
+code issues its launches, with few Python objects of the forward's to read, and on that evidence it keeps
+PyTorch's default. Gradients are the same either way (the same kernels in the same order on the same stream); on
+a CPU the backward ran on the calling thread already. The setting is thread-local and undone when the backward
 returns.
 """
 
@@ -26,13 +30,18 @@ import torch
 
 class TrainingThreadBackward:
     """LightningModule mixin (listed before `LightningModule`): Lightning's `backward` hook — automatic and
-    manual optimisation alike — runs `loss.backward()` on the training thread, unless the module's hyperparameter
-    `backward_device_thread` is true (PyTorch's default, the device's autograd worker thread)."""
+    manual optimisation alike — runs `loss.backward()` on the training thread or on PyTorch's autograd worker
+    thread of the device, as the module's hyperparameter `backward_device_thread` says: true for the worker, false
+    for the training thread, None (absent) for the worker if the module compiled its backbone (its `_compiled`),
+    else the training thread."""
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        device_thread = bool(getattr(self, "hparams", {}).get("backward_device_thread", False))
-        with torch.autograd.set_multithreading_enabled(device_thread):
+        with torch.autograd.set_multithreading_enabled(self.backward_on_device_thread()):
             super().backward(loss, *args, **kwargs)
+
+    def backward_on_device_thread(self) -> bool:
+        flag = getattr(self, "hparams", {}).get("backward_device_thread")
+        return bool(getattr(self, "_compiled", False)) if flag is None else bool(flag)
 
 
 __all__ = ["TrainingThreadBackward"]

@@ -1,6 +1,6 @@
-"""src/backward.py: the LightningModules run a step's backward on the training thread unless
-`backward_device_thread` (PyTorch's autograd worker thread of the GPU); `benchmarks/throughput.py` likewise
-unless `--backward-thread device`. On the CPU the backward runs on the calling thread either way, so the CPU
+"""src/backward.py: the LightningModules run a step's backward on the training thread where the backbone runs
+eagerly and on PyTorch's autograd worker thread of the GPU where it is compiled, unless `backward_device_thread`
+says which; `benchmarks/throughput.py` likewise unless `--backward-thread` says. On the CPU the backward runs on the calling thread either way, so the CPU
 tests read the engine's thread-local switch from inside the backward; the GPU test checks the thread itself."""
 
 import inspect
@@ -46,20 +46,25 @@ def _step(module: ImageClassifier, device: str = "cpu") -> None:
     module.backward(loss)
 
 
-@pytest.mark.parametrize("device_thread", [False, True])
-def test_classifier_backward_thread_switch(device_thread):
+@pytest.mark.parametrize("flag, compiled, device_thread", [(None, False, False), (None, True, True),
+                                                           (False, True, False), (True, False, True)])
+def test_classifier_backward_thread_switch(flag, compiled, device_thread):
+    """`backward_device_thread` None: the worker thread if the module compiled its backbone, else the training
+    thread; true / false: as said."""
     probe = Probe(3 * 8 * 8, 10)
-    module = ImageClassifier(probe, num_classes=10, compile=False, backward_device_thread=device_thread)
+    module = ImageClassifier(probe, num_classes=10, compile=False, backward_device_thread=flag)
+    module._compiled = compiled  # as `setup` marks a compiled backbone
+    assert module.backward_on_device_thread() is device_thread
     _step(module)
     assert probe.seen and all(on == device_thread for on, _ in probe.seen)
     assert torch._C._is_multithreading_enabled()  # undone after the backward
     assert probe.linear.weight.grad is not None
 
 
-def test_training_thread_backward_is_the_default_of_every_lightning_module():
+def test_every_lightning_module_picks_the_backward_thread():
     for cls in (ImageClassifier, SemanticSegmenter, Detector):
         assert issubclass(cls, TrainingThreadBackward) and cls.__mro__[1] is TrainingThreadBackward, cls
-        assert inspect.signature(cls.__init__).parameters["backward_device_thread"].default is False, cls
+        assert inspect.signature(cls.__init__).parameters["backward_device_thread"].default is None, cls
 
 
 def test_fit_runs_its_backward_on_the_training_thread(tmp_path):
@@ -77,14 +82,15 @@ def test_fit_runs_its_backward_on_the_training_thread(tmp_path):
     assert torch._C._is_multithreading_enabled()
 
 
-@pytest.mark.parametrize("device_thread", [False, True])
-def test_throughput_benchmark_backward_thread(device_thread):
-    """`measure`'s training step runs its backward on the calling thread unless asked for the device's."""
+@pytest.mark.parametrize("flag, device_thread", [(None, False), (False, False), (True, True)])
+def test_throughput_benchmark_backward_thread(flag, device_thread):
+    """`measure`'s eager training step runs its backward on the calling thread unless asked for the device's
+    (`--backward-thread`: auto, training, device)."""
     import throughput
 
+    assert throughput.BACKWARD_THREADS == {"auto": None, "training": False, "device": True}
     probe = Probe(3 * 8 * 8, 1000)
-    throughput.measure(probe, torch.device("cpu"), 2, 8, None, False, 1, 1, True,
-                       backward_device_thread=device_thread)
+    throughput.measure(probe, torch.device("cpu"), 2, 8, None, False, 1, 1, True, backward_device_thread=flag)
     assert len(probe.seen) == 2 and all(on == device_thread for on, _ in probe.seen)
 
 

@@ -217,8 +217,10 @@ class Detector(TrainingThreadBackward, L.LightningModule):
         gamma: the step factor.
         grid_images: validation images drawn (image | ground truth | prediction) in TensorBoard each
             validation (0: none).
-        grid_score_threshold: score above which a detection is drawn in that grid.        backward_device_thread: the backward on PyTorch's autograd worker thread of the GPU instead of the
-            training thread (as the classifier's; src/backward.py). Off by default.
+        grid_score_threshold: score above which a detection is drawn in that grid.
+        backward_device_thread: the backward on PyTorch's autograd worker thread of the GPU (true) or the
+            training thread (false); None (default): the training thread (the backbone runs eagerly; as the
+            classifier's, src/backward.py).
     """
 
     def __init__(
@@ -256,7 +258,7 @@ class Detector(TrainingThreadBackward, L.LightningModule):
         gamma: float = 0.1,
         grid_images: int = 4,
         grid_score_threshold: float = 0.3,
-        backward_device_thread: bool = False,
+        backward_device_thread: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])

@@ -105,8 +105,10 @@ class SemanticSegmenter(TrainingThreadBackward, L.LightningModule):
             src/compiling.py). Off by default; every new validation size is recorded once; refused with
             trainer.accumulate_grad_batches > 1.
         compile_cache: a file for torch.compile's artifacts, loaded before the compile and written after the
-            first step and validations (as the classifier's; see src/compiling.py). None: no file.        backward_device_thread: the backward on PyTorch's autograd worker thread of the GPU instead of the
-            training thread (as the classifier's; src/backward.py). Off by default.
+            first step and validations (as the classifier's; see src/compiling.py). None: no file.
+        backward_device_thread: the backward on PyTorch's autograd worker thread of the GPU (true) or the
+            training thread (false); None (default): the worker when the backbone is compiled, else the training
+            thread (as the classifier's; src/backward.py).
     """
 
     def __init__(
@@ -138,7 +140,7 @@ class SemanticSegmenter(TrainingThreadBackward, L.LightningModule):
         compile_ddp_split: bool = False,
         compile_cudagraphs: bool = False,
         compile_cache: str | None = None,
-        backward_device_thread: bool = False,
+        backward_device_thread: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
