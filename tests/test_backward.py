@@ -4,8 +4,6 @@ says which; `benchmarks/throughput.py` likewise unless `--backward-thread` says.
 tests read the engine's thread-local switch from inside the backward; the GPU test checks the thread itself."""
 
 import inspect
-import os
-import sys
 import threading
 
 import lightning as L
@@ -18,9 +16,8 @@ from src.data.digits import DigitsDataModule
 from src.models.classifier import ImageClassifier
 from src.models.detector import Detector
 from src.models.segmenter import SemanticSegmenter
+from benchmarks import throughput
 from tests.conftest import requires_cuda
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 class Probe(nn.Module):
@@ -86,8 +83,6 @@ def test_fit_runs_its_backward_on_the_training_thread(tmp_path):
 def test_throughput_benchmark_backward_thread(flag, device_thread):
     """`measure`'s eager training step runs its backward on the calling thread unless asked for the device's
     (`--backward-thread`: auto, training, device)."""
-    import throughput
-
     assert throughput.BACKWARD_THREADS == {"auto": None, "training": False, "device": True}
     probe = Probe(3 * 8 * 8, 1000)
     throughput.measure(probe, torch.device("cpu"), 2, 8, None, False, 1, 1, True, backward_device_thread=flag)
