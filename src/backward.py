@@ -2,14 +2,14 @@
 
 PyTorch's autograd engine runs the backward of CUDA tensors on a worker thread of its own per device
 (`pt_autograd_0`), while the thread that called `loss.backward()` waits for it. With one GPU per process
-nothing runs beside that worker, so the handover buys no parallelism; what it costs shows where the host sets
-the pace of a step, as in eager Spatial-Mamba-T (about 1850 kernels a step, launched one by one from Python
-and C++): the forward and the optimizer run on one core, the backward on another, and on the GPU machines
-measured the cores of one host ran a fixed Python loop at two speeds 1.7 × apart, which core was slow changing
-within seconds. A step spread over two cores is slowed by whichever of them is slow; it also pays the
-worker's wake-up and the move of every tensor and autograd node the forward made between the two cores'
-caches. Measured on one H200 (benchmarks/RESULTS.md, the eager T step at batch 128, bf16, steps alternating
-between the two ways in one process): 113 ms a step with the worker thread, 78 ms on the training thread.
+nothing runs beside that worker, so the handover buys no parallelism, and where the host sets the pace of a step,
+as in eager Spatial-Mamba-T (about 1850 kernels a step, launched one by one from Python and C++), it cost time on
+the GPU machines measured: the forward and the optimizer run on one core, the backward on another, and the cores
+of one such host ran a fixed Python loop at two speeds 1.7 × apart, which core was slow changing within seconds.
+A step spread over two cores meets a slow core more often than a step kept on one; the worker's wake-up and the
+tensors and autograd nodes the forward made on another core's caches may add to it. Measured on two H200s
+(benchmarks/RESULTS.md, the eager T step at batch 128, bf16, steps alternating between the two ways in one
+process): 113 against 78 ms a step and 114 against 84 (worker thread against training thread).
 
 `torch.autograd.set_multithreading_enabled(False)` makes the engine run the backward on the calling thread.
 The LightningModules do that where their backbone runs eagerly (eager kernels, or the eager step recorded as CUDA

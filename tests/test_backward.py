@@ -1,7 +1,8 @@
 """src/backward.py: the LightningModules run a step's backward on the training thread where the backbone runs
 eagerly and on PyTorch's autograd worker thread of the GPU where it is compiled, unless `backward_device_thread`
-says which; `benchmarks/throughput.py` likewise unless `--backward-thread` says. On the CPU the backward runs on the calling thread either way, so the CPU
-tests read the engine's thread-local switch from inside the backward; the GPU test checks the thread itself."""
+says which; `benchmarks/throughput.py` likewise unless `--backward-thread` says. On the CPU the backward runs on
+the calling thread either way, so the CPU tests read the engine's thread-local switch from inside the backward;
+the GPU test checks the thread itself."""
 
 import inspect
 import threading
@@ -11,12 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from benchmarks import throughput
 from src.backward import TrainingThreadBackward
 from src.data.digits import DigitsDataModule
 from src.models.classifier import ImageClassifier
 from src.models.detector import Detector
 from src.models.segmenter import SemanticSegmenter
-from benchmarks import throughput
 from tests.conftest import requires_cuda
 
 
