@@ -96,8 +96,8 @@ def test_plan_of_the_fused_op_foresees_every_variant_it_launches(recorded, dtype
     assert launched and planned, "nothing launched or planned"
     assert set(planned) == set(launched)
     names = {p[0] for p in planned}
-    assert {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel", "_fusion_bwd_param_kernel",
-            "_fusion_bwd_state_kernel", "_weight_grad_kernel", "_mix_weights_kernel"} <= names
+    assert {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel", "_fusion_edge_kernel",
+            "_fusion_bwd_kernel", "_weight_grad_kernel", "_mix_weights_kernel"} <= names
     # once per shape class: a second call plans nothing
     n = len(planned)
     structure_aware_ssm_fused(*args, [1, 2, 3], 5, 6, "row").backward(torch.randn_like(y))
@@ -641,14 +641,14 @@ def counted(kernel, *args, **kwargs):
 setattr(wrap, name, counted)
 B, D, H, W = 2, 32, 6, 7
 bf = torch.bfloat16
-x, dt, dy, h = (torch.randn(B, H * W, D, dtype=bf) for _ in range(4))
+x, dt, dy, h, hf = (torch.randn(B, H * W, D, dtype=bf) for _ in range(5))
 A, Dv, bias = -torch.rand(D, 1), torch.randn(D), torch.randn(D)
 Bm, C = (torch.randn(B, H * W, 1, dtype=bf) for _ in range(2))
 w, al = torch.randn(3, D, 3, 3), torch.randn(3)
 fwd = lambda *a: ops.structure_aware_ssm_fused_traced(*a, [1, 3, 5], H, W, "row")
 bwd = lambda *a: ops.structure_aware_ssm_fused_traced_backward(*a, [1, 3, 5], H, W, "row")
 for block in range(2):
-    for fn, args in ((fwd, (x, dt, A, Bm, C, Dv, bias, w, al)), (bwd, (dy, x, dt, A, Bm, C, Dv, bias, w, al, h))):
+    for fn, args in ((fwd, (x, dt, A, Bm, C, Dv, bias, w, al)), (bwd, (dy, x, dt, A, Bm, C, Dv, bias, w, al, h, hf))):
         g = aot_export_joint_simple(fn, args, trace_joint=False)
         for node in g.graph.nodes:
             if "triton_kernel_wrapper" in str(node.target):
@@ -668,6 +668,6 @@ for block in range(2):
 
     clones = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("clones")]
     assert {kernel for kernel, *_ in clones} >= {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel",
-                                                   "_fusion_bwd_state_kernel"}, out.stdout
+                                                   "_fusion_bwd_kernel"}, out.stdout
     for kernel, *cloned in clones:
         assert set(cloned) <= _OUTPUTS[kernel], f"{kernel}: the graph clones {cloned}"

@@ -245,9 +245,9 @@ def test_opcheck(op):
 
 def _op_outputs_and_grads(op, t, dilations, H, W, scan):
     tk = {n: v.detach().clone().requires_grad_() for n, v in t.items()}
-    y, h = op(*(tk[n] for n in NAMES), list(dilations), H, W, scan)
+    y, h, hf = op(*(tk[n] for n in NAMES), list(dilations), H, W, scan)
     y.backward(torch.linspace(-1, 1, y.numel(), device=y.device, dtype=y.dtype).view_as(y))
-    return [y.detach(), h] + [tk[n].grad for n in NAMES]
+    return [y.detach(), h, hf] + [tk[n].grad for n in NAMES]
 
 
 def test_traced_op_runs_the_same_kernels():
@@ -260,7 +260,7 @@ def test_traced_op_runs_the_same_kernels():
     t = make_inputs(Bsz=2, D=4, H=H, W=W, K=2)
     want = _op_outputs_and_grads(structure_aware_ssm_fused_op, t, [1, 2], H, W, "row")
     got = _op_outputs_and_grads(structure_aware_ssm_fused_traced, t, [1, 2], H, W, "row")
-    for name, a, b in zip(("y", "h") + NAMES, want, got):
+    for name, a, b in zip(("y", "h", "h'") + NAMES, want, got):
         assert torch.equal(a, b), f"{name} differs between the traced op and the custom op"
 
 
@@ -374,7 +374,7 @@ def test_bf16_gpu(backend, scan):
     check_against_reference(backend, t, [1, 3, 5], 9, 13, scan, TOL[torch.bfloat16])
 
 
-_N_CANDIDATES = max(len(fused_mod.FWD_CONFIGS), len(fused_mod.BWD_CONFIGS), len(fused_mod.STATE_CONFIGS),
+_N_CANDIDATES = max(len(fused_mod.FWD_CONFIGS), len(fused_mod.BWD_CONFIGS),
                     len(triton_scan.SCAN_FWD_CONFIGS), len(triton_scan.SCAN_BWD_CONFIGS))
 
 
@@ -386,7 +386,7 @@ def test_fp32_gpu_large_tiles(backend, config, monkeypatch):
     fusion and scan kernels (the tuner may pick any)."""
     monkeypatch.setattr(triton_scan, "MAX_BLOCK_L", _DEFAULTS["MAX_BLOCK_L"])
     monkeypatch.setattr(fused_mod, "ROWS_PER_PROGRAM", None)
-    for module, name in ((fused_mod, "FWD_CONFIGS"), (fused_mod, "BWD_CONFIGS"), (fused_mod, "STATE_CONFIGS"),
+    for module, name in ((fused_mod, "FWD_CONFIGS"), (fused_mod, "BWD_CONFIGS"),
                          (triton_scan, "SCAN_FWD_CONFIGS"), (triton_scan, "SCAN_BWD_CONFIGS")):
         configs = getattr(module, name)
         monkeypatch.setattr(module, name, (configs[config % len(configs)],))

@@ -157,55 +157,57 @@ selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_conte
 
 
 # ----------------------------------------------------------------------------------------------------
-# spatial_mamba::structure_aware_ssm_fused — (y, h): y in x's dtype, h the states kept for backward
+# spatial_mamba::structure_aware_ssm_fused — (y, h, h'): y in x's dtype, h and the fused states h' kept for backward
 
 
 @torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused", mutates_args=())
 def structure_aware_ssm_fused_op(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
     alpha: Tensor, dilations: list[int], H: int, W: int, scan: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     return fused_forward(x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(), weight.contiguous(),
                          alpha.contiguous(), dilations, H, W, SCANS[scan])
 
 
 @structure_aware_ssm_fused_op.register_fake
 def _(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
-    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=state_dtype(x.dtype))  # contiguous, as the kernels'
+    states = state_dtype(x.dtype)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=states), x.new_empty(x.shape, dtype=states)  # contiguous
 
 
 @torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused_backward", mutates_args=())
 def structure_aware_ssm_fused_backward(
     dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
-    weight: Tensor, alpha: Tensor, h: Tensor, dilations: list[int], H: int, W: int, scan: str,
+    weight: Tensor, alpha: Tensor, h: Tensor, hf: Tensor, dilations: list[int], H: int, W: int, scan: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = fused_backward(dy, x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(),
-                           weight.contiguous(), alpha.contiguous(), h, dilations, H, W, SCANS[scan])
+                           weight.contiguous(), alpha.contiguous(), h, hf, dilations, H, W, SCANS[scan])
     return tuple(g.contiguous() for g in grads)
 
 
 @structure_aware_ssm_fused_backward.register_fake
-def _(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, scan):
+def _(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, dilations, H, W, scan):
     return tuple(t.new_empty(t.shape) for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))
 
 
 def _fused_setup_context(ctx, inputs, output):
     x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan = inputs
-    y, h = output
-    ctx.mark_non_differentiable(h)
-    ctx.set_materialize_grads(False)  # h gets no gradient: no zero-filled (B, L, D) tensor for it
-    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, weight, alpha, h)
+    y, h, hf = output
+    ctx.mark_non_differentiable(h, hf)
+    ctx.set_materialize_grads(False)  # h, h' get no gradient: no zero-filled (B, L, D) tensors for them
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf)
     ctx.dilations, ctx.H, ctx.W, ctx.scan = list(dilations), H, W, scan
 
 
 def _fused_autograd(backward_op):
     """The autograd formula of a fused op whose backward is the op `backward_op` (the custom op's or the traced
     op's)."""
-    def backward(ctx, dy, _dh):
+    def backward(ctx, dy, _dh, _dhf):
         if dy is None:  # y did not reach the loss
             return (None,) * 13
-        x, dt, A, B, C, D, dt_bias, weight, alpha, h = ctx.saved_tensors
-        grads = backward_op(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, ctx.dilations, ctx.H, ctx.W, ctx.scan)
+        x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf = ctx.saved_tensors
+        grads = backward_op(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, ctx.dilations, ctx.H, ctx.W,
+                            ctx.scan)
         return (*grads, None, None, None, None)
 
     return backward
@@ -239,7 +241,7 @@ structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_s
 def structure_aware_ssm_fused_traced(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
     alpha: Tensor, dilations: list[int], H: int, W: int, scan: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     if ahead.untraceable(x, dt, B, C, H, W):  # the custom op reads the sizes at run time
         return structure_aware_ssm_fused_op(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
     A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
@@ -252,13 +254,13 @@ def structure_aware_ssm_fused_traced(
 @torch.library.triton_op("spatial_mamba::structure_aware_ssm_fused_traced_backward", mutates_args=())
 def structure_aware_ssm_fused_traced_backward(
     dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
-    weight: Tensor, alpha: Tensor, h: Tensor, dilations: list[int], H: int, W: int, scan: str,
+    weight: Tensor, alpha: Tensor, h: Tensor, hf: Tensor, dilations: list[int], H: int, W: int, scan: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if ahead.untraceable(dy, x, dt, B, C, h, H, W):
-        return structure_aware_ssm_fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W,
-                                                  scan)
+    if ahead.untraceable(dy, x, dt, B, C, h, hf, H, W):
+        return structure_aware_ssm_fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, dilations, H,
+                                                  W, scan)
     A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
-    args = (dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, dilations, H, W, SCANS[scan])
+    args = (dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, dilations, H, W, SCANS[scan])
     tune_for_trace(fused_backward, args, x.element_size() == 2)
     with ahead.tracing_launches():
         grads = fused_backward(*args)
@@ -309,7 +311,7 @@ def _(x_shape, dt_shape, A_shape, B_shape, C_shape, D_shape, bias_shape, weight_
 @register_flop_formula([torch.ops.spatial_mamba.structure_aware_ssm_fused_backward,
                         torch.ops.spatial_mamba.structure_aware_ssm_fused_traced_backward])
 def _(dy_shape, x_shape, dt_shape, A_shape, B_shape, C_shape, D_shape, bias_shape, weight_shape, alpha_shape,
-      h_shape, dilations, H, W, scan, *args, out_shape=None, **kwargs) -> int:
+      h_shape, hf_shape, dilations, H, W, scan, *args, out_shape=None, **kwargs) -> int:
     return 2 * _fused_flops(x_shape, weight_shape, dilations, scan)
 
 
@@ -329,16 +331,16 @@ class _FusedEager(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
         A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
         # the mixed weights (K·k·k·D fp32) kept for the backward: one launch less per step
-        y, h, wa = fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan],
-                                 keep_weights=True)
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, weight, alpha, h, wa)
+        y, h, hf, wa = fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan],
+                                     keep_weights=True)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, wa)
         ctx.static = (dilations, H, W, SCANS[scan])
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, dt, A, B, C, D, dt_bias, weight, alpha, h, wa = ctx.saved_tensors
-        grads = fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, *ctx.static, wa=wa)
+        x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, wa = ctx.saved_tensors
+        grads = fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, *ctx.static, wa=wa)
         return (*grads, None, None, None, None)
 
 
@@ -358,6 +360,11 @@ def structure_aware_ssm_fused(
         # its triton_op, whose kernels a compiled graph launches itself, unless SPATIAL_MAMBA_TRACED_OP=0)
         op = structure_aware_ssm_fused_traced if TRACED_OP and x.is_cuda else structure_aware_ssm_fused_op
         return op(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan)[0]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))):
+        # no backward will follow: no autograd node, and the forward does not store the fused states for one
+        A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
+        return fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, SCANS[scan],
+                             for_backward=False)[0]
     return _FusedEager.apply(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan)
 
 
