@@ -36,8 +36,9 @@ FACTORIES = {"t": spatial_mamba_t, "s": spatial_mamba_s, "b": spatial_mamba_b}
 # kinds of kernels, by name: the first whose pattern occurs in the kernel's name (lower case) wins
 KINDS = (
     ("SSM op (this project's kernels)", ("_scan_fwd_kernel", "_scan_bwd_kernel", "_fusion_fwd_kernel",
-                                         "_fusion_bwd_kernel", "_weight_grad_kernel", "_mix_weights_kernel",
-                                         "_fusion_edge_kernel", "_column_sums_kernel")),
+                                         "_fusion_bwd_state_kernel", "_fusion_bwd_param_kernel",
+                                         "_weight_grad_kernel", "_mix_weights_kernel", "_fusion_edge_kernel",
+                                         "_column_sums_kernel")),
     ("LayerNorm (this project's kernels)", ("_ln_fwd_kernel", "_ln_bwd_kernel")),
     ("depthwise conv (this project's kernels)", ("_dwconv_",)),
     ("drop path (this project's kernels)", ("_drop_path_",)),

@@ -96,8 +96,8 @@ def test_plan_of_the_fused_op_foresees_every_variant_it_launches(recorded, dtype
     assert launched and planned, "nothing launched or planned"
     assert set(planned) == set(launched)
     names = {p[0] for p in planned}
-    assert {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel", "_fusion_edge_kernel",
-            "_fusion_bwd_kernel", "_weight_grad_kernel", "_mix_weights_kernel"} <= names
+    assert {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel", "_fusion_bwd_param_kernel",
+            "_fusion_bwd_state_kernel", "_weight_grad_kernel", "_mix_weights_kernel"} <= names
     # once per shape class: a second call plans nothing
     n = len(planned)
     structure_aware_ssm_fused(*args, [1, 2, 3], 5, 6, "row").backward(torch.randn_like(y))
@@ -668,6 +668,6 @@ for block in range(2):
 
     clones = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("clones")]
     assert {kernel for kernel, *_ in clones} >= {"_scan_fwd_kernel", "_fusion_fwd_kernel", "_scan_bwd_kernel",
-                                                   "_fusion_bwd_kernel"}, out.stdout
+                                                   "_fusion_bwd_state_kernel"}, out.stdout
     for kernel, *cloned in clones:
         assert set(cloned) <= _OUTPUTS[kernel], f"{kernel}: the graph clones {cloned}"

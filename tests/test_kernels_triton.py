@@ -374,7 +374,7 @@ def test_bf16_gpu(backend, scan):
     check_against_reference(backend, t, [1, 3, 5], 9, 13, scan, TOL[torch.bfloat16])
 
 
-_N_CANDIDATES = max(len(fused_mod.FWD_CONFIGS), len(fused_mod.BWD_CONFIGS),
+_N_CANDIDATES = max(len(fused_mod.FWD_CONFIGS), len(fused_mod.BWD_CONFIGS), len(fused_mod.STATE_CONFIGS),
                     len(triton_scan.SCAN_FWD_CONFIGS), len(triton_scan.SCAN_BWD_CONFIGS))
 
 
@@ -386,7 +386,7 @@ def test_fp32_gpu_large_tiles(backend, config, monkeypatch):
     fusion and scan kernels (the tuner may pick any)."""
     monkeypatch.setattr(triton_scan, "MAX_BLOCK_L", _DEFAULTS["MAX_BLOCK_L"])
     monkeypatch.setattr(fused_mod, "ROWS_PER_PROGRAM", None)
-    for module, name in ((fused_mod, "FWD_CONFIGS"), (fused_mod, "BWD_CONFIGS"),
+    for module, name in ((fused_mod, "FWD_CONFIGS"), (fused_mod, "BWD_CONFIGS"), (fused_mod, "STATE_CONFIGS"),
                          (triton_scan, "SCAN_FWD_CONFIGS"), (triton_scan, "SCAN_BWD_CONFIGS")):
         configs = getattr(module, name)
         monkeypatch.setattr(module, name, (configs[config % len(configs)],))

@@ -28,8 +28,8 @@ def test_dry_run_captures_every_candidate_tile_and_restores_the_modules(monkeypa
     before = (fused.pick_config, triton_scan.pick_config, dict(triton_scan._SMS))
     launches = registers.capture(registers.dry_runs(["fused"], torch.bfloat16, [4]))
     names = {getattr(kernel, "__name__", None) or kernel.fn.__name__ for kernel, *_ in launches}
-    assert {"_scan_fwd_kernel", "_scan_bwd_kernel", "_fusion_fwd_kernel", "_fusion_edge_kernel",
-            "_fusion_bwd_kernel", "_weight_grad_kernel"} <= names
+    assert {"_scan_fwd_kernel", "_scan_bwd_kernel", "_fusion_fwd_kernel", "_fusion_bwd_param_kernel",
+            "_fusion_bwd_state_kernel", "_weight_grad_kernel"} <= names
     # every forward tile that fits 7×7 maps (BLOCK_C ≤ 8) is launched
     fwd = {(kw["BLOCK_C"], kw["BLOCK_D"], kw["num_warps"]) + ((1,) if kw["HOISTED"] else ())
            for kernel, args, kw in launches if kernel is fused._fusion_fwd_kernel}
@@ -96,8 +96,9 @@ _OUTPUTS = {
                          "end_ptr"},
     "_mix_weights_kernel": {"wa_ptr"},
     "_fusion_fwd_kernel": {"y_ptr", "hf_ptr"},
+    "_fusion_bwd_param_kernel": {"g_ptr", "dC_part_ptr", "G_part_ptr"},
     "_fusion_edge_kernel": {"el_ptr", "er_ptr"},
-    "_fusion_bwd_kernel": {"dh_ptr", "dC_part_ptr", "G_part_ptr"},
+    "_fusion_bwd_state_kernel": {"dh_ptr"},
     "_column_sums_kernel": {"out0_ptr", "out1_ptr", "out2_ptr"},
     "_weight_grad_kernel": {"dw_ptr", "dalpha_part_ptr"},
     "_dwconv_fwd_kernel": {"y_ptr", "pre_ptr"},

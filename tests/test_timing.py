@@ -301,7 +301,7 @@ def test_profile_step_sorts_kernels_into_kinds_and_refuses_a_cpu(capsys):
     profile_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_step)
     kind = profile_step.kernel_kind
-    assert kind("_fusion_bwd_kernel") == kind("_scan_fwd_kernel") == "SSM op (this project's kernels)"
+    assert kind("_fusion_bwd_param_kernel") == kind("_scan_fwd_kernel") == "SSM op (this project's kernels)"
     assert kind("_ln_fwd_kernel") == "LayerNorm (this project's kernels)"
     assert kind("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>") == "normalisation"
     assert kind("triton_per_fused_native_layer_norm_3") == "inductor-generated"

@@ -9,9 +9,9 @@ import triton.testing
 
 from src.kernels import fused, tuning
 
-CANDIDATES = ((16, 64, 4), (8, 128, 4), (32, 32, 4))
-KERNEL = "dwconv_fwd"  # its measured pick for 56² maps of 128 channels, (8, 128, 4), is among CANDIDATES
-FAKE_MS = {(16, 64, 4): 0.3, (8, 128, 4): 0.2, (32, 32, 4): 0.1}  # the fake timer: the last is the fastest
+CANDIDATES = ((16, 64, 4), (8, 128, 4, 1), (32, 32, 4))
+KERNEL = "fusion_bwd_state"  # its measured pick for 56² maps of 128 channels, (8, 128, 4, 1), is among CANDIDATES
+FAKE_MS = {(16, 64, 4): 0.3, (8, 128, 4, 1): 0.2, (32, 32, 4): 0.1}  # the fake timer: the last is the fastest
 
 
 @pytest.fixture
@@ -47,6 +47,9 @@ def test_measured_picks_by_map_size():
     assert tuning.measured_pick("fusion_fwd", 56 * 56, 99) == (4, 128, 4, 1)
     assert tuning.measured_pick("fusion_fwd", 56 * 56, 99, ((16, 64, 4), (8, 64, 4, 1))) == (8, 64, 4, 1)
     assert tuning.measured_pick("fusion_fwd", 7 * 7, 99, ((16, 64, 4), (16, 64, 2))) == (16, 64, 2)
+    assert tuning.measured_pick("fusion_bwd_state", 28 * 28, 99) == (4, 256, 4, 1)
+    assert tuning.measured_pick("fusion_bwd_state", 56 * 56, 99, fused.STATE_CONFIGS[:1]) == (8, 128, 4, 1)
+    assert tuning.measured_pick("fusion_bwd_state", 7 * 7, 99) == (8, 128, 2)
     assert tuning.measured_pick("no_such_kernel", 3136, 99) is None
     # a row of several configs: the first among the shape's candidates (64 channels rule out 128-channel tiles)
     assert tuning.measured_pick("dwconv_fwd", 3136, 99) == (8, 128, 4)
@@ -64,7 +67,7 @@ def test_measured_picks_by_map_size():
 def test_measured_pick_is_used_untimed_for_16_bit_inputs(fake_gpu):
     timed, cache = fake_gpu
     pick = tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True)
-    assert pick == (8, 128, 4) and timed == []  # nothing compiled or timed
+    assert pick == (8, 128, 4, 1) and timed == []  # nothing compiled or timed
     assert not cache.exists()
 
 
@@ -89,7 +92,7 @@ def test_fp32_and_forced_timing_pick_the_fastest_and_remember_it(fake_gpu, monke
 def test_no_timing_mode_and_unfitting_pick(fake_gpu, monkeypatch):
     timed, _ = fake_gpu
     monkeypatch.setenv("SPATIAL_MAMBA_TUNE", "0")
-    assert tuning.pick_config(KERNEL, ("a",), CANDIDATES, timed.append, tokens=3136, half=True) == (8, 128, 4)
+    assert tuning.pick_config(KERNEL, ("a",), CANDIDATES, timed.append, tokens=3136, half=True) == (8, 128, 4, 1)
     assert tuning.pick_config(KERNEL, ("b",), CANDIDATES, timed.append, tokens=3136) == (16, 64, 4)
     monkeypatch.delenv("SPATIAL_MAMBA_TUNE")
     # the measured tile is not among this shape's candidates (a narrow map clamps them): timed instead
@@ -116,7 +119,7 @@ def test_a_known_shape_on_a_given_device_asks_cuda_nothing(fake_gpu, monkeypatch
     monkeypatch.setattr(torch.cuda, "current_device", no_query)
     again = tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
                                device=torch.device("cuda", 0))
-    assert again == first == (8, 128, 4) and timed == []
+    assert again == first == (8, 128, 4, 1) and timed == []
     with pytest.raises(AssertionError, match="CUDA query"):  # another device index: the full path
         tuning.pick_config(KERNEL, ("k",), CANDIDATES, timed.append, tokens=3136, half=True,
                            device=torch.device("cuda", 1))
@@ -136,7 +139,8 @@ def test_every_measured_pick_is_a_candidate_tile():
 
     candidates = {
         "scan_fwd": triton_scan.SCAN_FWD_CONFIGS, "scan_bwd": triton_scan.SCAN_BWD_CONFIGS,
-        "fusion_fwd": fused.FWD_CONFIGS, "fusion_bwd": fused.BWD_CONFIGS, "dwconv_fwd": dwconv.FWD_CONFIGS,
+        "fusion_fwd": fused.FWD_CONFIGS, "fusion_bwd_param": fused.BWD_CONFIGS,
+        "fusion_bwd_state": fused.STATE_CONFIGS, "dwconv_fwd": dwconv.FWD_CONFIGS,
         "dwconv_bwd_input": dwconv.FWD_CONFIGS, "dwconv_bwd_param": dwconv.BWD_CONFIGS,
     }
     for table in tuning.MEASURED_PICKS.values():

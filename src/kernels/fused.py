@@ -12,28 +12,29 @@ walks overlap in their taps, so most of them come from the L1/L2 caches. The cen
 read the same element and are merged into one weight (`_mixed_weights`, one small kernel).
 
 The forward also stores h' itself when a backward will follow (inference does not): the backward's dC needs
-h' at every position, and recomputing it there took a second gather of h per tap.
+h' at every position, and recomputing it there took a weighted gather of h per tap.
 
 Backward, given dy, in kernel order:
-  `_fusion_edge_kernel`: per row and column offset s = m·d of a tap, the sums of g = dy·C over the columns
-       [0, s) and [W−s, W) (fp32, a few vectors per row): what the replicate clamp folds onto column 0 and
-       column W−1.
-  `_fusion_bwd_kernel`, one pass over g (computed from dy and C where it is gathered, never stored):
-     - dh = the fusion transposed applied to g. Tap (dr, dc) sends g at p to dh at clamp(p + (dr, dc)); so dh at
-       q gathers g over the positions p with clamp(p + offset) = q: one position q − offset inside the map (zero
-       outside it: the gather over the zero-padded domain), plus, on the border rows and columns, the positions
-       whose shifted index was clamped onto q — the halo folded back. Rows: a scalar box [lo, hi] per row and
-       tap (`_box_range`, more than one row only on the first and last row). Columns: the shifted gather, plus
-       for column 0 (tap dc < 0) the sum of g over columns [0, −dc) and for column W−1 (dc > 0) over
-       [W−dc, W): one load of the edge kernel's sums per tap, only in the tiles holding those columns. One
-       load per tap, no per-element clamps, no separate border launches.
-     - the weight gradient from the same tiles: a tap's G[tap] = Σ_p g[p]·h[clamp(p + offset)] regroups, by
-       q = clamp(p + offset), into Σ_q h[q]·T_tap[q], where T_tap[q] is exactly what that tap gathered for dh
-       at q (before its weight). So each tap adds h·T_tap to its accumulator tile: h is read at the centre
-       only, per-program fp32 partials, reduced once at the end.
-     - dC = Σ_channels dy·h', per channel-block partials, from the stored h'.
+  parameter kernel (`_fusion_bwd_param_kernel`): g = dy·C, written once (state dtype) for the dh kernel;
+       dC = Σ_channels dy·h' from the stored h', per channel block partials; and the weight gradient's
+       G[tap] = Σ_p g[p]·h[tap source of p] from one gather of h per tap, per-program fp32 partials. One pass over
+       the program's rows per dilation, each holding that dilation's KS² accumulator tiles only, reduced and
+       stored at its end (the later passes find the rows in the L1/L2 caches).
   `_weight_grad_kernel`: G summed over the partials in fp64 in a fixed order; dweight_i[tap] = alpha_i·G[tap]
        and dalpha_i = Σ w_i·G (fp64: it often cancels).
+  `_fusion_edge_kernel`: per row and column offset s = m·d of a tap, the sums of g over the columns [0, s) and
+       [W−s, W) (fp32, a few vectors per row): what the replicate clamp folds onto column 0 and column W−1.
+  dh kernel (`_fusion_bwd_state_kernel`): the fusion transposed applied to g. Tap (dr, dc) sends g at p to dh
+       at clamp(p + (dr, dc)); so dh at q gathers g over the positions p with clamp(p + offset) = q: one
+       position q − offset inside the map (zero outside it: the gather over the zero-padded domain), plus, on
+       the border rows and columns, the positions whose shifted index was clamped onto q — the halo folded
+       back. Rows: a scalar box [lo, hi] per row and tap (`_box_range`, more than one row only on the first
+       and last row). Columns: the shifted gather, plus for column 0 (tap dc < 0) the sum of g over columns
+       [0, −dc) and for column W−1 (dc > 0) over [W−dc, W): one load of the edge kernel's sums per tap, added
+       at that column once per row (only in the tiles holding those columns). One load per tap (g precomputed),
+       no per-element clamps, no separate border launches. Its 128- and 256-channel tiles load each tap's
+       weights as a (BLOCK_C, BLOCK_D) tile in g's layout (`W2D`), not as a channel vector that the compiler
+       would move through shared memory onto g's layout at every tap and row.
   Then the scan backward (triton_scan) with dh, which also adds D·dy into dx and returns dD = Σ dy·x.
 Nothing uses atomics: the op gives the same bits on every run.
 
@@ -172,27 +173,24 @@ def _fusion_fwd_kernel(
 
 
 @triton.jit
-def _g_tile(dy_base, C_b, sdy_l, sC_l, p, ok, mask_d):
-    """g = dy·C at raster positions p (zero where not ok), a (BLOCK_C, BLOCK_D) fp32 tile: computed where it is
-    gathered, never stored."""
-    dyv = tl.load(dy_base + p[:, None] * sdy_l, mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    return dyv * tl.load(C_b + p * sC_l, mask=ok, other=0.0).to(tl.float32)[:, None]
+def _g_tile(g_base, D, p, ok, mask_d):
+    """g at raster positions p (zero where not ok), a (BLOCK_C, BLOCK_D) fp32 tile."""
+    return tl.load(g_base + p[:, None] * D, mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["H", "W", "dil_packed"])
-def _fusion_edge_kernel(dy_ptr, C_ptr, el_ptr, er_ptr, sdy_b, sdy_l, sdy_d, sC_b, sC_l, D, H, W, dil_packed,
+def _fusion_edge_kernel(g_ptr, el_ptr, er_ptr, D, H, W, dil_packed,
                         NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For row `row` of image b and each column offset s = m·d_k (m = 1 … KS // 2) of a tap: the sums of g = dy·C
-    over the columns that the replicate clamp of offset −s moves onto column 0 (EL: columns [0, min(s, W))) and of
-    +s onto column W − 1 (ER: the last min(s, W) columns), fp32, (B, H, NDIL·(KS // 2), D). The backward kernel's
-    column folds then cost one load per tap instead of a loop over s columns. Grid (H, channel blocks, B)."""
+    """For row `row` of image b and each column offset s = m·d_k (m = 1 … KS // 2) of a tap: the sums of g over
+    the columns that the replicate clamp of offset −s moves onto column 0 (EL: columns [0, min(s, W))) and of +s
+    onto column W − 1 (ER: the last min(s, W) columns), fp32, (B, H, NDIL·(KS // 2), D). The dh kernel's column
+    folds then cost one vector load per tap instead of a loop over s columns. Grid (H, channel blocks, B)."""
     row = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     b = tl.program_id(2).to(tl.int64)
     P: tl.constexpr = KS // 2
-    dy_row = dy_ptr + b * sdy_b + row * W * sdy_l + offs_d * sdy_d
-    C_row = C_ptr + b * sC_b + row * W * sC_l
+    g_row = g_ptr + (b * H + row) * W * D + offs_d
     out = (b * H + row) * (NDIL * P) * D + offs_d
     for k in tl.static_range(NDIL):
         d = (dil_packed >> (8 * k)) & 255
@@ -202,29 +200,23 @@ def _fusion_edge_kernel(dy_ptr, C_ptr, el_ptr, er_ptr, sdy_b, sdy_l, sdy_d, sC_b
         for m in tl.static_range(1, P + 1):  # the sums grow outward from each edge: s = d, 2d, ... reuse them
             n = tl.minimum(m * d, W)
             for j in range(done, n):
-                cl = tl.load(C_row + j * sC_l).to(tl.float32)
-                cr = tl.load(C_row + (W - 1 - j) * sC_l).to(tl.float32)
-                left += cl * tl.load(dy_row + j * sdy_l, mask=mask_d, other=0.0).to(tl.float32)
-                right += cr * tl.load(dy_row + (W - 1 - j) * sdy_l, mask=mask_d, other=0.0).to(tl.float32)
+                left += tl.load(g_row + j * D, mask=mask_d, other=0.0).to(tl.float32)
+                right += tl.load(g_row + (W - 1 - j) * D, mask=mask_d, other=0.0).to(tl.float32)
             done = n
             tl.store(el_ptr + out + (k * P + m - 1) * D, left, mask=mask_d)
             tl.store(er_ptr + out + (k * P + m - 1) * D, right, mask=mask_d)
 
 
 @triton.jit
-def _fold_tile(el_ptr, er_ptr, bH, row, D, offs_d, mask_d, cols, left, right, W, KP: tl.constexpr,
-               COL_STEP: tl.constexpr, NS: tl.constexpr):
+def _edge_vector(el_ptr, er_ptr, bH, row, D, offs_d, mask_d, left, right, KP: tl.constexpr, COL_STEP: tl.constexpr,
+                 NS: tl.constexpr):
     """The precomputed column fold (`_fusion_edge_kernel`) of source row `row` for the tap of column offset
-    COL_STEP·d_k (KP = k·(KS // 2); bH = b·H, int64), placed in a (BLOCK_C, BLOCK_D) fp32 tile: EL's sum at column 0
-    for COL_STEP < 0, ER's at column W − 1 for COL_STEP > 0, zero elsewhere (one vector's load; the tile's other
-    lanes are masked off)."""
-    zero = 0 * cols[:, None]
+    COL_STEP·d_k (KP = k·(KS // 2); bH = b·H, int64): EL's sum for COL_STEP < 0 in a tile holding column 0,
+    ER's for COL_STEP > 0 in one holding column W − 1, zero otherwise; a (BLOCK_D,) fp32 vector."""
     if COL_STEP < 0:
-        ok = (cols == 0)[:, None] & mask_d[None, :] & left
-        v = tl.load(el_ptr + ((bH + row) * NS + KP - COL_STEP - 1) * D + offs_d[None, :] + zero, mask=ok, other=0.0)
+        v = tl.load(el_ptr + ((bH + row) * NS + KP - COL_STEP - 1) * D + offs_d, mask=mask_d & left, other=0.0)
     else:
-        ok = (cols == W - 1)[:, None] & mask_d[None, :] & right
-        v = tl.load(er_ptr + ((bH + row) * NS + KP + COL_STEP - 1) * D + offs_d[None, :] + zero, mask=ok, other=0.0)
+        v = tl.load(er_ptr + ((bH + row) * NS + KP + COL_STEP - 1) * D + offs_d, mask=mask_d & right, other=0.0)
     return v
 
 
@@ -240,114 +232,142 @@ def _weight_tile(wa_ptr, tap, D, offs_d, mask_d, w_offs, W2D: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
-def _fusion_bwd_kernel(
-    dy_ptr, C_ptr, h_ptr, hf_ptr, wa_ptr, el_ptr, er_ptr, dh_ptr, dC_part_ptr, G_part_ptr,
-    sC_b, sC_l, sdy_b, sdy_l, sdy_d,
-    Bsz, D, H, W, dil_packed, n_ctiles, rows,
-    NDIL: tl.constexpr, KS: tl.constexpr, NTAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    W2D: tl.constexpr,
+def _fusion_bwd_state_kernel(
+    g_ptr, wa_ptr, el_ptr, er_ptr, dh_ptr,
+    D, H, W, dil_packed, n_ctiles, rows,
+    NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, W2D: tl.constexpr,
 ):
-    """The fusion's backward for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b, in one pass over g =
-    dy·C: dh (the fusion's adjoint applied to g), fp32 partials of dC = Σ_channels dy·h' (over this block's channels;
-    h' as the forward stored it) and of the weight gradient's G[tap] = Σ_q h[q]·T_tap[q] (over this program's
-    positions), where T_tap[q] is the sum of g over the positions whose tap source is q — the very term that tap
-    adds to dh[q] (times its weight). el, er: the column folds of `_fusion_edge_kernel` (unused for KS = 1).
-    W2D: each tap's weights are loaded as a (BLOCK_C, BLOCK_D) tile whose rows are all the same vector, in g's
-    layout; a (BLOCK_D,) vector broadcast against g instead costs a conversion through shared memory (a barrier)
-    at every tap and row on some tiles. For an empty dilation list dh = g."""
+    """dh = the fusion's adjoint applied to g = dy·C (written by the parameter kernel, contiguous (B, L, D)),
+    for `rows` rows × BLOCK_C columns × BLOCK_D channels of image b (NDIL ≥ 1); el, er: the column folds of
+    `_fusion_edge_kernel` (unused for KS = 1). W2D: each tap's weights are loaded as a (BLOCK_C, BLOCK_D) tile
+    whose rows are all the same vector, in g's layout; a (BLOCK_D,) vector broadcast against g instead costs a
+    conversion through shared memory (a barrier) at every tap and row on some tiles."""
     pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
     w_offs = offs_d[None, :] + 0 * cols[:, None]  # W2D: the weight tile's offsets, each row the channels
     P: tl.constexpr = KS // 2
     NS: tl.constexpr = NDIL * P
-    L = H * W
-    dh_base = dh_ptr + b * L * D + offs_d[None, :]
-    h_base = h_ptr + b * L * D + offs_d[None, :]
-    hf_base = hf_ptr + b * L * D + offs_d[None, :]
-    dy_base = dy_ptr + b * sdy_b + offs_d[None, :] * sdy_d
-    C_b = C_ptr + b * sC_b
+    dh_base = dh_ptr + b * H * W * D + offs_d[None, :]
+    g_base = g_ptr + b * H * W * D + offs_d[None, :]
     bH = b * H  # (int64) rows of the images before b, for the edge sums
     left = ct == 0  # this tile holds column 0
     right = (ct + 1) * BLOCK_C >= W  # ... and column W-1
-    G = (tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32),) * NTAP
     r0 = band * rows
     for r in range(r0, tl.minimum(r0 + rows, H)):
         pos = r * W + cols
-        dyc = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32)
-        hfc = tl.load(hf_base + pos[:, None] * D, mask=m, other=0.0).to(tl.float32)
-        tl.store(dC_part_ptr + (pid_d * Bsz + b) * L + pos, tl.sum(dyc * hfc, axis=1), mask=mask_c)
-        if NDIL == 0:
-            dh = dyc * tl.load(C_b + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)[:, None]
-        else:
-            hc = tl.load(h_base + pos[:, None] * D, mask=m, other=0.0).to(tl.float32)
-            # main gathers: tap (dr, dc) sends g at (r − dr, c − dc) to (r, c) when that position exists —
-            # straight-line code, so all taps' loads are in flight together
-            dh = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-            G_new = ()
+        # main gathers: tap (dr, dc) sends g at (r − dr, c − dc) to (r, c) when that position exists —
+        # straight-line code, so all taps' loads are in flight together
+        dh = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(NDIL):
+            d = (dil_packed >> (8 * k)) & 255
+            for a in tl.static_range(KS):
+                sr = r - (a - P) * d
+                row_ok = (sr >= 0) & (sr < H)
+                for c in tl.static_range(KS):
+                    if k == 0 or a != P or c != P:
+                        src_c = cols - (c - P) * d
+                        ok = mask_c & (src_c >= 0) & (src_c < W) & row_ok
+                        dh += _weight_tile(wa_ptr, (k * KS + a) * KS + c, D, offs_d, mask_d, w_offs, W2D) * \
+                            _g_tile(g_base, D, sr * W + src_c, ok, mask_d)
+        # the halo folded back: the columns clamped onto column 0 / W-1 (edge tiles only; one vector each,
+        # placed at that column once per row) ...
+        fold_l = tl.zeros([BLOCK_D], dtype=tl.float32)
+        fold_r = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if left | right:
             for k in tl.static_range(NDIL):
                 d = (dil_packed >> (8 * k)) & 255
                 for a in tl.static_range(KS):
                     sr = r - (a - P) * d
-                    row_ok = (sr >= 0) & (sr < H)
-                    for c in tl.static_range(KS):
-                        if k == 0 or a != P or c != P:
-                            src_c = cols - (c - P) * d
-                            ok = mask_c & (src_c >= 0) & (src_c < W) & row_ok
-                            t = _g_tile(dy_base, C_b, sdy_l, sC_l, sr * W + src_c, ok, mask_d)
-                            dh += _weight_tile(wa_ptr, (k * KS + a) * KS + c, D, offs_d, mask_d, w_offs, W2D) * t
-                            G_new = G_new + (G[(k * KS + a) * KS + c] + hc * t,)
-                        else:  # a merged centre tap: its sum is k = 0's (the weight-gradient kernel reads that)
-                            G_new = G_new + (G[(k * KS + a) * KS + c],)
-            G = G_new
-            # the halo folded back, in the tiles holding column 0 or W − 1: the columns clamped onto them (one
-            # vector a tap and row, from the edge kernel) ...
-            if left | right:
-                G_new = ()
-                for k in tl.static_range(NDIL):
-                    d = (dil_packed >> (8 * k)) & 255
-                    for a in tl.static_range(KS):
-                        sr = r - (a - P) * d
-                        row_ok = (sr >= 0) & (sr < H)
+                    if (sr >= 0) & (sr < H):
                         for c in tl.static_range(KS):
                             if c != P:
-                                t = _fold_tile(el_ptr, er_ptr, bH, sr, D, offs_d, mask_d & row_ok, cols, left,
-                                               right, W, k * P, c - P, NS)
-                                dh += _weight_tile(wa_ptr, (k * KS + a) * KS + c, D, offs_d, mask_d, w_offs,
-                                                   W2D) * t
-                                G_new = G_new + (G[(k * KS + a) * KS + c] + hc * t,)
-                            else:
-                                G_new = G_new + (G[(k * KS + a) * KS + c],)
-                G = G_new
-            # ... and the rows clamped onto the first / last row: for tap (dr, dc) the source rows [lo, hi] whose
-            # clamp lands on row r (`_box_range`) other than the main gather's, each gathered like it, with their
-            # column folds
-            if (r == 0) | (r == H - 1):
-                G_new = ()
-                for k in tl.static_range(NDIL):
-                    d = (dil_packed >> (8 * k)) & 255
-                    for a in tl.static_range(KS):
+                                w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                                e = _edge_vector(el_ptr, er_ptr, bH, sr, D, offs_d, mask_d, left, right,
+                                                 k * P, c - P, NS)
+                                if c < P:
+                                    fold_l += w * e
+                                else:
+                                    fold_r += w * e
+        # ... and the rows clamped onto the first / last row: for tap (dr, dc) the source rows [lo, hi] whose
+        # clamp lands on row r (`_box_range`) other than the main gather's, each gathered like it, with their
+        # column folds
+        if (r == 0) | (r == H - 1):
+            for k in tl.static_range(NDIL):
+                d = (dil_packed >> (8 * k)) & 255
+                for a in tl.static_range(KS):
+                    if a != P:
+                        dr = (a - P) * d
+                        lo, hi = _box_range(r, dr, H)
                         for c in tl.static_range(KS):
-                            if a != P:
-                                dr = (a - P) * d
-                                lo, hi = _box_range(r, dr, H)
-                                src_c = cols - (c - P) * d
-                                ok_c = mask_c & (src_c >= 0) & (src_c < W)
-                                box = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-                                for sr in range(lo, hi + 1):
-                                    if sr != r - dr:  # the main gather has that one
-                                        box += _g_tile(dy_base, C_b, sdy_l, sC_l, sr * W + src_c, ok_c, mask_d)
-                                        if c != P:
-                                            box += _fold_tile(el_ptr, er_ptr, bH, sr, D, offs_d, mask_d, cols,
-                                                              left, right, W, k * P, c - P, NS)
-                                dh += _weight_tile(wa_ptr, (k * KS + a) * KS + c, D, offs_d, mask_d, w_offs,
-                                                   W2D) * box
-                                G_new = G_new + (G[(k * KS + a) * KS + c] + hc * box,)
-                            else:
-                                G_new = G_new + (G[(k * KS + a) * KS + c],)
-                G = G_new
+                            w = tl.load(wa_ptr + ((k * KS + a) * KS + c) * D + offs_d, mask=mask_d, other=0.0)
+                            w_tile = _weight_tile(wa_ptr, (k * KS + a) * KS + c, D, offs_d, mask_d, w_offs, W2D)
+                            src_c = cols - (c - P) * d
+                            ok_c = mask_c & (src_c >= 0) & (src_c < W)
+                            box = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+                            edge = tl.zeros([BLOCK_D], dtype=tl.float32)
+                            for sr in range(lo, hi + 1):
+                                if sr != r - dr:  # the main gather has that one
+                                    box += _g_tile(g_base, D, sr * W + src_c, ok_c, mask_d)
+                                    if c != P:
+                                        edge += _edge_vector(el_ptr, er_ptr, bH, sr, D, offs_d, mask_d, left,
+                                                             right, k * P, c - P, NS)
+                            dh += w_tile * box
+                            if c < P:
+                                fold_l += w * edge
+                            if c > P:
+                                fold_r += w * edge
+        if left | right:
+            dh += tl.where((cols == 0)[:, None], fold_l[None, :], 0.0)
+            dh += tl.where((cols == W - 1)[:, None], fold_r[None, :], 0.0)
         tl.store(dh_base + pos[:, None] * D, dh.to(dh_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
+def _fusion_bwd_param_kernel(
+    h_ptr, hf_ptr, C_ptr, dy_ptr, g_ptr, dC_part_ptr, G_part_ptr,
+    sC_b, sC_l, sdy_b, sdy_l, sdy_d,
+    Bsz, D, H, W, dil_packed, n_ctiles, rows,
+    NDIL: tl.constexpr, KS: tl.constexpr, NTAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """g = dy·C itself (contiguous (B, L, D), the state dtype), which the dh kernel gathers; fp32 partials of
+    dC = Σ_channels dy·h' over this block's channels (h' as the forward stored it); and of the weight gradient's
+    G[tap] = Σ_p g[p]·h[tap source of p] over this program's positions. One pass over the program's rows per
+    dilation, each holding only that dilation's KS² accumulator tiles (the later passes find the rows in the
+    L1/L2 caches): all taps' accumulators at once, with their loads in flight, took every register and spilled."""
+    pid, ct, band, pid_d, b, cols, mask_c, offs_d, mask_d, m = _program_tile(n_ctiles, W, D, BLOCK_C, BLOCK_D)
+    L = H * W
+    h_base = h_ptr + b * L * D + offs_d[None, :]
+    dy_base = dy_ptr + b * sdy_b + offs_d[None, :] * sdy_d
+    P: tl.constexpr = KS // 2
     part = (b * tl.num_programs(0) + pid) * NTAP * D + offs_d  # (B, programs over positions, NTAP, D)
-    for tap in tl.static_range(NTAP):
-        tl.store(G_part_ptr + part + tap * D, tl.sum(G[tap], axis=0), mask=mask_d)
+    r0 = band * rows
+    r1 = tl.minimum(r0 + rows, H)
+    for k in tl.static_range(max(NDIL, 1)):  # (one pass for g and dC alone without dilations)
+        d = (dil_packed >> (8 * k)) & 255
+        G = (tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32),) * (KS * KS)
+        for r in range(r0, r1):
+            pos = r * W + cols
+            dyc = tl.load(dy_base + pos[:, None] * sdy_l, mask=m, other=0.0).to(tl.float32)
+            g = dyc * tl.load(C_ptr + b * sC_b + pos * sC_l, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+            if k == 0:
+                tl.store(g_ptr + b * L * D + pos[:, None] * D + offs_d[None, :], g.to(g_ptr.dtype.element_ty), mask=m)
+                hfc = tl.load(hf_ptr + b * L * D + pos[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+                tl.store(dC_part_ptr + (pid_d * Bsz + b) * L + pos, tl.sum(dyc * hfc.to(tl.float32), axis=1),
+                         mask=mask_c)
+            if NDIL > 0:
+                G_new = ()
+                for a in tl.static_range(KS):
+                    src_row = _clamp(r + (a - P) * d, H - 1) * W
+                    for c in tl.static_range(KS):
+                        if k == 0 or a != P or c != P:  # later centre taps are merged into k = 0's
+                            src = src_row + _clamp(cols + (c - P) * d, W - 1)
+                            hv = tl.load(h_base + src[:, None] * D, mask=m, other=0.0).to(tl.float32)
+                            G_new = G_new + (G[a * KS + c] + g * hv,)
+                        else:  # (tuple indices inline: they must stay compile-time constants)
+                            G_new = G_new + (G[a * KS + c],)
+                G = G_new
+        if NDIL > 0:
+            for i in tl.static_range(KS * KS):
+                tl.store(G_part_ptr + part + (k * KS * KS + i) * D, tl.sum(G[i], axis=0), mask=mask_d)
 
 
 @triton.jit
@@ -370,10 +390,10 @@ def _mix_weights_kernel(w_ptr, alpha_ptr, wa_ptr, D, NDIL: tl.constexpr, KS: tl.
                 tl.store(wa_ptr + ((k * KS + a) * KS + c) * D + offs, v, mask=m)
 
 
-@triton.jit(do_not_specialize=["R"])  # R follows the backward kernel's tile: one variant for every tile
+@triton.jit(do_not_specialize=["R"])  # R follows the parameter kernel's tile: one variant for every tile
 def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R, D,
                         NDIL: tl.constexpr, KS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For one tap and block of channels, from the backward kernel's fp32 partials G_part (R rows, taps, D):
+    """For one tap and block of channels, from the parameter kernel's fp32 partials G_part (R rows, taps, D):
     G = Σ_rows in fp64 (fixed order), dweight[k, d, a, c] = alpha_k·G, and the share Σ_d w·G of dalpha_k.
     A merged centre tap (k > 0) takes dilation 0's sums."""
     pid_d = tl.program_id(0)
@@ -401,18 +421,25 @@ def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R
 # ----------------------------------------------------------------------------------------------------
 # launchers (no checks: ops.py checks shapes, dtypes and devices first)
 
-# candidate tiles (BLOCK_C columns, BLOCK_D channels, warps[, 1]). The backward kernel holds more per element (one
-# accumulator tile per tap; all taps' loads in flight), so its tiles keep about 4 elements per thread: at 8 they
-# spill registers (ptxas, sm_90). A fourth entry 1 asks for a kernel's weight-loading variant:
+# candidate tiles (BLOCK_C columns, BLOCK_D channels, warps[, 1]). The dh kernel holds all taps' loads in flight,
+# so its tiles keep about 4 elements per thread: at 8 they spill registers (ptxas, sm_90). A fourth entry 1 asks
+# for a kernel's weight-loading variant:
 # - forward (`HOISTED`): every tap's weights loaded once, before the row loop (26 weight vectors held in
 #   registers: 166 registers in bf16 and no spills at 4 elements a thread). Hoisted tiles won at every size of T on
 #   Hopper, by 9-21 % over the best unhoisted one; which of them depends on the map (`tuning.MEASURED_PICKS`).
 #   Measured and left out: hoisted 8 × 128 on 8 warps, 16 × 64 and 32 × 32 on 4 or 8 (slower than unhoisted).
-# - backward (`W2D`): each tap's weights loaded as a tile in g's layout. A (BLOCK_D,) vector broadcast against g
-#   is converted through shared memory at every tap and row on the 128-channel tiles (two `bar.sync` a tap;
-#   `benchmarks/registers.py`); on the 64-channel tiles the two variants compile alike.
+# - dh kernel (`W2D`): each tap's weights loaded as a tile in g's layout. A (BLOCK_D,) vector broadcast against
+#   g is converted through shared memory at every tap and row on the 128-channel tiles (two `bar.sync` a tap;
+#   `benchmarks/registers.py`); the W2D 8 × 128 tile on 4 warps is 15 % faster at 56², 4 × 256 on 4 warps 23 % at
+#   28² than the vector-weight 8 × 128 on 4 warps picked before (7 % and 9 % than the best vector-weight tile);
+#   on the 64-channel tiles the two variants compile alike.
+# The parameter kernel holds one dilation's KS² accumulator tiles at a time and no weights: 80-136 registers and no
+# spills at 2-8 elements a thread (ptxas, sm_90; all taps' accumulators at once took 255 and spilled).
 FWD_CONFIGS = ((8, 64, 4, 1), (4, 128, 4, 1), (2, 128, 2, 1), (4, 64, 2, 1), (2, 64, 1, 1), (8, 128, 8), (16, 64, 2))
-BWD_CONFIGS = ((8, 32, 2), (8, 64, 4), (16, 32, 4), (4, 128, 4, 1), (8, 128, 8, 1), (32, 32, 8))
+BWD_CONFIGS = ((8, 64, 4), (4, 128, 4), (8, 128, 4), (16, 64, 4), (8, 32, 2), (16, 128, 8), (8, 64, 2))
+# the dh kernel holds one load per tap in flight but no per-tap accumulators
+STATE_CONFIGS = ((8, 128, 4, 1), (4, 256, 4, 1), (8, 128, 2), (4, 128, 2, 1), (8, 128, 4), (16, 64, 4), (8, 64, 4),
+                 (32, 32, 4))
 EDGE_BLOCK_D = 128  # channels per program of the column-fold sums (`_fusion_edge_kernel`)
 INTERPRETER_CONFIG = (8, 16, 1)  # tile in the CPU interpreter (the kernel tests lower it)
 ROWS_PER_PROGRAM = None  # None: enough row bands to give every multiprocessor 8 programs (tests set it)
@@ -508,31 +535,44 @@ def fused_backward(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, dilatio
     dev = x.device
     wa = _mixed_weights(weight, alpha) if wa is None else wa
     packed, NTAP = pack_dilations(dilations), K * ks * ks
-    NS = K * (ks // 2)  # column offsets m·d of the taps (m = 1 ... k // 2): their folds, summed once
-    el = torch.empty(Bsz, H, max(NS, 1), Dm, device=dev, dtype=torch.float32)
-    er = torch.empty_like(el)
-    if NS:
-        launch(_fusion_edge_kernel, (H, cdiv(Dm, EDGE_BLOCK_D), Bsz), dy, C, el, er,
-               dy.stride(0), dy.stride(1), dy.stride(2), C.stride(0), C.stride(1), Dm, H, W, packed,
-               NDIL=K, KS=ks, BLOCK_D=EDGE_BLOCK_D, num_warps=4)
-    dh = torch.empty(Bsz, L, Dm, device=dev, dtype=h.dtype)
+    g = torch.empty(Bsz, L, Dm, device=dev, dtype=h.dtype)  # dy·C; for an empty dilation list it is dh
+    key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
+    half = x.element_size() == 2
     out = {}
 
-    def run(cfg):
+    def run_param(cfg):
         grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
         out["dC_part"] = torch.empty(grid[1], Bsz, L, device=dev, dtype=torch.float32)
         out["G_part"] = torch.empty(Bsz, grid[0], max(NTAP, 1), Dm, device=dev, dtype=torch.float32)
-        launch(_fusion_bwd_kernel, grid,
-            dy, C, h, hf, wa, el, er, dh, out["dC_part"], out["G_part"],
+        launch(_fusion_bwd_param_kernel, grid,
+            h, hf, C, dy, g, out["dC_part"], out["G_part"],
             C.stride(0), C.stride(1), dy.stride(0), dy.stride(1), dy.stride(2),
             Bsz, Dm, H, W, packed, n_ctiles, rows,
             NDIL=K, KS=ks, NTAP=NTAP, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2],
-            W2D=len(cfg) > 3 and bool(cfg[3]),
         )
 
-    key = (Bsz, Dm, H, W, K, ks, str(x.dtype))
-    run(pick_config("fusion_bwd", key, _candidates(BWD_CONFIGS, Dm, W), run, L, x.element_size() == 2, dev))
-    el = er = None  # freed before the scan backward
+    run_param(pick_config("fusion_bwd_param", key, _candidates(BWD_CONFIGS, Dm, W), run_param, L, half, dev))
+    if K:
+        dh = torch.empty_like(g)
+        NS = K * (ks // 2)  # column offsets m·d of the taps (m = 1 ... k // 2): their folds, summed once
+        el = torch.empty(Bsz, H, max(NS, 1), Dm, device=dev, dtype=torch.float32)
+        er = torch.empty_like(el)
+        if NS:
+            launch(_fusion_edge_kernel, (H, cdiv(Dm, EDGE_BLOCK_D), Bsz), g, el, er, Dm, H, W, packed,
+                   NDIL=K, KS=ks, BLOCK_D=EDGE_BLOCK_D, num_warps=4)
+
+        def run_state(cfg):
+            grid, n_ctiles, rows = _grid(Bsz, Dm, H, W, cfg, dev)
+            launch(_fusion_bwd_state_kernel, grid,
+                g, wa, el, er, dh, Dm, H, W, packed, n_ctiles, rows,
+                NDIL=K, KS=ks, BLOCK_C=cfg[0], BLOCK_D=cfg[1], num_warps=cfg[2], W2D=len(cfg) > 3 and bool(cfg[3]),
+            )
+
+        run_state(pick_config("fusion_bwd_state", key, _candidates(STATE_CONFIGS, Dm, W), run_state, L, half,
+                              dev))
+        g = el = er = None  # freed before the scan backward
+    else:
+        dh = g
     dx, ddt, dA, dB, dbias, dD = scan_backward(x, dt, A, B, dt_bias, h, dh, H, W, directions, dy=dy, D_skip=D)
     dC = torch.empty(Bsz, L, 1, device=dev, dtype=C.dtype)  # (channel blocks, B, L) -> (B, L, 1)
     column_sums(out["dC_part"].view(1, -1, Bsz * L), (dC,))
