@@ -50,6 +50,8 @@ def test_measured_picks_by_map_size():
     assert tuning.measured_pick("fusion_bwd_state", 28 * 28, 99) == (4, 256, 4, 1)
     assert tuning.measured_pick("fusion_bwd_state", 56 * 56, 99, fused.STATE_CONFIGS[:1]) == (8, 128, 4, 1)
     assert tuning.measured_pick("fusion_bwd_state", 7 * 7, 99) == (8, 128, 2)
+    assert tuning.measured_pick("fusion_bwd_param", 56 * 56, 99) == (8, 64, 2)
+    assert tuning.measured_pick("fusion_bwd_param", 7 * 7, 99) == (8, 64, 2)
     assert tuning.measured_pick("no_such_kernel", 3136, 99) is None
     # a row of several configs: the first among the shape's candidates (64 channels rule out 128-channel tiles)
     assert tuning.measured_pick("dwconv_fwd", 3136, 99) == (8, 128, 4)

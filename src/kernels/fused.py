@@ -434,9 +434,10 @@ def _weight_grad_kernel(G_part_ptr, w_ptr, alpha_ptr, dw_ptr, dalpha_part_ptr, R
 #   28² than the vector-weight 8 × 128 on 4 warps picked before (7 % and 9 % than the best vector-weight tile);
 #   on the 64-channel tiles the two variants compile alike.
 # The parameter kernel holds one dilation's KS² accumulator tiles at a time and no weights: 80-136 registers and no
-# spills at 2-8 elements a thread (ptxas, sm_90; all taps' accumulators at once took 255 and spilled).
+# spills at 2-8 elements a thread (ptxas, sm_90; all taps' accumulators at once took 255 and spilled). Measured and
+# left out: 16 × 128 on 8 warps (the slowest at every size, by 1.6-2.5 ×).
 FWD_CONFIGS = ((8, 64, 4, 1), (4, 128, 4, 1), (2, 128, 2, 1), (4, 64, 2, 1), (2, 64, 1, 1), (8, 128, 8), (16, 64, 2))
-BWD_CONFIGS = ((8, 64, 4), (4, 128, 4), (8, 128, 4), (16, 64, 4), (8, 32, 2), (16, 128, 8), (8, 64, 2))
+BWD_CONFIGS = ((8, 64, 2), (8, 64, 4), (8, 32, 2), (16, 64, 4), (4, 128, 4), (8, 128, 4))
 # the dh kernel holds one load per tap in flight but no per-tap accumulators
 STATE_CONFIGS = ((8, 128, 4, 1), (4, 256, 4, 1), (8, 128, 2), (4, 128, 2, 1), (8, 128, 4), (16, 64, 4), (8, 64, 4),
                  (32, 32, 4))

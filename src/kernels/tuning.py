@@ -54,9 +54,11 @@ MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple], ...]]] 
         # the taps' weights loaded once (4 elements a thread) beat every other at all four sizes: the narrower the
         # map, the fewer columns a tile (14 % at 28² and 11 % at 14² over 8 × 64 on 4 warps, which wins at 7²); the
         # dh kernel's tiles with weights in g's layout won down to 28² (15 % and 23 %), the vector-weight 8 × 128
-        # on 2 warps at 14² and 7²
+        # on 2 warps at 14² and 7²; the parameter kernel's 8 × 64 on 2 warps was the fastest tile or within 0.5 %
+        # of it at every size (H200)
         "fusion_fwd": ((784, ((4, 128, 4, 1), (8, 64, 4, 1))), (196, ((2, 128, 2, 1), (8, 64, 4, 1))),
                        (0, ((8, 64, 4, 1), (8, 128, 8), (16, 64, 2)))),
+        "fusion_bwd_param": ((0, (8, 64, 2)),),
         "fusion_bwd_state": ((784, ((4, 256, 4, 1), (8, 128, 4, 1))), (0, (8, 128, 2))),
         # (BLOCK_W, BLOCK_C, warps); 16 × 64 where 64 channels rule out 128-channel tiles
         "dwconv_fwd": ((3136, ((8, 128, 4), (16, 64, 2))), (0, ((8, 128, 2), (16, 64, 2)))),
