@@ -175,6 +175,27 @@ def test_fused_forward_without_grad_and_backends_agree():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_forward_keeps_the_fused_states_only_for_a_backward(monkeypatch):
+    """The forward stores h' (which the backward's dC reads) only where a backward can follow: an eager call
+    without gradients asks the launcher not to, and gives the same y as one with gradients."""
+    from src.kernels import ops
+
+    asked, forward = [], ops.fused_forward
+
+    def recording_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        asked.append((kwargs.get("for_backward", True), out[2] is not None))
+        return out
+
+    monkeypatch.setattr(ops, "fused_forward", recording_forward)
+    t = make_inputs(H=5, W=7, K=3)
+    with torch.no_grad():
+        y_inference = structure_aware_ssm_fused(*(t[n] for n in NAMES), [1, 3, 5], 5, 7, "row")
+    y_training = structure_aware_ssm_fused(*(t[n].requires_grad_() for n in NAMES), [1, 3, 5], 5, 7, "row")
+    assert asked == [(False, False), (True, True)]
+    assert torch.equal(y_inference, y_training.detach())
+
+
 def test_triton_backend_fuses_states_in_the_references_layout(monkeypatch):
     """The `triton` backend is the Triton scan + the reference's fusion; its states must reach that fusion
     contiguous, as the reference's do. A transposed view of the scan's (B, L, D) output reaches the

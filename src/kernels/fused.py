@@ -11,8 +11,9 @@ and tap, shared by BLOCK_D channels, and every load is a contiguous (16-byte) ve
 walks overlap in their taps, so most of them come from the L1/L2 caches. The centre taps of all dilations
 read the same element and are merged into one weight (`_mixed_weights`, one small kernel).
 
-The forward also stores h' itself when a backward will follow (inference does not): the backward's dC needs
-h' at every position, and recomputing it there took a weighted gather of h per tap.
+The forward also stores h' itself for the backward (not in eager calls without gradients; the registered op,
+which traced graphs use, always does): the backward's dC needs h' at every position, and recomputing it there
+took a weighted gather of h per tap.
 
 Backward, given dy, in kernel order:
   parameter kernel (`_fusion_bwd_param_kernel`): g = dy·C, written once (state dtype) for the dh kernel;
@@ -490,7 +491,7 @@ def _mixed_weights(weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions,
                   keep_weights: bool = False, for_backward: bool = True):
     """(y (B, L, D) in x's dtype, states h and fused states h' (B, L, D) in `state_dtype`) — h and h' are what the
-    backward needs (h' is None unless `for_backward`: inference does not write it); with `keep_weights` also the
+    backward needs (h' is None unless `for_backward`, and then not written); with `keep_weights` also the
     mixed weights (`_mixed_weights`), which the backward then takes as `wa`. The first call for a shape class also
     compiles the backward's kernels in the background (`ahead`)."""
     Bsz, L, Dm = x.shape
