@@ -177,7 +177,8 @@ def test_fused_forward_without_grad_and_backends_agree():
 
 def test_fused_forward_keeps_the_fused_states_only_for_a_backward(monkeypatch):
     """The forward stores h' (which the backward's dC reads) only where a backward can follow: an eager call
-    without gradients asks the launcher not to, and gives the same y as one with gradients."""
+    without gradients asks the launcher not to, and so does the registered op (what traced graphs call) with
+    keep_fused=False, which returns an empty tensor for h'; y is the same every way."""
     from src.kernels import ops
 
     asked, forward = [], ops.fused_forward
@@ -194,6 +195,11 @@ def test_fused_forward_keeps_the_fused_states_only_for_a_backward(monkeypatch):
     y_training = structure_aware_ssm_fused(*(t[n].requires_grad_() for n in NAMES), [1, 3, 5], 5, 7, "row")
     assert asked == [(False, False), (True, True)]
     assert torch.equal(y_inference, y_training.detach())
+    args = (*(t[n].detach() for n in NAMES), [1, 3, 5], 5, 7, "row")
+    y_op, h, hf = torch.ops.spatial_mamba.structure_aware_ssm_fused(*args, False)
+    assert asked[-1] == (False, False) and hf.numel() == 0 and h.shape == y_op.shape
+    assert torch.equal(y_op, y_inference)
+    assert torch.ops.spatial_mamba.structure_aware_ssm_fused(*args)[2].shape == y_op.shape  # keep_fused=True
 
 
 def test_triton_backend_fuses_states_in_the_references_layout(monkeypatch):

@@ -11,9 +11,9 @@ and tap, shared by BLOCK_D channels, and every load is a contiguous (16-byte) ve
 walks overlap in their taps, so most of them come from the L1/L2 caches. The centre taps of all dilations
 read the same element and are merged into one weight (`_mixed_weights`, one small kernel).
 
-The forward also stores h' itself for the backward (not in eager calls without gradients; the registered op,
-which traced graphs use, always does): the backward's dC needs h' at every position, and recomputing it there
-took a weighted gather of h per tap.
+The forward also stores h' itself for the backward (not where none can follow: no gradients wanted, in eager
+calls and traced graphs alike): the backward's dC needs h' at every position, and recomputing it there took a
+weighted gather of h per tap.
 
 Backward, given dy, in kernel order:
   parameter kernel (`_fusion_bwd_param_kernel`): g = dy·C, written once (state dtype) for the dh kernel;

@@ -158,21 +158,24 @@ selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_conte
 
 # ----------------------------------------------------------------------------------------------------
 # spatial_mamba::structure_aware_ssm_fused — (y, h, h'): y in x's dtype, h and the fused states h' kept for backward
+# (keep_fused=False: no backward will follow, h' is not written and an empty tensor stands in for it)
 
 
 @torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused", mutates_args=())
 def structure_aware_ssm_fused_op(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
-    alpha: Tensor, dilations: list[int], H: int, W: int, scan: str,
+    alpha: Tensor, dilations: list[int], H: int, W: int, scan: str, keep_fused: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return fused_forward(x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(), weight.contiguous(),
-                         alpha.contiguous(), dilations, H, W, SCANS[scan])
+    y, h, hf = fused_forward(x, dt, A.contiguous(), B, C, D.contiguous(), dt_bias.contiguous(), weight.contiguous(),
+                             alpha.contiguous(), dilations, H, W, SCANS[scan], for_backward=keep_fused)
+    return y, h, h.new_empty(0) if hf is None else hf
 
 
 @structure_aware_ssm_fused_op.register_fake
-def _(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan):
-    states = state_dtype(x.dtype)
-    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=states), x.new_empty(x.shape, dtype=states)  # contiguous
+def _(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, keep_fused=True):
+    states = state_dtype(x.dtype)  # contiguous, as the kernels' outputs
+    return (x.new_empty(x.shape), x.new_empty(x.shape, dtype=states),
+            x.new_empty(x.shape if keep_fused else (0,), dtype=states))
 
 
 @torch.library.custom_op("spatial_mamba::structure_aware_ssm_fused_backward", mutates_args=())
@@ -191,7 +194,7 @@ def _(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, dilations, H, W, sca
 
 
 def _fused_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan = inputs
+    x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, *_ = inputs
     y, h, hf = output
     ctx.mark_non_differentiable(h, hf)
     ctx.set_materialize_grads(False)  # h, h' get no gradient: no zero-filled (B, L, D) tensors for them
@@ -204,11 +207,11 @@ def _fused_autograd(backward_op):
     op's)."""
     def backward(ctx, dy, _dh, _dhf):
         if dy is None:  # y did not reach the loss
-            return (None,) * 13
+            return (None,) * 14
         x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf = ctx.saved_tensors
         grads = backward_op(dy, x, dt, A, B, C, D, dt_bias, weight, alpha, h, hf, ctx.dilations, ctx.H, ctx.W,
                             ctx.scan)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
     return backward
 
@@ -240,15 +243,17 @@ structure_aware_ssm_fused_op.register_autograd(_fused_autograd(structure_aware_s
 @torch.library.triton_op("spatial_mamba::structure_aware_ssm_fused_traced", mutates_args=())
 def structure_aware_ssm_fused_traced(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, weight: Tensor,
-    alpha: Tensor, dilations: list[int], H: int, W: int, scan: str,
+    alpha: Tensor, dilations: list[int], H: int, W: int, scan: str, keep_fused: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if ahead.untraceable(x, dt, B, C, H, W):  # the custom op reads the sizes at run time
-        return structure_aware_ssm_fused_op(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan)
+        return structure_aware_ssm_fused_op(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan,
+                                            keep_fused)
     A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
     args = (x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, SCANS[scan])
     tune_for_trace(fused_forward, args, x.element_size() == 2)
     with ahead.tracing_launches():
-        return fused_forward(*args)
+        y, h, hf = fused_forward(*args, for_backward=keep_fused)
+    return y, h, h.new_empty(0) if hf is None else hf
 
 
 @torch.library.triton_op("spatial_mamba::structure_aware_ssm_fused_traced_backward", mutates_args=())
@@ -355,13 +360,14 @@ def structure_aware_ssm_fused(
     """One op (`spatial_mamba::structure_aware_ssm_fused`): scan -> fusion -> observation, y (B, L, D) in x's
     dtype. Shapes as in `reference.structure_aware_ssm_ref`, checks as in `check_inputs`."""
     check_inputs(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H, W, scan, fused=True)
+    # whether a backward can follow: else the forward does not store the fused states h' for one
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         # traced (torch.compile, export) or under a dispatch mode (fake tensors, FlopCounterMode): the op (on a GPU
         # its triton_op, whose kernels a compiled graph launches itself, unless SPATIAL_MAMBA_TRACED_OP=0)
         op = structure_aware_ssm_fused_traced if TRACED_OP and x.is_cuda else structure_aware_ssm_fused_op
-        return op(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan)[0]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, D, dt_bias, weight, alpha))):
-        # no backward will follow: no autograd node, and the forward does not store the fused states for one
+        return op(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, scan, keep)[0]
+    if not keep:  # no autograd node either
         A, D, dt_bias, weight, alpha = _fused_args(A, D, dt_bias, weight, alpha)
         return fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, list(dilations), H, W, SCANS[scan],
                              for_backward=False)[0]
