@@ -93,6 +93,8 @@ def test_plan_of_the_fused_op_foresees_every_variant_it_launches(recorded, dtype
     assert args[4].data_ptr() % 16  # C is not 16-byte aligned (the plan must say so too)
     y = structure_aware_ssm_fused(*args, [1, 2, 3], 5, 6, "row")
     y.backward(torch.randn_like(y))
+    with torch.no_grad():  # inference: a forward variant that stores no h'
+        structure_aware_ssm_fused(*args, [1, 2, 3], 5, 6, "row")
     assert launched and planned, "nothing launched or planned"
     assert set(planned) == set(launched)
     names = {p[0] for p in planned}

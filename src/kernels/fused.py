@@ -522,8 +522,10 @@ def fused_forward(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, 
 
 def _plan_fused(x, dt, A, B, C, D, dt_bias, weight, alpha, dilations, H: int, W: int, directions) -> None:
     """A plan's dry run (`ahead.plan`): the forward and backward launchers on meta tensors of the inputs' shapes,
-    strides and dtypes, with the contiguous dy that the next layer's backward hands over."""
+    strides and dtypes, with the contiguous dy that the next layer's backward hands over; and the forward of
+    inference (it stores no h': another variant of the forward kernel)."""
     m = [ahead.meta_like(t) for t in (x, dt, A, B, C, D, dt_bias, weight, alpha)]
+    fused_forward(*m, dilations, H, W, directions, for_backward=False)
     y, h, hf = fused_forward(*m, dilations, H, W, directions)
     fused_backward(torch.empty_like(y), *m, h, hf, dilations, H, W, directions)
 
