@@ -54,7 +54,7 @@ MEASURED_PICKS: dict[tuple[int, int], dict[str, tuple[tuple[int, tuple], ...]]] 
         # the taps' weights loaded once (4 elements a thread) beat every other at all four sizes: the narrower the
         # map, the fewer columns a tile (14 % at 28² and 11 % at 14² over 8 × 64 on 4 warps, which wins at 7²); the
         # dh kernel's tiles with weights in g's layout won down to 28² (15 % and 23 %), the vector-weight 8 × 128
-        # on 2 warps at 14² and 7²; the parameter kernel's 8 × 64 on 2 warps was the fastest tile or within 0.5 %
+        # on 2 warps at 14² and 7²; the parameter kernel's 8 × 64 on 2 warps was the fastest tile or within 1.2 %
         # of it at every size (H200)
         "fusion_fwd": ((784, ((4, 128, 4, 1), (8, 64, 4, 1))), (196, ((2, 128, 2, 1), (8, 64, 4, 1))),
                        (0, ((8, 64, 4, 1), (8, 128, 8), (16, 64, 2)))),
